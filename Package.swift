@@ -1,0 +1,61 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "casfs",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "casfs", targets: ["casfs"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"4.0.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+    ],
+    targets: [
+        // Digests, the Storage protocol, blob sources and errors. No backends.
+        .target(name: "CASCore", dependencies: [
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+        // Thin C surfaces.
+        .systemLibrary(name: "CHiredis", path: "Sources/CHiredis"),
+        .systemLibrary(name: "CFuse", path: "Sources/CFuse", pkgConfig: "fuse3"),
+        // A pooled, pipelining Redis client over hiredis.
+        .target(name: "Redis", dependencies: [
+            "CHiredis",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Backends and decorators, one per file, and the Redis index.
+        .target(name: "CASStorage", dependencies: [
+            "CASCore", "Redis",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // YAML configuration (BuildGrid storage tags) -> a storage stack.
+        .target(name: "CASConfig", dependencies: [
+            "CASCore", "CASStorage", "Redis",
+            .product(name: "Yams", package: "Yams"),
+        ]),
+        // The FUSE low-level driver: translates kernel requests to Storage calls.
+        .target(name: "CASFuse", dependencies: [
+            "CFuse", "CASCore",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "casfs", dependencies: [
+            "CASCore", "CASStorage", "CASConfig", "CASFuse", "Redis",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Benchmark driver for bench/redis-index (not a test).
+        .executableTarget(name: "casfs-bench-redis", dependencies: [
+            "CASCore", "CASStorage", "Redis",
+        ], path: "bench/Sources/RedisIndexBench"),
+
+        .target(name: "TestSupport", dependencies: ["CASCore", "Redis"], path: "Tests/TestSupport"),
+        .testTarget(name: "CASCoreTests", dependencies: ["CASCore"]),
+        .testTarget(name: "CASStorageTests", dependencies: ["CASCore", "CASStorage", "TestSupport"]),
+        .testTarget(name: "RedisIndexTests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
+        .testTarget(name: "ConfigTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "TestSupport"]),
+        .testTarget(name: "MountTests", dependencies: ["CASCore", "CASStorage", "TestSupport"]),
+    ]
+)

@@ -1,0 +1,80 @@
+import Foundation
+
+/// The storage operations of a CAS, with BuildGrid's StorageABC semantics.
+/// Implementations are thread-safe and synchronous: callers are FUSE worker
+/// threads and command-line tools, not async tasks.
+public protocol Storage: Sendable {
+    /// Brings the storage up (pools, connections, writer threads).
+    func start() throws
+    /// Drains pending work and closes.
+    func stop() throws
+
+    /// True if present. Must not refresh access time.
+    func hasBlob(_ digest: Digest) throws -> Bool
+    /// The blob, or nil if absent.
+    func getBlob(_ digest: Digest) throws -> BlobSource?
+    /// Up to `length` bytes at `offset`, or nil if the blob is absent.
+    func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data?
+    /// Removes the blob if present.
+    func deleteBlob(_ digest: Digest) throws
+    /// Stores `source` under `digest`. The caller has verified the bytes.
+    func commitWrite(_ digest: Digest, _ source: BlobSource) throws
+
+    /// Deletes many; returns the hashes that could not be deleted.
+    func bulkDelete(_ digests: [Digest]) -> [String]
+    /// The subset of `digests` not present.
+    func missingBlobs(_ digests: [Digest]) throws -> [Digest]
+    /// Stores many; one status per blob, in order (nil means success).
+    func bulkUpdateBlobs(_ blobs: [(Digest, Data)]) -> [StorageError?]
+    /// The blobs present among `digests`.
+    func bulkReadBlobs(_ digests: [Digest]) throws -> [Digest: Data]
+}
+
+extension Storage {
+    public func start() throws {}
+    public func stop() throws {}
+
+    public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {
+        guard let src = try getBlob(digest) else { return nil }
+        return try src.read(offset: offset, length: length)
+    }
+
+    public func bulkDelete(_ digests: [Digest]) -> [String] {
+        var failed: [String] = []
+        for d in digests {
+            do { try deleteBlob(d) } catch { failed.append(d.hash) }
+        }
+        return failed
+    }
+
+    public func missingBlobs(_ digests: [Digest]) throws -> [Digest] {
+        try digests.filter { try !hasBlob($0) }
+    }
+
+    public func bulkUpdateBlobs(_ blobs: [(Digest, Data)]) -> [StorageError?] {
+        blobs.map { d, data in
+            do {
+                try commitWrite(d, DataSource(data))
+                return nil
+            } catch {
+                return StorageError.wrap(error)
+            }
+        }
+    }
+
+    public func bulkReadBlobs(_ digests: [Digest]) throws -> [Digest: Data] {
+        var out: [Digest: Data] = [:]
+        for d in digests {
+            if let src = try getBlob(d) { out[d] = try src.readAll() }
+        }
+        return out
+    }
+}
+
+extension StorageError {
+    /// Any error as a StorageError (foreign errors become EIO with their text).
+    public static func wrap(_ error: Error) -> StorageError {
+        if let e = error as? StorageError { return e }
+        return .io(errno: EIO, String(describing: error))
+    }
+}

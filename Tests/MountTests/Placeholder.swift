@@ -1,0 +1,2 @@
+import XCTest
+final class MountTestsPlaceholder: XCTestCase { func testPlaceholder() {} }
