@@ -1,0 +1,529 @@
+import CASCore
+import CFuse
+import Foundation
+import Logging
+import Synchronization
+
+let log = Logger(label: "casfs.fuse")
+
+/// The FUSE low-level driver: translates kernel requests into `Storage` calls
+/// (plus the optional index for listing, totals and access times). It holds no
+/// storage logic of its own.
+public final class CASFilesystem: Sendable {
+    public let storage: any Storage
+    public let index: (any BlobIndex)?
+    public let options: MountOptions
+    let stagingDirectory: String
+    let recordAccess: (@Sendable (Digest) -> Void)?
+    let inodes = InodeTable()
+    let startTime: timespec
+    let uid: uid_t
+    let gid: gid_t
+    let onReady = Mutex<(@Sendable () -> Void)?>(nil)
+    let counters = Counters()
+
+    /// Entries fetched per index page when listing /sha256.
+    let listPageSize = 1000
+
+    final class Counters: Sendable {
+        let lookups = Atomic<Int64>(0)
+        let opens = Atomic<Int64>(0)
+        let reads = Atomic<Int64>(0)
+        let readBytes = Atomic<Int64>(0)
+        let commits = Atomic<Int64>(0)
+        let rejectedWrites = Atomic<Int64>(0)
+        let errors = Atomic<Int64>(0)
+    }
+
+    /// - Parameters:
+    ///   - stagingDirectory: where files being written are staged (private, unlinked).
+    ///   - recordAccess: called (must not block) on every open of a blob for reading.
+    public init(storage: any Storage, index: (any BlobIndex)?, options: MountOptions,
+                stagingDirectory: String, recordAccess: (@Sendable (Digest) -> Void)?) {
+        self.storage = storage
+        self.index = index
+        self.options = options
+        self.stagingDirectory = stagingDirectory
+        self.recordAccess = recordAccess
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        self.startTime = ts
+        self.uid = getuid()
+        self.gid = getgid()
+    }
+
+    // MARK: attributes
+
+    /// Blobs carry a fixed timestamp (the epoch of content addressing: 0 is
+    /// confusing in listings, so use 2000-01-01).
+    static let blobTime = timespec(tv_sec: 946_684_800, tv_nsec: 0)
+
+    func dirAttr(_ ino: UInt64) -> stat {
+        var st = stat()
+        st.st_ino = UInt(ino)
+        st.st_mode = S_IFDIR | (options.writable ? 0o755 : 0o555)
+        st.st_nlink = ino == FixedInode.root ? 3 : 2
+        st.st_uid = uid
+        st.st_gid = gid
+        st.st_blksize = 4096
+        st.st_atim = startTime
+        st.st_mtim = startTime
+        st.st_ctim = startTime
+        return st
+    }
+
+    func blobAttr(_ digest: Digest, ino: UInt64) -> stat {
+        var st = stat()
+        st.st_ino = UInt(ino)
+        st.st_mode = S_IFREG | (options.writable ? 0o644 : 0o444)
+        st.st_nlink = 1
+        st.st_uid = uid
+        st.st_gid = gid
+        st.st_size = Int(digest.size)
+        st.st_blksize = 4096
+        st.st_blocks = Int((digest.size + 511) / 512)
+        st.st_atim = Self.blobTime
+        st.st_mtim = Self.blobTime
+        st.st_ctim = Self.blobTime
+        return st
+    }
+
+    func entry(ino: UInt64, attr: stat, timeout: Double) -> fuse_entry_param {
+        var e = fuse_entry_param()
+        e.ino = ino
+        e.generation = 1
+        e.attr = attr
+        e.attr_timeout = timeout
+        e.entry_timeout = timeout
+        return e
+    }
+
+    // MARK: errors
+
+    func fail(_ req: fuse_req_t?, _ op: String, _ error: Error, _ what: CustomStringConvertible? = nil) {
+        let e = StorageError.wrap(error)
+        counters.errors.add(1, ordering: .relaxed)
+        log.error("\(op)\(what.map { " \($0)" } ?? ""): \(e)")
+        fuse_reply_err(req, e.errno)
+    }
+
+    var changeErrno: Int32 { options.writable ? EPERM : EROFS }
+
+    func replyErr(_ req: fuse_req_t?, _ e: Int32) { _ = fuse_reply_err(req, e) }
+
+    // MARK: lookup / attributes
+
+    /// True if the digest is present (the empty blob always is).
+    func exists(_ digest: Digest) throws -> Bool {
+        if digest.isEmpty { return true }
+        return try storage.hasBlob(digest)
+    }
+
+    func lookup(_ req: fuse_req_t?, parent: UInt64, name: String) {
+        counters.lookups.add(1, ordering: .relaxed)
+        switch parent {
+        case FixedInode.root:
+            if name == "sha256" {
+                var e = entry(ino: FixedInode.sha256, attr: dirAttr(FixedInode.sha256), timeout: options.entryTimeout)
+                fuse_reply_entry(req, &e)
+            } else {
+                replyNegative(req)
+            }
+        case FixedInode.sha256:
+            guard let digest = Digest(parsing: name) else { return replyNegative(req) }
+            do {
+                guard try exists(digest) else { return replyNegative(req) }
+                replyBlobEntry(req, digest, timeout: options.entryTimeout)
+            } catch {
+                fail(req, "lookup", error, digest)
+            }
+        default:
+            fuse_reply_err(req, inodes.digest(parent) != nil ? ENOTDIR : ENOENT)
+        }
+    }
+
+    func replyNegative(_ req: fuse_req_t?) {
+        // ino 0 with a timeout: the kernel caches the absence for that long.
+        var e = fuse_entry_param()
+        e.ino = 0
+        e.entry_timeout = options.negativeTimeout
+        fuse_reply_entry(req, &e)
+    }
+
+    func rememberBlob(_ digest: Digest) -> UInt64? {
+        switch inodes.remember(digest) {
+        case .ok(let ino): return ino
+        case .collision(let ino, let other):
+            log.error("inode \(ino) collision: \(digest) and \(other)")
+            return nil
+        }
+    }
+
+    func replyBlobEntry(_ req: fuse_req_t?, _ digest: Digest, timeout: Double) {
+        guard let ino = rememberBlob(digest) else { fuse_reply_err(req, EIO); return }
+        var e = entry(ino: ino, attr: blobAttr(digest, ino: ino), timeout: timeout)
+        fuse_reply_entry(req, &e)
+    }
+
+    func getattr(_ req: fuse_req_t?, ino: UInt64) {
+        if ino == FixedInode.root || ino == FixedInode.sha256 {
+            var st = dirAttr(ino)
+            fuse_reply_attr(req, &st, options.attrTimeout)
+        } else if let d = inodes.digest(ino) {
+            var st = blobAttr(d, ino: ino)
+            fuse_reply_attr(req, &st, options.attrTimeout)
+        } else {
+            fuse_reply_err(req, ENOENT)
+        }
+    }
+
+    func setattr(_ req: fuse_req_t?, ino: UInt64, attr: UnsafeMutablePointer<stat>?, toSet: Int32,
+                 fi: UnsafeMutablePointer<fuse_file_info>?) {
+        guard options.writable else { return replyErr(req, EROFS) }
+        guard let digest = inodes.digest(ino) else {
+            return replyErr(req, (ino == FixedInode.root || ino == FixedInode.sha256) ? EPERM : ENOENT)
+        }
+        let timesOnly = FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW
+            | FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME
+        if toSet & FUSE_SET_ATTR_SIZE != 0, let attr {
+            let size = Int64(attr.pointee.st_size)
+            if let staging = stagingFile(fi) {
+                do { try staging.truncate(to: size) } catch { return fail(req, "truncate", error, digest) }
+            } else if size != digest.size {
+                // A committed blob is immutable.
+                return replyErr(req, EPERM)
+            }
+        }
+        if toSet & ~(timesOnly | FUSE_SET_ATTR_SIZE) != 0 {
+            return replyErr(req, EPERM)
+        }
+        // Timestamps are fixed; accept and ignore requests to set them.
+        var st = blobAttr(digest, ino: ino)
+        fuse_reply_attr(req, &st, options.attrTimeout)
+    }
+
+    // MARK: open / read
+
+    func stagingFile(_ fi: UnsafeMutablePointer<fuse_file_info>?) -> StagingFile? {
+        guard let fi, fi.pointee.fh != 0, let p = UnsafeRawPointer(bitPattern: UInt(fi.pointee.fh)) else { return nil }
+        return Unmanaged<StagingFile>.fromOpaque(p).takeUnretainedValue()
+    }
+
+    func open(_ req: fuse_req_t?, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
+        counters.opens.add(1, ordering: .relaxed)
+        guard let digest = inodes.digest(ino) else {
+            return replyErr(req, (ino == FixedInode.root || ino == FixedInode.sha256) ? EISDIR : ENOENT)
+        }
+        let accmode = fi.pointee.flags & O_ACCMODE
+        if accmode != O_RDONLY {
+            guard options.writable else { return replyErr(req, EROFS) }
+            do {
+                let staging = try StagingFile.create(for: digest, in: stagingDirectory)
+                fi.pointee.fh = UInt64(UInt(bitPattern: Unmanaged.passRetained(staging).toOpaque()))
+                casfs_fi_set_direct_io(fi, 1)
+                fuse_reply_open(req, fi)
+            } catch {
+                fail(req, "open for writing", error, digest)
+            }
+            return
+        }
+        fi.pointee.fh = 0
+        casfs_fi_set_keep_cache(fi, 1)
+        casfs_fi_set_noflush(fi, 1)
+        recordAccess?(digest)
+        fuse_reply_open(req, fi)
+    }
+
+    func create(_ req: fuse_req_t?, parent: UInt64, name: String, fi: UnsafeMutablePointer<fuse_file_info>) {
+        guard options.writable else { return replyErr(req, EROFS) }
+        guard parent == FixedInode.sha256 else { return replyErr(req, parent == FixedInode.root ? EPERM : ENOTDIR) }
+        guard let digest = Digest(parsing: name) else { return replyErr(req, EINVAL) }
+        do {
+            let staging = try StagingFile.create(for: digest, in: stagingDirectory)
+            guard let ino = rememberBlob(digest) else { return replyErr(req, EIO) }
+            // Zero timeouts: whether the name exists is decided at close.
+            var e = entry(ino: ino, attr: blobAttr(digest, ino: ino), timeout: 0)
+            fi.pointee.fh = UInt64(UInt(bitPattern: Unmanaged.passRetained(staging).toOpaque()))
+            casfs_fi_set_direct_io(fi, 1)
+            if fuse_reply_create(req, &e, fi) != 0 {
+                // The kernel did not take the reply (interrupted): undo.
+                inodes.forget(ino, 1)
+                Unmanaged<StagingFile>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(fi.pointee.fh))!).release()
+            }
+        } catch {
+            fail(req, "create", error, digest)
+        }
+    }
+
+    func read(_ req: fuse_req_t?, ino: UInt64, size: Int, offset: Int64, fi: UnsafeMutablePointer<fuse_file_info>?) {
+        counters.reads.add(1, ordering: .relaxed)
+        if let staging = stagingFile(fi) {
+            do {
+                let data = try staging.read(offset: offset, length: size)
+                data.withUnsafeBytes { _ = fuse_reply_buf(req, $0.baseAddress, $0.count) }
+            } catch {
+                fail(req, "read staging", error, staging.digest)
+            }
+            return
+        }
+        guard let digest = inodes.digest(ino) else { return replyErr(req, ENOENT) }
+        guard offset < digest.size, size > 0 else { return replyErr(req, 0) }
+        let length = Int(min(Int64(size), digest.size - offset))
+        do {
+            guard let data = try storage.read(digest, offset: offset, length: length) else {
+                log.error("read \(digest): blob vanished from the storage")
+                counters.errors.add(1, ordering: .relaxed)
+                return replyErr(req, EIO)
+            }
+            counters.readBytes.add(Int64(data.count), ordering: .relaxed)
+            data.withUnsafeBytes { _ = fuse_reply_buf(req, $0.baseAddress, $0.count) }
+        } catch {
+            fail(req, "read", error, "\(digest) @\(offset)+\(length)")
+        }
+    }
+
+    func write(_ req: fuse_req_t?, buf: UnsafeRawBufferPointer, offset: Int64, fi: UnsafeMutablePointer<fuse_file_info>?) {
+        guard let staging = stagingFile(fi) else { return replyErr(req, options.writable ? EBADF : EROFS) }
+        do {
+            let n = try staging.write(buf, at: offset)
+            fuse_reply_write(req, n)
+        } catch {
+            fail(req, "write", error, staging.digest)
+        }
+    }
+
+    func flush(_ req: fuse_req_t?, fi: UnsafeMutablePointer<fuse_file_info>?) {
+        guard let staging = stagingFile(fi) else { return replyErr(req, 0) }
+        let rc = finish(staging)
+        fuse_reply_err(req, rc)
+    }
+
+    func finish(_ staging: StagingFile) -> Int32 {
+        let rc = staging.finish(storage: storage) { log.error("\($0)") }
+        if rc == 0 {
+            counters.commits.add(1, ordering: .relaxed)
+        } else {
+            counters.rejectedWrites.add(1, ordering: .relaxed)
+        }
+        return rc
+    }
+
+    func release(_ req: fuse_req_t?, fi: UnsafeMutablePointer<fuse_file_info>?) {
+        if let fi, fi.pointee.fh != 0, let p = UnsafeRawPointer(bitPattern: UInt(fi.pointee.fh)) {
+            let staging = Unmanaged<StagingFile>.fromOpaque(p).takeRetainedValue()
+            fi.pointee.fh = 0
+            _ = finish(staging)
+        }
+        fuse_reply_err(req, 0)
+    }
+
+    // MARK: changes
+
+    func unlink(_ req: fuse_req_t?, parent: UInt64, name: String) {
+        guard options.writable else { return replyErr(req, EROFS) }
+        guard parent == FixedInode.sha256 else { return replyErr(req, parent == FixedInode.root ? EPERM : ENOTDIR) }
+        guard let digest = Digest(parsing: name) else { return replyErr(req, ENOENT) }
+        if digest.isEmpty { return replyErr(req, EPERM) }
+        do {
+            guard try storage.hasBlob(digest) else { return replyErr(req, ENOENT) }
+            try storage.deleteBlob(digest)
+            fuse_reply_err(req, 0)
+        } catch {
+            fail(req, "unlink", error, digest)
+        }
+    }
+
+    // MARK: xattrs
+
+    static let checksumXattr = "user.checksum.sha256"
+    static let digestXattr = "user.casfs.digest"
+    static let statsXattr = "user.casfs.stats"
+
+    func xattrValue(ino: UInt64, name: String) -> [UInt8]? {
+        if ino == FixedInode.root {
+            return name == Self.statsXattr ? Array(statisticsJSON().utf8) : nil
+        }
+        guard let d = inodes.digest(ino) else { return nil }
+        switch name {
+        case Self.checksumXattr: return d.rawHash
+        case Self.digestXattr: return Array(d.description.utf8)
+        default: return nil
+        }
+    }
+
+    func xattrNames(ino: UInt64) -> [String] {
+        if ino == FixedInode.root { return [Self.statsXattr] }
+        if inodes.digest(ino) != nil { return [Self.checksumXattr, Self.digestXattr] }
+        return []
+    }
+
+    func getxattr(_ req: fuse_req_t?, ino: UInt64, name: String, size: Int) {
+        guard let value = xattrValue(ino: ino, name: name) else {
+            if ino != FixedInode.root && ino != FixedInode.sha256 && inodes.digest(ino) == nil {
+                return replyErr(req, ENOENT)
+            }
+            return replyErr(req, ENODATA)
+        }
+        replyXattr(req, value, size: size)
+    }
+
+    func listxattr(_ req: fuse_req_t?, ino: UInt64, size: Int) {
+        var bytes: [UInt8] = []
+        for n in xattrNames(ino: ino) { bytes += Array(n.utf8) + [0] }
+        replyXattr(req, bytes, size: size)
+    }
+
+    func replyXattr(_ req: fuse_req_t?, _ value: [UInt8], size: Int) {
+        if size == 0 {
+            fuse_reply_xattr(req, value.count)
+        } else if size < value.count {
+            fuse_reply_err(req, ERANGE)
+        } else {
+            value.withUnsafeBytes { _ = fuse_reply_buf(req, $0.baseAddress, $0.count) }
+        }
+    }
+
+    /// The storage's counters and the driver's own, as one JSON object.
+    public func statisticsJSON() -> String {
+        var stats: [String: Int64] = [:]
+        if let s = storage as? any StatisticsReporting { stats = s.statistics() }
+        if let s = index as? any StatisticsReporting, (index as AnyObject) !== (storage as AnyObject) {
+            for (k, v) in s.statistics() where stats[k] == nil { stats["index_" + k] = v }
+        }
+        stats["fuse_lookups"] = counters.lookups.load(ordering: .relaxed)
+        stats["fuse_opens"] = counters.opens.load(ordering: .relaxed)
+        stats["fuse_reads"] = counters.reads.load(ordering: .relaxed)
+        stats["fuse_read_bytes"] = counters.readBytes.load(ordering: .relaxed)
+        stats["fuse_commits"] = counters.commits.load(ordering: .relaxed)
+        stats["fuse_rejected_writes"] = counters.rejectedWrites.load(ordering: .relaxed)
+        stats["fuse_errors"] = counters.errors.load(ordering: .relaxed)
+        stats["fuse_inodes"] = Int64(inodes.count)
+        let body = stats.keys.sorted().map { "\"\($0)\":\(stats[$0]!)" }.joined(separator: ",")
+        return "{\(body)}"
+    }
+
+    // MARK: statfs
+
+    func statfs(_ req: fuse_req_t?) {
+        var sv = statvfs()
+        sv.f_bsize = 4096
+        sv.f_frsize = 4096
+        sv.f_namemax = 255
+        if let index {
+            do {
+                let total = try index.totalSize()
+                let count = try index.blobCount()
+                sv.f_blocks = fsblkcnt_t(max(0, (total + 4095) / 4096))
+                sv.f_files = fsfilcnt_t(max(0, count))
+            } catch {
+                return fail(req, "statfs", error)
+            }
+        }
+        fuse_reply_statfs(req, &sv)
+    }
+
+    // MARK: directories
+
+    func opendir(_ req: fuse_req_t?, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
+        guard ino == FixedInode.root || ino == FixedInode.sha256 else {
+            return replyErr(req, inodes.digest(ino) != nil ? ENOTDIR : ENOENT)
+        }
+        let h = DirectoryHandle(inode: ino)
+        fi.pointee.fh = UInt64(UInt(bitPattern: Unmanaged.passRetained(h).toOpaque()))
+        fuse_reply_open(req, fi)
+    }
+
+    func releasedir(_ req: fuse_req_t?, fi: UnsafeMutablePointer<fuse_file_info>?) {
+        if let fi, let p = UnsafeRawPointer(bitPattern: UInt(fi.pointee.fh)) {
+            Unmanaged<DirectoryHandle>.fromOpaque(p).release()
+            fi.pointee.fh = 0
+        }
+        fuse_reply_err(req, 0)
+    }
+
+    /// Fills one readdir/readdirplus reply.
+    func readdir(_ req: fuse_req_t?, ino: UInt64, size: Int, offset: Int64,
+                 fi: UnsafeMutablePointer<fuse_file_info>?, plus: Bool) {
+        guard let fi, let p = UnsafeRawPointer(bitPattern: UInt(fi.pointee.fh)) else { return replyErr(req, EBADF) }
+        let handle = Unmanaged<DirectoryHandle>.fromOpaque(p).takeUnretainedValue()
+        let buf = UnsafeMutablePointer<CChar>.allocate(capacity: max(size, 1))
+        defer { buf.deallocate() }
+        var used = 0
+
+        /// Adds one entry; false when it does not fit.
+        func add(_ name: String, _ attr: stat, nextOffset: Int64, blob: Digest?) -> Bool {
+            let room = size - used
+            if plus {
+                var e = fuse_entry_param()
+                var ino = UInt64(attr.st_ino)
+                if let blob {
+                    // readdirplus entries count as lookups: remember before the
+                    // kernel can see them, undo if the entry did not fit.
+                    guard let i = rememberBlob(blob) else { return true }
+                    ino = i
+                }
+                e = entry(ino: ino, attr: attr, timeout: blob == nil && ino != FixedInode.sha256 ? 0 : options.entryTimeout)
+                let need = name.withCString { fuse_add_direntry_plus(req, buf + used, room, $0, &e, off_t(nextOffset)) }
+                if need > room {
+                    if blob != nil { inodes.forget(ino, 1) }
+                    return false
+                }
+                used += need
+            } else {
+                var st = attr
+                let need = name.withCString { fuse_add_direntry(req, buf + used, room, $0, &st, off_t(nextOffset)) }
+                if need > room { return false }
+                used += need
+            }
+            return true
+        }
+
+        let parentIno = FixedInode.root
+        var pos = ListingPosition(offset: offset)
+        fill: while true {
+            switch pos {
+            case .start:
+                guard add(".", dirAttr(ino), nextOffset: 1, blob: nil) else { break fill }
+                pos = .afterDot
+            case .afterDot:
+                let next: ListingPosition = ino == FixedInode.root ? .entry(cursor: 0, index: 0) : .entry(cursor: 0, index: 0)
+                guard add("..", dirAttr(parentIno), nextOffset: next.offset!, blob: nil) else { break fill }
+                pos = next
+            case .end:
+                break fill
+            case .entry(let cursor, let index):
+                if ino == FixedInode.root {
+                    guard index == 0 else { pos = .end; continue }
+                    guard add("sha256", dirAttr(FixedInode.sha256), nextOffset: ListingPosition.endOffset, blob: nil) else { break fill }
+                    pos = .end
+                    continue
+                }
+                guard let blobIndex = self.index else { pos = .end; continue }
+                let page: DirectoryHandle.Page
+                do {
+                    page = try handle.page(at: cursor, index: blobIndex, count: listPageSize)
+                } catch {
+                    if used > 0 { break fill }  // return what we have; the error comes next call
+                    return fail(req, "readdir", error)
+                }
+                if index >= page.digests.count {
+                    pos = page.next == 0 ? .end : .entry(cursor: page.next, index: 0)
+                    continue
+                }
+                let d = page.digests[index]
+                var next: ListingPosition = index + 1 < page.digests.count
+                    ? .entry(cursor: cursor, index: index + 1)
+                    : (page.next == 0 ? .end : .entry(cursor: page.next, index: 0))
+                guard let nextOffset = next.offset else {
+                    log.error("readdir: SCAN cursor \(page.next) does not fit in a directory offset")
+                    next = .end
+                    if used > 0 { break fill }
+                    return replyErr(req, EOVERFLOW)
+                }
+                guard add(d.description, blobAttr(d, ino: blobInode(d)), nextOffset: nextOffset, blob: d) else { break fill }
+                pos = next
+            }
+        }
+        fuse_reply_buf(req, buf, used)
+    }
+}

@@ -1,0 +1,70 @@
+import CASCore
+import Synchronization
+
+/// readdir offsets of /sha256. The kernel resumes a listing from the offset of
+/// the last entry it consumed, so each offset names the position of the *next*
+/// entry: (SCAN cursor of its page, index in that page). Re-reading a page
+/// from the same cursor gives the same entries while the index is unchanged,
+/// and the open directory keeps its last page, so offsets stay stable.
+enum ListingPosition: Equatable {
+    /// Nothing emitted yet ("." comes next).
+    case start
+    /// "." emitted, ".." next.
+    case afterDot
+    /// Entry `index` of the page at `cursor` comes next.
+    case entry(cursor: UInt64, index: Int)
+    /// Listing finished.
+    case end
+
+    static let indexBits = 20
+    static let endOffset = Int64.max
+    /// Largest cursor that fits in an offset.
+    static let maxCursor: UInt64 = (UInt64(1) << (62 - UInt64(indexBits))) - 1
+
+    init(offset: Int64) {
+        switch offset {
+        case 0: self = .start
+        case 1: self = .afterDot
+        case ListingPosition.endOffset: self = .end
+        default:
+            let p = UInt64(offset - 2)
+            self = .entry(cursor: p >> UInt64(ListingPosition.indexBits),
+                          index: Int(p & ((1 << UInt64(ListingPosition.indexBits)) - 1)))
+        }
+    }
+
+    /// nil when the position cannot be encoded (cursor or index too large).
+    var offset: Int64? {
+        switch self {
+        case .start: return 0
+        case .afterDot: return 1
+        case .end: return ListingPosition.endOffset
+        case .entry(let c, let i):
+            guard c <= ListingPosition.maxCursor, i >= 0, i < (1 << ListingPosition.indexBits) else { return nil }
+            return Int64((c << UInt64(ListingPosition.indexBits)) | UInt64(i)) + 2
+        }
+    }
+}
+
+/// State of one open directory: the last index page fetched.
+final class DirectoryHandle: Sendable {
+    struct Page {
+        var cursor: UInt64
+        var digests: [Digest]
+        var next: UInt64
+    }
+
+    let inode: UInt64
+    private let lastPage = Mutex<Page?>(nil)
+
+    init(inode: UInt64) { self.inode = inode }
+
+    /// The page at `cursor`, from the handle's memory or from the index.
+    func page(at cursor: UInt64, index: any BlobIndex, count: Int) throws -> Page {
+        if let p = lastPage.withLock({ $0 }), p.cursor == cursor { return p }
+        let (next, digests) = try index.listPage(cursor: cursor, count: count)
+        let p = Page(cursor: cursor, digests: digests, next: next)
+        lastPage.withLock { $0 = p }
+        return p
+    }
+}

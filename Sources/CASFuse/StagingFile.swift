@@ -1,0 +1,111 @@
+import CASCore
+import Foundation
+import Synchronization
+
+/// A blob being written through the mount: a private, already-unlinked file in
+/// the staging directory. At flush/release its length and SHA-256 are checked
+/// against the name; only a match is committed to the storage.
+/// Linux O_TMPFILE (__O_TMPFILE | O_DIRECTORY); not exported by Glibc's module.
+let oTmpfile: Int32 = 0o20000000 | O_DIRECTORY
+
+final class StagingFile: Sendable {
+    let digest: Digest
+    let fd: Int32
+
+    private struct State {
+        /// Bytes changed since the last verification.
+        var dirty = true
+        /// Result of the last verification/commit (0 or an errno).
+        var result: Int32 = 0
+    }
+
+    private let state = Mutex(State())
+
+    private init(digest: Digest, fd: Int32) {
+        self.digest = digest
+        self.fd = fd
+    }
+
+    deinit { close(fd) }
+
+    /// Opens an anonymous file in `directory` (O_TMPFILE, or mkstemp + unlink).
+    static func create(for digest: Digest, in directory: String) throws -> StagingFile {
+        let fd = open(directory, oTmpfile | O_RDWR | O_CLOEXEC, 0o600)
+        if fd >= 0 { return StagingFile(digest: digest, fd: fd) }
+        var template = Array("\(directory)/.casfs-staging-XXXXXX".utf8CString)
+        let fd2 = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd2 >= 0 else { throw StorageError.posix("staging file in \(directory)") }
+        let path = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        unlink(path)
+        _ = fcntl(fd2, F_SETFD, FD_CLOEXEC)
+        return StagingFile(digest: digest, fd: fd2)
+    }
+
+    func write(_ buf: UnsafeRawBufferPointer, at offset: Int64) throws -> Int {
+        guard offset >= 0 else { throw StorageError.io(errno: EINVAL, "negative offset") }
+        // Bytes past the name's size can never verify: refuse them at once.
+        guard offset + Int64(buf.count) <= digest.size else {
+            state.withLock { $0.dirty = true }
+            throw StorageError.io(errno: EFBIG, "write past the size in the name \(digest)")
+        }
+        var done = 0
+        while done < buf.count {
+            let r = pwrite(fd, buf.baseAddress! + done, buf.count - done, off_t(offset) + off_t(done))
+            if r < 0 {
+                if errno == EINTR { continue }
+                throw StorageError.posix("staging write")
+            }
+            done += r
+        }
+        state.withLock { $0.dirty = true }
+        return done
+    }
+
+    func read(offset: Int64, length: Int) throws -> Data {
+        try FileSource(fd: dup(fd), size: currentSize()).read(offset: offset, length: length)
+    }
+
+    func truncate(to size: Int64) throws {
+        guard ftruncate(fd, off_t(size)) == 0 else { throw StorageError.posix("staging truncate") }
+        state.withLock { $0.dirty = true }
+    }
+
+    func currentSize() -> Int64 {
+        var st = stat()
+        return fstat(fd, &st) == 0 ? Int64(st.st_size) : 0
+    }
+
+    /// Verifies and commits if anything changed since the last time; returns 0 or an errno.
+    func finish(storage: any Storage, log: (String) -> Void) -> Int32 {
+        state.withLock { st -> Int32 in
+            guard st.dirty else { return st.result }
+            st.dirty = false
+            st.result = verifyAndCommit(storage: storage, log: log)
+            return st.result
+        }
+    }
+
+    private func verifyAndCommit(storage: any Storage, log: (String) -> Void) -> Int32 {
+        let size = currentSize()
+        do {
+            let dup = Foundation.dup(fd)
+            guard dup >= 0 else { throw StorageError.posix("dup") }
+            let source = FileSource(fd: dup, size: size)
+            do {
+                try source.verify(digest)
+            } catch StorageError.digestMismatch(_, let actual) {
+                log("write of \(digest) rejected: content is \(actual)")
+                _ = ftruncate(fd, 0)
+                return EIO
+            }
+            if digest.isEmpty { return 0 }
+            if try storage.hasBlob(digest) { return 0 }
+            try storage.commitWrite(digest, source)
+            return 0
+        } catch {
+            let e = StorageError.wrap(error)
+            log("commit of \(digest) failed: \(e)")
+            return e.errno
+        }
+    }
+}
