@@ -45,7 +45,7 @@ extension BlobSource {
     /// Throws `digestMismatch` unless the bytes hash to `digest` with its length.
     public func verify(_ digest: Digest) throws {
         guard size == digest.size else {
-            throw StorageError.digestMismatch(expected: digest, actual: Digest(uncheckedHash: "?", size: size))
+            throw StorageError.sizeMismatch(expected: digest, actualSize: size)
         }
         let actual = try computeDigest()
         guard actual == digest else { throw StorageError.digestMismatch(expected: digest, actual: actual) }

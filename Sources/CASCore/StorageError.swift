@@ -6,6 +6,8 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidDigest(String)
     /// The bytes offered or fetched do not match the digest.
     case digestMismatch(expected: Digest, actual: Digest)
+    /// The bytes offered or fetched are not as long as the digest says.
+    case sizeMismatch(expected: Digest, actualSize: Int64)
     /// The backing store has no room (ENOSPC, EFBIG, or a configured limit).
     case storageFull(String)
     /// A dependency (Redis, a remote CAS) cannot be reached or answered with an error.
@@ -19,6 +21,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         switch self {
         case .invalidDigest(let m): return "invalid digest: \(m)"
         case .digestMismatch(let e, let a): return "digest mismatch: expected \(e), got \(a)"
+        case .sizeMismatch(let e, let a): return "size mismatch: expected \(e.size) bytes for \(e), got \(a)"
         case .storageFull(let m): return "storage full: \(m)"
         case .unavailable(let m): return "unavailable: \(m)"
         case .io(let e, let m): return "\(m): \(String(cString: strerror(e)))"
@@ -30,7 +33,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     public var errno: Int32 {
         switch self {
         case .invalidDigest: return EINVAL
-        case .digestMismatch: return EIO
+        case .digestMismatch, .sizeMismatch: return EIO
         case .storageFull: return ENOSPC
         case .unavailable: return EIO
         case .io(let e, _): return e

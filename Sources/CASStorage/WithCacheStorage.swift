@@ -1,0 +1,208 @@
+import CASCore
+import Foundation
+import Synchronization
+
+/// A fast cache in front of a slower fallback, with BuildGrid's
+/// `!with-cache-storage` semantics:
+/// - reads try the cache, then the fallback; what the fallback returns is
+///   verified against the digest and then written into the cache (a cache
+///   failure is logged, not fatal). Only reads fill the cache;
+/// - `hasBlob` answers from the cache only when fallback writes are deferred,
+///   `missingBlobs` always asks the fallback;
+/// - writes go to the cache, then the fallback (queued to a writer pool when
+///   deferred; synchronously if the cache write failed);
+/// - deletes go to both; only fallback failures are reported.
+/// Concurrent misses of one digest make one fallback fetch.
+public final class WithCacheStorage: Storage, StatisticsReporting {
+    public let cache: any Storage
+    public let fallback: any Storage
+    public let deferFallbackWrites: Bool
+    /// Verify bytes that come from the fallback before caching or serving them.
+    public let verifyFallbackReads: Bool
+
+    private let writers: WriterPool?
+    private let fetches = SingleFlight<Digest, BlobSource?>()
+    private let counters = Counters()
+
+    public init(cache: any Storage, fallback: any Storage, deferFallbackWrites: Bool = false,
+                fallbackWriterThreads: Int = 8, verifyFallbackReads: Bool = true) {
+        self.cache = cache
+        self.fallback = fallback
+        self.deferFallbackWrites = deferFallbackWrites
+        self.verifyFallbackReads = verifyFallbackReads
+        self.writers = deferFallbackWrites ? WriterPool(threads: fallbackWriterThreads, name: "casfs-fallback-writer") : nil
+    }
+
+    public func start() throws {
+        try cache.start()
+        try fallback.start()
+    }
+
+    /// Waits for queued fallback writes, then stops both sides.
+    public func stop() throws {
+        writers?.stop()
+        try cache.stop()
+        try fallback.stop()
+    }
+
+    public func hasBlob(_ digest: Digest) throws -> Bool {
+        if deferFallbackWrites, (try? cache.hasBlob(digest)) == true { return true }
+        return try fallback.hasBlob(digest)
+    }
+
+    public func getBlob(_ digest: Digest) throws -> BlobSource? {
+        if let hit = cachedBlob(digest) { return hit }
+        return try fetch(digest)
+    }
+
+    public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {
+        do {
+            if let data = try cache.read(digest, offset: offset, length: length) {
+                counters.hits.add(1, ordering: .relaxed)
+                return data
+            }
+        } catch {
+            log.warning("cache read of \(digest) failed: \(error)")
+        }
+        guard let src = try fetch(digest) else { return nil }
+        return try src.read(offset: offset, length: length)
+    }
+
+    public func deleteBlob(_ digest: Digest) throws {
+        do { try cache.deleteBlob(digest) } catch { log.warning("cache delete of \(digest) failed: \(error)") }
+        try fallback.deleteBlob(digest)
+    }
+
+    public func commitWrite(_ digest: Digest, _ source: BlobSource) throws {
+        do {
+            try cache.commitWrite(digest, source)
+        } catch {
+            log.warning("cache write of \(digest) failed, writing through: \(error)")
+            try fallback.commitWrite(digest, source)
+            return
+        }
+        guard let writers else {
+            try fallback.commitWrite(digest, source)
+            return
+        }
+        let fallback = self.fallback
+        writers.submit {
+            do { try fallback.commitWrite(digest, source) } catch {
+                log.error("deferred fallback write of \(digest) failed: \(error)")
+            }
+        }
+    }
+
+    public func bulkDelete(_ digests: [Digest]) -> [String] {
+        let cacheFailed = cache.bulkDelete(digests)
+        if !cacheFailed.isEmpty { log.warning("cache failed to delete \(cacheFailed.count) blobs") }
+        return fallback.bulkDelete(digests)
+    }
+
+    public func missingBlobs(_ digests: [Digest]) throws -> [Digest] {
+        try fallback.missingBlobs(digests)
+    }
+
+    public func bulkUpdateBlobs(_ blobs: [(Digest, Data)]) -> [StorageError?] {
+        let cacheResults = cache.bulkUpdateBlobs(blobs)
+        if let e = cacheResults.lazy.compactMap({ $0 }).first {
+            log.warning("cache failed to store some blobs of a batch: \(e)")
+        }
+        return fallback.bulkUpdateBlobs(blobs)
+    }
+
+    public func bulkReadBlobs(_ digests: [Digest]) throws -> [Digest: Data] {
+        var found: [Digest: Data]
+        do { found = try cache.bulkReadBlobs(digests) } catch {
+            log.warning("cache bulk read failed: \(error)")
+            found = [:]
+        }
+        counters.hits.add(found.count, ordering: .relaxed)
+        let rest = digests.filter { found[$0] == nil }
+        guard !rest.isEmpty else { return found }
+        counters.misses.add(rest.count, ordering: .relaxed)
+        counters.fallbackFetches.add(rest.count, ordering: .relaxed)
+        var fetched: [(Digest, Data)] = []
+        for (d, data) in try fallback.bulkReadBlobs(rest) {
+            if verifyFallbackReads, Digest.of(data) != d {
+                counters.verifyFailures.add(1, ordering: .relaxed)
+                log.error("fallback returned corrupt bytes for \(d); not cached")
+                continue
+            }
+            found[d] = data
+            fetched.append((d, data))
+        }
+        if !fetched.isEmpty {
+            let results = cache.bulkUpdateBlobs(fetched)
+            if let e = results.lazy.compactMap({ $0 }).first { log.warning("caching fetched blobs failed: \(e)") }
+        }
+        return found
+    }
+
+    public func statistics() -> [String: Int64] {
+        var s = counters.snapshot()
+        s["deferred_writes_pending"] = Int64(writers?.pending ?? 0)
+        for part in [cache, fallback] {
+            if let r = part as? StatisticsReporting { s.merge(r.statistics()) { a, _ in a } }
+        }
+        return s
+    }
+
+    /// Blocks until every deferred fallback write queued so far has run.
+    public func waitForDeferredWrites() { writers?.drain() }
+
+    // MARK: - Miss path
+
+    private func cachedBlob(_ digest: Digest) -> BlobSource? {
+        do {
+            if let src = try cache.getBlob(digest) {
+                counters.hits.add(1, ordering: .relaxed)
+                return src
+            }
+        } catch {
+            log.warning("cache read of \(digest) failed: \(error)")
+        }
+        return nil
+    }
+
+    /// Fetches from the fallback (once for concurrent callers), verifies, and fills the cache.
+    private func fetch(_ digest: Digest) throws -> BlobSource? {
+        counters.misses.add(1, ordering: .relaxed)
+        return try fetches.run(digest) {
+            // A concurrent fetch may have filled the cache since our miss.
+            if let hit = try? cache.getBlob(digest) { return hit }
+            counters.fallbackFetches.add(1, ordering: .relaxed)
+            guard let src = try fallback.getBlob(digest) else { return nil }
+            if verifyFallbackReads {
+                do { try src.verify(digest) } catch {
+                    counters.verifyFailures.add(1, ordering: .relaxed)
+                    log.error("fallback returned corrupt bytes for \(digest); not cached: \(error)")
+                    throw error
+                }
+            }
+            do {
+                try cache.commitWrite(digest, src)
+                if let cached = try cache.getBlob(digest) { return cached }
+            } catch {
+                log.warning("caching \(digest) failed: \(error)")
+            }
+            return src
+        }.value
+    }
+}
+
+private final class Counters: Sendable {
+    let hits = Atomic<Int>(0)
+    let misses = Atomic<Int>(0)
+    let fallbackFetches = Atomic<Int>(0)
+    let verifyFailures = Atomic<Int>(0)
+
+    func snapshot() -> [String: Int64] {
+        [
+            "cache_hits": Int64(hits.load(ordering: .relaxed)),
+            "cache_misses": Int64(misses.load(ordering: .relaxed)),
+            "fallback_fetches": Int64(fallbackFetches.load(ordering: .relaxed)),
+            "verify_failures": Int64(verifyFailures.load(ordering: .relaxed)),
+        ]
+    }
+}

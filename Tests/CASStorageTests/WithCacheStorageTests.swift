@@ -1,0 +1,151 @@
+import CASCore
+import CASStorage
+import Foundation
+import Synchronization
+import XCTest
+
+final class WithCacheStorageTests: XCTestCase {
+    func make(deferWrites: Bool = false) throws -> (WithCacheStorage, InstrumentedStorage, InstrumentedStorage) {
+        let cache = InstrumentedStorage(MemoryStorage(maxBytes: 1 << 20))
+        let fallback = InstrumentedStorage(try DiskStorage(root: tempDir()))
+        let s = WithCacheStorage(cache: cache, fallback: fallback, deferFallbackWrites: deferWrites, fallbackWriterThreads: 2)
+        try s.start()
+        return (s, cache, fallback)
+    }
+
+    func testMissFillsCacheAndHitSkipsFallback() throws {
+        let (s, cache, fallback) = try make()
+        let (d, data) = blob("from the fallback")
+        try fallback.inner.commitWrite(d, DataSource(data))
+        XCTAssertEqual(try s.getBlob(d)?.readAll(), data)
+        XCTAssertTrue(try cache.inner.hasBlob(d), "a read fills the cache")
+        XCTAssertEqual(try s.read(d, offset: 5, length: 3), Data("the".utf8))
+        XCTAssertEqual(fallback.getCalls.load(ordering: .relaxed), 1)
+        XCTAssertEqual(s.statistics()["fallback_fetches"], 1)
+        XCTAssertEqual(s.statistics()["cache_hits"], 1)
+    }
+
+    func testAbsentEverywhereIsNil() throws {
+        let (s, _, _) = try make()
+        let (d, _) = blob("nowhere")
+        XCTAssertNil(try s.getBlob(d))
+        XCTAssertNil(try s.read(d, offset: 0, length: 1))
+        XCTAssertFalse(try s.hasBlob(d))
+    }
+
+    func testWritesGoToBoth() throws {
+        let (s, cache, fallback) = try make()
+        let (d, data) = blob("written")
+        try s.commitWrite(d, DataSource(data))
+        XCTAssertTrue(try cache.inner.hasBlob(d))
+        XCTAssertTrue(try fallback.inner.hasBlob(d))
+    }
+
+    func testCacheWriteFailureWritesThrough() throws {
+        let (s, cache, fallback) = try make(deferWrites: true)
+        cache.failWrites.store(true, ordering: .relaxed)
+        let (d, data) = blob("write through")
+        try s.commitWrite(d, DataSource(data))
+        XCTAssertTrue(try fallback.inner.hasBlob(d), "synchronous fallback write when the cache fails")
+    }
+
+    func testCacheReadFailureIsNotFatal() throws {
+        let (s, cache, fallback) = try make()
+        let (d, data) = blob("cache broken")
+        try fallback.inner.commitWrite(d, DataSource(data))
+        cache.failReads.store(true, ordering: .relaxed)
+        XCTAssertEqual(try s.getBlob(d)?.readAll(), data)
+        XCTAssertEqual(try s.read(d, offset: 0, length: 5), Data("cache".utf8))
+    }
+
+    func testFallbackFailureIsThrown() throws {
+        let (s, _, fallback) = try make()
+        fallback.failReads.store(true, ordering: .relaxed)
+        let (d, _) = blob("unreachable")
+        XCTAssertThrowsError(try s.getBlob(d)) { XCTAssertEqual(($0 as? StorageError)?.errno, EIO) }
+        XCTAssertThrowsError(try s.hasBlob(d))
+        XCTAssertThrowsError(try s.missingBlobs([d]))
+    }
+
+    func testCorruptFallbackBytesAreNotServedOrCached() throws {
+        let (s, cache, fallback) = try make()
+        let (d, data) = blob("pristine")
+        try fallback.inner.commitWrite(d, DataSource(data))
+        fallback.corrupt.store(true, ordering: .relaxed)
+        XCTAssertThrowsError(try s.read(d, offset: 0, length: 8)) { e in
+            guard case StorageError.digestMismatch = e else { return XCTFail("\(e)") }
+        }
+        XCTAssertFalse(try cache.inner.hasBlob(d))
+        XCTAssertEqual(try s.bulkReadBlobs([d]), [:])
+        XCTAssertFalse(try cache.inner.hasBlob(d))
+        XCTAssertEqual(s.statistics()["verify_failures"], 2)
+    }
+
+    func testHasBlobUsesCacheOnlyWithDeferredWrites() throws {
+        let (d, data) = blob("only in cache")
+        let (plain, cache1, _) = try make()
+        try cache1.inner.commitWrite(d, DataSource(data))
+        XCTAssertFalse(try plain.hasBlob(d), "without deferred writes the fallback is authoritative")
+        let (deferred, cache2, _) = try make(deferWrites: true)
+        try cache2.inner.commitWrite(d, DataSource(data))
+        XCTAssertTrue(try deferred.hasBlob(d))
+        XCTAssertEqual(try deferred.missingBlobs([d]), [d], "missing_blobs always asks the fallback")
+    }
+
+    func testDeferredWritesAreDrainedOnStop() throws {
+        let (s, _, fallback) = try make(deferWrites: true)
+        let blobs = (0..<200).map { blob("deferred \($0)") }
+        for (d, data) in blobs { try s.commitWrite(d, DataSource(data)) }
+        try s.stop()
+        XCTAssertEqual(try fallback.inner.missingBlobs(blobs.map(\.0)), [])
+        XCTAssertEqual(s.statistics()["deferred_writes_pending"], 0)
+    }
+
+    func testDeleteReportsOnlyFallbackFailures() throws {
+        let (s, cache, fallback) = try make()
+        let (d, data) = blob("delete me")
+        try s.commitWrite(d, DataSource(data))
+        cache.failDeletes.store(true, ordering: .relaxed)
+        XCTAssertNoThrow(try s.deleteBlob(d))
+        XCTAssertFalse(try fallback.inner.hasBlob(d))
+        fallback.failDeletes.store(true, ordering: .relaxed)
+        XCTAssertThrowsError(try s.deleteBlob(d))
+        XCTAssertEqual(s.bulkDelete([d]), [d.hash])
+        fallback.failDeletes.store(false, ordering: .relaxed)
+        XCTAssertEqual(s.bulkDelete([d]), [])
+    }
+
+    func testBulkReadMergesCacheAndFallback() throws {
+        let (s, cache, fallback) = try make()
+        let a = blob("in cache"), b = blob("in fallback"), c = blob("nowhere")
+        try cache.inner.commitWrite(a.0, DataSource(a.1))
+        try fallback.inner.commitWrite(b.0, DataSource(b.1))
+        let got = try s.bulkReadBlobs([a.0, b.0, c.0])
+        XCTAssertEqual(got, [a.0: a.1, b.0: b.1])
+        XCTAssertTrue(try cache.inner.hasBlob(b.0), "fetched blobs are cached")
+    }
+
+    func testBulkUpdateReturnsFallbackStatuses() throws {
+        let (s, cache, fallback) = try make()
+        cache.failWrites.store(true, ordering: .relaxed)
+        let blobs = [blob("x"), blob("y")]
+        XCTAssertEqual(s.bulkUpdateBlobs(blobs).compactMap { $0 }.count, 0)
+        XCTAssertEqual(try fallback.inner.missingBlobs(blobs.map(\.0)), [])
+        fallback.failWrites.store(true, ordering: .relaxed)
+        XCTAssertEqual(s.bulkUpdateBlobs([blob("z")]).compactMap { $0 }.count, 1)
+    }
+
+    func testConcurrentMissesMakeOneFallbackFetch() throws {
+        let (s, _, fallback) = try make()
+        let (d, data) = blob(String(repeating: "popular ", count: 1000))
+        try fallback.inner.commitWrite(d, DataSource(data))
+        fallback.getDelayMs.store(200, ordering: .relaxed)
+        let failures = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: 32) { i in
+            let got = try? s.read(d, offset: Int64(i), length: 10)
+            if got != data.subdata(in: i..<(i + 10)) { failures.add(1, ordering: .relaxed) }
+        }
+        XCTAssertEqual(failures.load(ordering: .relaxed), 0)
+        XCTAssertEqual(fallback.getCalls.load(ordering: .relaxed), 1)
+    }
+}
