@@ -107,7 +107,7 @@ final class ConfigTests: XCTestCase {
             ("storage: !disk-storage\n  path: /tmp/x\nmount:\n  writable: maybe\n", "mount.writable", 4),
             ("storage: !disk-storage\n  path: /tmp/x\nmount:\n  negative-timeout: soon\n", "mount.negative-timeout", 4),
             ("storage: !disk-storage\n  path: /tmp/x\nextra: 1\n", "extra", 3),
-            ("storage: !disk-storage\n  path: [unclosed\n", "invalid YAML", 2),
+            ("storage: !disk-storage\n  path: [unclosed\n", "invalid YAML", 3),
             ("storage: !disk-storage\n  path: *nowhere\n", "invalid YAML", nil),
             ("storage: !with-cache-storage\n  cache: !lru-storage\n    size: 1M\n  fallback: 3\n", "storage.fallback", 4),
             ("storage: !redis-index\n  redis: !lru-storage\n    size: 1M\n  storage: !lru-storage\n    size: 1M\n", "storage.redis", 2),
