@@ -299,11 +299,13 @@ public final class CASFilesystem: Sendable {
     }
 
     func finish(_ staging: StagingFile) -> Int32 {
-        let rc = staging.finish(storage: storage) { log.error("\($0)") }
-        if rc == 0 {
-            counters.commits.add(1, ordering: .relaxed)
-        } else {
-            counters.rejectedWrites.add(1, ordering: .relaxed)
+        let (rc, ran) = staging.finish(storage: storage) { log.error("\($0)") }
+        if ran {
+            if rc == 0 {
+                counters.commits.add(1, ordering: .relaxed)
+            } else {
+                counters.rejectedWrites.add(1, ordering: .relaxed)
+            }
         }
         return rc
     }

@@ -60,9 +60,12 @@ extension CASFilesystem {
         guard fuse_set_signal_handlers(se) == 0 else { throw FuseError.signalHandlers }
         defer { fuse_remove_signal_handlers(se) }
 
-        guard fuse_session_mount(se, mountpoint) == 0 else { throw FuseError.mount(mountpoint) }
+        // Resolve the path before mounting: afterwards a stat of it would wait
+        // for this very daemon, whose loop has not started yet.
+        let resolved = URL(fileURLWithPath: mountpoint).resolvingSymlinksInPath().path
+        guard fuse_session_mount(se, resolved) == 0 else { throw FuseError.mount(mountpoint) }
         defer { fuse_session_unmount(se) }
-        raiseReadAhead(mountpoint: mountpoint)
+        raiseReadAhead(resolvedMountpoint: resolved)
 
         log.info("serving \(mountpoint) (\(kernelMountOptions()))")
         let rc = casfs_session_loop_mt(se, UInt32(max(0, options.threads)))
@@ -72,16 +75,15 @@ extension CASFilesystem {
 
     /// Page-cache readahead of a FUSE mount defaults to 128 KiB; raise it to the
     /// request size so sequential reads arrive in large requests. Best effort.
-    func raiseReadAhead(mountpoint: String) {
+    func raiseReadAhead(resolvedMountpoint real: String) {
         guard let info = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return }
-        let real = URL(fileURLWithPath: mountpoint).resolvingSymlinksInPath().path
         // Last matching line: the mount just made.
         var devid: String?
         for line in info.split(separator: "\n") {
             let f = line.split(separator: " ")
             guard f.count > 4 else { continue }
             let mp = f[4].replacingOccurrences(of: "\\040", with: " ")
-            if mp == real || mp == mountpoint { devid = String(f[2]) }
+            if mp == real { devid = String(f[2]) }
         }
         guard let devid else { return }
         let kb = max(128, options.maxRead / 1024)

@@ -75,29 +75,32 @@ final class StagingFile: Sendable {
         return fstat(fd, &st) == 0 ? Int64(st.st_size) : 0
     }
 
-    /// Verifies and commits if anything changed since the last time; returns 0 or an errno.
-    func finish(storage: any Storage, log: (String) -> Void) -> Int32 {
-        state.withLock { st -> Int32 in
-            guard st.dirty else { return st.result }
+    /// Verifies and commits if anything changed since the last time. Returns
+    /// 0 or an errno, and whether a verification ran now.
+    func finish(storage: any Storage, log: (String) -> Void) -> (result: Int32, ran: Bool) {
+        state.withLock { st -> (Int32, Bool) in
+            guard st.dirty else { return (st.result, false) }
             st.dirty = false
             st.result = verifyAndCommit(storage: storage, log: log)
-            return st.result
+            return (st.result, true)
         }
+    }
+
+    private func reject(_ why: String, log: (String) -> Void) -> Int32 {
+        log("write of \(digest) rejected: \(why)")
+        _ = ftruncate(fd, 0)
+        return EIO
     }
 
     private func verifyAndCommit(storage: any Storage, log: (String) -> Void) -> Int32 {
         let size = currentSize()
+        guard size == digest.size else { return reject("\(size) bytes written", log: log) }
         do {
             let dup = Foundation.dup(fd)
             guard dup >= 0 else { throw StorageError.posix("dup") }
             let source = FileSource(fd: dup, size: size)
-            do {
-                try source.verify(digest)
-            } catch StorageError.digestMismatch(_, let actual) {
-                log("write of \(digest) rejected: content is \(actual)")
-                _ = ftruncate(fd, 0)
-                return EIO
-            }
+            let actual = try source.computeDigest()
+            guard actual == digest else { return reject("content is \(actual)", log: log) }
             if digest.isEmpty { return 0 }
             if try storage.hasBlob(digest) { return 0 }
             try storage.commitWrite(digest, source)

@@ -1,1 +1,1 @@
-print("casfs")
+runCasfs()

@@ -1,0 +1,16 @@
+import ArgumentParser
+import Foundation
+
+/// The `casfs` command. Each subcommand lives in its own file.
+struct Casfs: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "casfs",
+        abstract: "Mount a content-addressable store (Bazel REAPI CAS) as a filesystem.",
+        subcommands: [MountCommand.self])
+}
+
+/// Entry point, called from main.swift; nonisolated so that nothing here is
+/// tied to the main actor while FUSE threads run.
+func runCasfs() {
+    Casfs.main()
+}

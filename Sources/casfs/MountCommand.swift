@@ -1,0 +1,130 @@
+import ArgumentParser
+import CASConfig
+import CASCore
+import CASFuse
+import CASStorage
+import Foundation
+import Logging
+
+struct MountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mount",
+        abstract: "Mount the store on MOUNTPOINT.",
+        discussion: """
+            Returns once the mount is ready (the daemon keeps serving in the
+            background) unless --foreground is given. Unmount with
+            `fusermount3 -u MOUNTPOINT`, or SIGINT/SIGTERM to the daemon.
+            """)
+
+    @Option(name: .long, help: "YAML config (BuildGrid storage tags plus a mount: section).")
+    var config: String?
+
+    @Option(name: .customShort("o"), help: ArgumentHelp(
+        "Mount options, comma separated: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME. Override the config.",
+        valueName: "opts"))
+    var options: [String] = []
+
+    @Flag(name: .long, help: "Stay in the foreground and log to stderr.")
+    var foreground = false
+
+    @Option(name: .long, help: "Directory for files being written (default /var/tmp).")
+    var stagingDir: String?
+
+    @Option(name: .long, help: "Append the daemon's log to this file.")
+    var logFile: String?
+
+    @Flag(name: .shortAndLong, help: "Log debug messages.")
+    var verbose = false
+
+    @Argument(help: "Where to mount.")
+    var mountpoint: String
+
+    func validate() throws {
+        _ = try parsedOverrides()
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: mountpoint, isDirectory: &isDir), isDir.boolValue else {
+            throw ValidationError("mount point \(mountpoint) is not a directory")
+        }
+        if config == nil {
+            throw ValidationError("no --config given: the zero-config default (local store with a private Redis) is not available yet; pass --config FILE")
+        }
+    }
+
+    func parsedOverrides() throws -> MountOverrides {
+        do { return try MountOverrides.parse(options) } catch let e as MountOverrides.BadOption {
+            throw ValidationError(e.description)
+        }
+    }
+
+    func run() throws {
+        if !foreground {
+            var args = Array(CommandLine.arguments.dropFirst())
+            args.append("--foreground")
+            do {
+                _ = try Daemon.spawnAndWait(arguments: args)
+            } catch {
+                FileHandle.standardError.write(Data("casfs: \(error)\n".utf8))
+                throw ExitCode.failure
+            }
+            return
+        }
+        let ready = Daemon.readyFD()
+        if let ready {
+            _ = fcntl(ready, F_SETFD, FD_CLOEXEC)
+            unsetenv(Daemon.readyEnv)
+            setsid()
+        }
+        do {
+            try serve(ready: ready)
+        } catch {
+            FileHandle.standardError.write(Data("casfs: \(error)\n".utf8))
+            if let ready { Daemon.report(ready, "ERR \(error)") }
+            throw ExitCode.failure
+        }
+    }
+
+    private func setUpLogging() {
+        if let logFile {
+            let fd = open(logFile, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+            if fd >= 0 {
+                dup2(fd, 2)
+                close(fd)
+            }
+        }
+        let level: Logger.Level = verbose ? .debug : .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+    }
+
+    private func serve(ready: Int32?) throws {
+        setUpLogging()
+        let log = Logger(label: "casfs.mount")
+        guard let configPath = config else { throw ValidationError("--config is required") }
+        var cfg = try CasfsConfig.load(path: configPath)
+        try parsedOverrides().apply(to: &cfg.mount)
+
+        let staging = stagingDir ?? "/var/tmp"
+        try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
+
+        try cfg.storage.start()
+        let batcher: AccessTimeBatcher? = cfg.index.map { AccessTimeBatcher(index: $0) }
+        var recorder: (@Sendable (Digest) -> Void)?
+        if let batcher {
+            recorder = { @Sendable (d: Digest) in batcher.record(d) }
+        }
+
+        let fs = CASFilesystem(storage: cfg.storage, index: cfg.index, options: cfg.mount,
+                               stagingDirectory: staging, recordAccess: recorder)
+        log.info("mounting \(mountpoint) with \(configPath)")
+        defer {
+            batcher?.stop()
+            do { try cfg.storage.stop() } catch { log.error("stopping storage: \(error)") }
+        }
+        try fs.serve(mountpoint: mountpoint) {
+            if let ready { Daemon.report(ready, "OK") }
+        }
+    }
+}

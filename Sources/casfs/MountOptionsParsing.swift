@@ -1,0 +1,78 @@
+import CASCore
+import Foundation
+
+/// `-o` options of `casfs mount`: casfs's own mount options, overriding the
+/// config's `mount:` section. Generic mount(8) options are accepted and ignored.
+struct MountOverrides {
+    var writable: Bool?
+    var allowOther: Bool?
+    var entryTimeout: Double?
+    var attrTimeout: Double?
+    var negativeTimeout: Double?
+    var threads: Int?
+    var maxRead: Int?
+    var fsName: String?
+
+    static let ignored: Set<String> = [
+        "defaults", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+        "relatime", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+    ]
+
+    struct BadOption: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    static func parse(_ args: [String]) throws -> MountOverrides {
+        var o = MountOverrides()
+        for arg in args {
+            for item in arg.split(separator: ",", omittingEmptySubsequences: true) {
+                let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+                let key = parts[0]
+                let value = parts.count > 1 ? parts[1] : nil
+                func number() throws -> Double {
+                    guard let value, let v = Double(value), v >= 0, v.isFinite else {
+                        throw BadOption(description: "-o \(key) needs a non-negative number of seconds")
+                    }
+                    return v
+                }
+                func integer() throws -> Int {
+                    guard let value, let v = Int(value), v >= 0 else {
+                        throw BadOption(description: "-o \(key) needs a non-negative integer")
+                    }
+                    return v
+                }
+                switch key {
+                case "rw", "writable": o.writable = true
+                case "ro": o.writable = false
+                case "allow_other": o.allowOther = true
+                case "entry_timeout": o.entryTimeout = try number()
+                case "attr_timeout": o.attrTimeout = try number()
+                case "negative_timeout": o.negativeTimeout = try number()
+                case "threads": o.threads = try integer()
+                case "max_read":
+                    let v = try integer()
+                    guard v >= 4096, v <= 1 << 20 else { throw BadOption(description: "-o max_read must be 4096...1048576") }
+                    o.maxRead = v
+                case "fsname":
+                    guard let value, !value.isEmpty, !value.contains(",") else { throw BadOption(description: "-o fsname needs a value") }
+                    o.fsName = value
+                default:
+                    if ignored.contains(key) { continue }
+                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME)")
+                }
+            }
+        }
+        return o
+    }
+
+    func apply(to m: inout MountOptions) {
+        if let writable { m.writable = writable }
+        if let allowOther { m.allowOther = allowOther }
+        if let entryTimeout { m.entryTimeout = entryTimeout }
+        if let attrTimeout { m.attrTimeout = attrTimeout }
+        if let negativeTimeout { m.negativeTimeout = negativeTimeout }
+        if let threads { m.threads = threads }
+        if let maxRead { m.maxRead = maxRead }
+        if let fsName { m.fsName = fsName }
+    }
+}
