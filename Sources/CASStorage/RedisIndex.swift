@@ -57,12 +57,38 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         self.totalSizeKey = p == RedisIndex.defaultPrefix ? "total_size" : p + ":total_size"
         self.keyHead = Array((p + ":").utf8)
         self.matchPattern = RedisIndex.globEscaped(p) + ":*"
+        assert(RedisIndex.ttlText.description == String(RedisIndex.ttlSeconds))
     }
 
     // MARK: - Keys
 
     /// The Redis key of `digest`: `<prefix>:<hash>_<size>`.
     public func key(_ digest: Digest) -> String { prefix + ":" + digest.description }
+
+    /// One command per digest: `verb <key> extra...`, encoded straight into one buffer.
+    private func perKey(_ digests: [Digest], _ verb: StaticString, _ extra: [StaticString] = []) -> RedisCommands {
+        var b = RedisCommands(reservingBytes: digests.count * (keyHead.count + 100 + 14 * extra.count))
+        let head = keyHead
+        for d in digests {
+            b.begin(argumentCount: 2 + extra.count)
+            b.argument(verb)
+            var hash = d.hash
+            let digits = RedisCommands.decimalLength(d.size)
+            let hashLength = hash.utf8.count
+            b.argument(length: head.count + hashLength + 1 + digits) { p in
+                head.withUnsafeBufferPointer { p.update(from: $0.baseAddress!, count: $0.count) }
+                var q = p + head.count
+                hash.withUTF8 { q.update(from: $0.baseAddress!, count: $0.count) }
+                q += hashLength
+                q.pointee = UInt8(ascii: "_")
+                RedisCommands.writeDecimal(d.size, to: q + 1, length: digits)
+            }
+            for e in extra { b.argument(e) }
+        }
+        return b
+    }
+
+    private static let ttlText: StaticString = "31536000"
 
     private func keyArgument(_ d: Digest) -> RedisArgument {
         var b = [UInt8]()
@@ -106,11 +132,21 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         try run([args])[0]
     }
 
+    private func run(_ batch: RedisCommands) throws -> [RedisReply] {
+        do {
+            let replies = try redis.pipeline(batch)
+            for r in replies { if case .error(let m) = r { throw RedisError.server(m) } }
+            return replies
+        } catch let e as RedisError {
+            throw StorageError.unavailable("redis index (\(redis.config.endpoint)): \(e)")
+        }
+    }
+
     /// Removes index entries (DEL each, pipelined), then lowers the total by the
     /// sizes of the keys that were actually removed. Returns the removed digests.
     private func deleteFromIndex(_ digests: [Digest]) throws -> [Digest] {
         if digests.isEmpty { return [] }
-        let replies = try run(digests.map { ["DEL", keyArgument($0)] })
+        let replies = try run(perKey(digests, "DEL"))
         var removed: [Digest] = []
         var bytes: Int64 = 0
         for (d, r) in zip(digests, replies) where (try? r.integerValue()) ?? 0 > 0 {
@@ -203,10 +239,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
     public func missingBlobs(_ digests: [Digest]) throws -> [Digest] {
         let asked = digests.filter { !$0.isEmpty }
         if asked.isEmpty { return [] }
-        var commands: [[RedisArgument]] = []
-        commands.reserveCapacity(asked.count)
-        for d in asked { commands.append(["EXPIRE", keyArgument(d), ttlArgument]) }
-        let replies = try run(commands)
+        let replies = try run(perKey(asked, "EXPIRE", [RedisIndex.ttlText]))
         var missing: [Digest] = []
         for (d, r) in zip(asked, replies) {
             if case .integer(1) = r { continue }
@@ -236,7 +269,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         }
         if stored.isEmpty { return statuses }
         do {
-            let replies = try run(stored.map { ["SET", keyArgument(blobs[$0].0), "1", "EX", ttlArgument, "NX"] })
+            let replies = try run(perKey(stored.map { blobs[$0].0 }, "SET", ["1", "EX", RedisIndex.ttlText, "NX"]))
             var added: Int64 = 0
             var count: Int64 = 0
             for (i, r) in zip(stored, replies) where !r.isNull {
@@ -276,7 +309,10 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         _ n: Int64, dryRun: Bool = false, protectBlobsAfter: Date? = nil,
         largeBlobThreshold: Int64? = nil, largeBlobLifetime: Date? = nil
     ) throws -> Int64 {
-        let threshold = protectBlobsAfter ?? Date()
+        // One reference time for the whole call, as BuildGrid does: with the
+        // default protection every blob accessed before the call is eligible.
+        let now = Date()
+        let threshold = protectBlobsAfter ?? now
         var remaining = n
         var deletedBytes: Int64 = 0
         var seen = Set<Digest>()
@@ -285,8 +321,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
             let (next, keys) = try scanPage(cursor: previous, count: RedisIndex.scanCount)
             var cursor = next
             let page = keys.compactMap { digest(fromKey: $0) }
-            let ttls = try run(page.map { ["PTTL", keyArgument($0)] })
-            let now = Date()
+            let ttls = try run(perKey(page, "PTTL"))
             var candidates: [Digest] = []
             var protectedBytes: Int64 = 0
             for (d, r) in zip(page, ttls) {
@@ -352,7 +387,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
             let (next, keys) = try scanPage(cursor: cursor, count: RedisIndex.scanCount)
             cursor = next
             let page = keys.compactMap { digest(fromKey: $0) }
-            let ttls = try run(page.map { ["PTTL", keyArgument($0)] })
+            let ttls = try run(perKey(page, "PTTL"))
             let nowMs = Int64(Date().timeIntervalSince1970 * 1000)
             for (d, r) in zip(page, ttls) {
                 guard let pttl = try? r.integerValue(), pttl != -2, seen.insert(d).inserted else { continue }
@@ -398,7 +433,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
     public func touch(_ digests: [Digest]) throws {
         let asked = digests.filter { !$0.isEmpty }
         if asked.isEmpty { return }
-        _ = try run(asked.map { ["EXPIRE", keyArgument($0), ttlArgument] })
+        _ = try run(perKey(asked, "EXPIRE", [RedisIndex.ttlText]))
     }
 
     /// One SCAN page of indexed digests.

@@ -8,10 +8,6 @@ final class RedisConnection: @unchecked Sendable {
     private let ctx: UnsafeMutablePointer<redisContext>
     /// Set once an I/O or protocol error leaves the context unusable.
     private(set) var broken = false
-    private var scratch: [UInt8] = []
-    private var lengths: [Int] = []
-    private var offsets: [Int] = []
-    private var pointers: [UnsafePointer<CChar>?] = []
 
     /// Connects, sets the command timeout, then AUTH and SELECT as configured.
     init(_ config: RedisConfig) throws {
@@ -63,65 +59,35 @@ final class RedisConnection: @unchecked Sendable {
 
     /// Sends all commands in one write and reads one reply per command, in order.
     func pipeline(_ commands: [[RedisArgument]]) throws -> [RedisReply] {
+        var batch = RedisCommands()
+        for args in commands { batch.append(args) }
+        return try pipeline(batch)
+    }
+
+    /// Sends the encoded batch (one append to the output buffer, flushed by the
+    /// first read) and reads one reply per command, in order.
+    func pipeline(_ batch: RedisCommands) throws -> [RedisReply] {
         guard !broken else { throw RedisError.io("connection already broken") }
-        for args in commands { try append(args) }
+        if batch.count == 0 { return [] }
+        let rc = batch.bytes.withUnsafeBufferPointer { buf in
+            buf.withMemoryRebound(to: CChar.self) { redisAppendFormattedCommand(ctx, $0.baseAddress, $0.count) }
+        }
+        if rc != REDIS_OK {
+            broken = true
+            throw RedisError.io("cannot queue commands: \(RedisConnection.errorString(ctx))")
+        }
         var replies: [RedisReply] = []
-        replies.reserveCapacity(commands.count)
-        for _ in 0..<commands.count {
+        replies.reserveCapacity(batch.count)
+        for _ in 0..<batch.count {
             var raw: UnsafeMutableRawPointer?
             if redisGetReply(ctx, &raw) != REDIS_OK || raw == nil {
                 broken = true
                 throw RedisError.io(RedisConnection.errorString(ctx))
             }
-            let reply = raw!.assumingMemoryBound(to: redisReply.self)
-            replies.append(RedisConnection.convert(reply))
+            replies.append(RedisConnection.convert(raw!.assumingMemoryBound(to: redisReply.self)))
             freeReplyObject(raw)
         }
         return replies
-    }
-
-    /// Queues one command in the context's output buffer (no I/O).
-    private func append(_ args: [RedisArgument]) throws {
-        scratch.removeAll(keepingCapacity: true)
-        lengths.removeAll(keepingCapacity: true)
-        offsets.removeAll(keepingCapacity: true)
-        for arg in args {
-            let start = scratch.count
-            switch arg {
-            case .string(let s): scratch.append(contentsOf: s.utf8)
-            case .bytes(let b): scratch.append(contentsOf: b)
-            case .integer(let i): appendDecimal(i)
-            }
-            offsets.append(start)
-            lengths.append(scratch.count - start)
-        }
-        if scratch.isEmpty { scratch.append(0) }  // a valid base address even for empty arguments
-        let rc: Int32 = scratch.withUnsafeBufferPointer { buf in
-            let base = UnsafeRawPointer(buf.baseAddress!).assumingMemoryBound(to: CChar.self)
-            pointers.removeAll(keepingCapacity: true)
-            for o in offsets { pointers.append(base + o) }
-            return pointers.withUnsafeMutableBufferPointer { argv in
-                lengths.withUnsafeBufferPointer { lens in
-                    redisAppendCommandArgv(ctx, Int32(args.count), argv.baseAddress, lens.baseAddress)
-                }
-            }
-        }
-        if rc != REDIS_OK {
-            broken = true
-            throw RedisError.io("cannot queue command: \(RedisConnection.errorString(ctx))")
-        }
-    }
-
-    private func appendDecimal(_ value: Int64) {
-        if value == 0 { scratch.append(UInt8(ascii: "0")); return }
-        var v = value.magnitude
-        if value < 0 { scratch.append(UInt8(ascii: "-")) }
-        let start = scratch.count
-        while v > 0 {
-            scratch.append(UInt8(ascii: "0") + UInt8(v % 10))
-            v /= 10
-        }
-        scratch[start...].reverse()
     }
 
     private static func errorString(_ ctx: UnsafeMutablePointer<redisContext>) -> String {

@@ -64,6 +64,12 @@ public final class RedisPool: Sendable {
         return try withConnection { try $0.pipeline(commands) }
     }
 
+    /// Sends an encoded batch over one connection; one reply per command, in order.
+    public func pipeline(_ batch: RedisCommands) throws -> [RedisReply] {
+        if batch.count == 0 { return [] }
+        return try withConnection { try $0.pipeline(batch) }
+    }
+
     /// Sends PING; throws unless the answer is PONG.
     public func ping() throws {
         let r = try command("PING")
