@@ -132,3 +132,18 @@ public func writeFully(_ fd: Int32, _ buf: UnsafeRawBufferPointer) throws {
         done += r
     }
 }
+
+/// Opens a new file in `directory` that has no name (O_TMPFILE, or mkstemp then
+/// unlink where the filesystem lacks O_TMPFILE): it vanishes when closed, so a
+/// crash leaves nothing behind. Returns the descriptor, open for reading and writing.
+public func openAnonymousFile(in directory: String) throws -> Int32 {
+    let oTmpfile: Int32 = 0o20_000_000 | O_DIRECTORY  // Linux __O_TMPFILE | O_DIRECTORY
+    let fd = open(directory, oTmpfile | O_RDWR | O_CLOEXEC, 0o600)
+    if fd >= 0 { return fd }
+    var template = Array("\(directory)/.casfs-tmp-XXXXXX".utf8CString)
+    let fd2 = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+    guard fd2 >= 0 else { throw StorageError.posix("temporary file in \(directory)") }
+    template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+    _ = fcntl(fd2, F_SETFD, FD_CLOEXEC)
+    return fd2
+}

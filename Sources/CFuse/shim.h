@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <fuse_lowlevel.h>
 #include <sys/types.h>
+#include <sys/xattr.h>
 #include <stddef.h>
 
 // From libfuse 3.17 several entry points are macros; these wrappers keep the
