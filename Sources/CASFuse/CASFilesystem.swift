@@ -217,6 +217,9 @@ public final class CASFilesystem: Sendable {
         let accmode = fi.pointee.flags & O_ACCMODE
         if accmode != O_RDONLY {
             guard options.writable else { return replyErr(req, EROFS) }
+            // Rewriting a blob means replacing it whole (O_TRUNC); changing
+            // bytes in place is refused: blobs are immutable.
+            guard fi.pointee.flags & O_TRUNC != 0 else { return replyErr(req, EPERM) }
             do {
                 let staging = try StagingFile.create(for: digest, in: stagingDirectory)
                 fi.pointee.fh = UInt64(UInt(bitPattern: Unmanaged.passRetained(staging).toOpaque()))

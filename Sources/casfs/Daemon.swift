@@ -66,6 +66,14 @@ enum Daemon {
         return fd
     }
 
+    /// Closes every descriptor above stderr except `keep`. A daemon must not
+    /// hold its starter's descriptors: a parent waiting for EOF on a pipe
+    /// or socket it gave to the starter would wait forever.
+    static func closeInheritedDescriptors(keeping keep: Int32) {
+        let fds = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).compactMap { Int32($0) }
+        for fd in fds where fd > 2 && fd != keep { close(fd) }
+    }
+
     static func report(_ fd: Int32, _ line: String) {
         let bytes = Array((line + "\n").utf8)
         _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }

@@ -70,6 +70,7 @@ struct MountCommand: ParsableCommand {
         }
         let ready = Daemon.readyFD()
         if let ready {
+            Daemon.closeInheritedDescriptors(keeping: ready)
             _ = fcntl(ready, F_SETFD, FD_CLOEXEC)
             unsetenv(Daemon.readyEnv)
             setsid()

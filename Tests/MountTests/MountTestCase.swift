@@ -1,0 +1,149 @@
+import CASCore
+import Foundation
+import TestSupport
+import XCTest
+
+/// Shared set-up for mount tests: a temp dir, a Redis server, configs, blobs.
+class MountTestCase: XCTestCase {
+    var tmp = ""
+    var mounts: [CasfsMount] = []
+    var redis: TestRedis?
+
+    override func setUpWithError() throws {
+        try requireFuse()
+        _ = try casfsBinary()
+        tmp = try makeMountTempDir(String(describing: type(of: self)))
+    }
+
+    override func tearDown() {
+        for m in mounts { m.unmount() }
+        mounts = []
+        redis?.stop()
+        redis = nil
+        if !tmp.isEmpty { try? FileManager.default.removeItem(atPath: tmp) }
+    }
+
+    func startRedis() throws -> TestRedis {
+        if let redis { return redis }
+        let r = try TestRedis.start(dir: tmp + "/redis")
+        redis = r
+        return r
+    }
+
+    var storeDir: String { tmp + "/store" }
+
+    /// WithCache(lru → redis-index → disk).
+    func cachedIndexedConfig(writable: Bool = true, cacheSize: String = "64M") throws -> String {
+        let r = try startRedis()
+        return """
+            storage: !with-cache-storage
+              cache: !lru-storage
+                size: \(cacheSize)
+              fallback: !redis-index
+                redis: !redis-connection
+                  host: 127.0.0.1
+                  port: \(r.port)
+                storage: !disk-storage
+                  path: \(storeDir)
+            mount:
+              writable: \(writable)
+
+            """
+    }
+
+    /// redis-index → disk, nothing held in memory.
+    func indexedDiskConfig(writable: Bool = true) throws -> String {
+        let r = try startRedis()
+        return """
+            storage: !redis-index
+              redis: !redis-connection
+                host: 127.0.0.1
+                port: \(r.port)
+              storage: !disk-storage
+                path: \(storeDir)
+            mount:
+              writable: \(writable)
+
+            """
+    }
+
+    /// WithCache(memory → disk), no index.
+    func cachedDiskConfig() -> String {
+        """
+        storage: !with-cache-storage
+          cache: !lru-storage
+            size: 256M
+          fallback: !disk-storage
+            path: \(storeDir)
+        mount:
+          writable: false
+
+        """
+    }
+
+    func mount(_ config: String, options: [String] = [], name: String = "m") throws -> CasfsMount {
+        let dir = tmp + "/" + name
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let m = try CasfsMount(root: dir, config: config, options: options)
+        mounts.append(m)
+        return m
+    }
+
+    /// Writes `data` to a local file and returns its path and digest.
+    func localBlob(_ data: Data, name: String? = nil) throws -> (path: String, digest: Digest) {
+        let d = Digest.of(data)
+        let dir = tmp + "/src"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let p = "\(dir)/\(name ?? d.hash)"
+        try data.write(to: URL(fileURLWithPath: p))
+        return (p, d)
+    }
+
+    /// Puts a blob straight into the disk store (BuildGrid layout), bypassing the mount.
+    func placeInDiskStore(_ data: Data) throws -> Digest {
+        let d = Digest.of(data)
+        let p = diskObjectPath(root: storeDir, d)
+        try FileManager.default.createDirectory(atPath: (p as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try data.write(to: URL(fileURLWithPath: p))
+        return d
+    }
+
+    func randomData(_ n: Int, seed: UInt64) -> Data {
+        var g = SplitMix(seed)
+        var d = Data(count: n)
+        d.withUnsafeMutableBytes { buf in
+            let words = n / 8
+            let p = buf.baseAddress!
+            for i in 0..<words { p.storeBytes(of: g.next(), toByteOffset: i * 8, as: UInt64.self) }
+            for i in (words * 8)..<n { p.storeBytes(of: UInt8(truncatingIfNeeded: g.next()), toByteOffset: i, as: UInt8.self) }
+        }
+        return d
+    }
+
+    func sh(_ cmd: String, file: StaticString = #filePath, line: UInt = #line) -> ShellResult {
+        runShell(cmd)
+    }
+
+    @discardableResult
+    func mustSh(_ cmd: String, file: StaticString = #filePath, line: UInt = #line) -> String {
+        let r = runShell(cmd)
+        XCTAssertTrue(r.ok, "\(cmd): \(r)", file: file, line: line)
+        return r.stdout
+    }
+
+    func indexed(_ d: Digest) throws -> Bool {
+        try startRedis().cli("EXISTS A:\(d)").trimmingCharacters(in: .whitespacesAndNewlines) == "1"
+    }
+}
+
+struct SplitMix {
+    var state: UInt64
+    init(_ seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
