@@ -65,27 +65,58 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
     /// The Redis key of `digest`: `<prefix>:<hash>_<size>`.
     public func key(_ digest: Digest) -> String { prefix + ":" + digest.description }
 
-    /// One command per digest: `verb <key> extra...`, encoded straight into one buffer.
-    private func perKey(_ digests: [Digest], _ verb: StaticString, _ extra: [StaticString] = []) -> RedisCommands {
-        var b = RedisCommands(reservingBytes: digests.count * (keyHead.count + 100 + 14 * extra.count))
-        let head = keyHead
-        for d in digests {
-            b.begin(argumentCount: 2 + extra.count)
-            b.argument(verb)
-            var hash = d.hash
-            let digits = RedisCommands.decimalLength(d.size)
-            let hashLength = hash.utf8.count
-            b.argument(length: head.count + hashLength + 1 + digits) { p in
-                head.withUnsafeBufferPointer { p.update(from: $0.baseAddress!, count: $0.count) }
-                var q = p + head.count
-                hash.withUTF8 { q.update(from: $0.baseAddress!, count: $0.count) }
-                q += hashLength
-                q.pointee = UInt8(ascii: "_")
-                RedisCommands.writeDecimal(d.size, to: q + 1, length: digits)
-            }
-            for e in extra { b.argument(e) }
+    /// One command per digest, `verb <key> extra...`, streamed to Redis in
+    /// one pipeline (see `RedisPool.pipeline(count:encode:)`). The constant
+    /// parts are encoded once; each command is a few appends.
+    private func runPerKey(_ digests: [Digest], _ verb: StaticString, _ extra: [StaticString] = []) throws -> [RedisReply] {
+        if digests.isEmpty { return [] }
+        var head = RedisCommands()
+        head.begin(argumentCount: 2 + extra.count)
+        head.argument(verb)
+        var tailBytes: [UInt8] = []
+        for e in extra {
+            tailBytes.append(UInt8(ascii: "$"))
+            RedisCommands.appendDecimal(Int64(e.utf8CodeUnitCount), to: &tailBytes)
+            tailBytes += [13, 10]
+            tailBytes.append(contentsOf: UnsafeBufferPointer(start: e.utf8Start, count: e.utf8CodeUnitCount))
+            tailBytes += [13, 10]
         }
-        return b
+        let headBytes = head.bytes
+        let keyHead = self.keyHead
+        do {
+            let replies = try digests.withUnsafeBufferPointer { ds in
+                try redis.pipeline(count: ds.count) { batch, i in
+                    batch.appendCommand { bytes in
+                        RedisIndex.encodeKeyCommand(ds[i], head: headBytes, keyHead: keyHead, tail: tailBytes, into: &bytes)
+                    }
+                }
+            }
+            for r in replies { if case .error(let m) = r { throw RedisError.server(m) } }
+            return replies
+        } catch let e as RedisError {
+            throw StorageError.unavailable("redis index (\(redis.config.endpoint)): \(e)")
+        }
+    }
+
+    private static func encodeKeyCommand(_ d: Digest, head: [UInt8], keyHead: [UInt8], tail: [UInt8], into bytes: inout [UInt8]) {
+        bytes.append(contentsOf: head)
+        encodeKeyArgument(d, keyHead: keyHead, into: &bytes)
+        bytes.append(contentsOf: tail)
+    }
+
+    /// `$<n>\r\n<prefix>:<hash>_<size>\r\n`
+    private static func encodeKeyArgument(_ d: Digest, keyHead: [UInt8], into bytes: inout [UInt8]) {
+        let hashLength = d.hash.utf8.count
+        bytes.append(UInt8(ascii: "$"))
+        RedisCommands.appendDecimal(Int64(keyHead.count + hashLength + 1 + RedisCommands.decimalLength(d.size)), to: &bytes)
+        bytes.append(13); bytes.append(10)
+        bytes.append(contentsOf: keyHead)
+        if d.hash.utf8.withContiguousStorageIfAvailable({ bytes.append(contentsOf: $0) }) == nil {
+            bytes.append(contentsOf: d.hash.utf8)
+        }
+        bytes.append(UInt8(ascii: "_"))
+        RedisCommands.appendDecimal(d.size, to: &bytes)
+        bytes.append(13); bytes.append(10)
     }
 
     private static let ttlText: StaticString = "31536000"
@@ -132,21 +163,11 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         try run([args])[0]
     }
 
-    private func run(_ batch: RedisCommands) throws -> [RedisReply] {
-        do {
-            let replies = try redis.pipeline(batch)
-            for r in replies { if case .error(let m) = r { throw RedisError.server(m) } }
-            return replies
-        } catch let e as RedisError {
-            throw StorageError.unavailable("redis index (\(redis.config.endpoint)): \(e)")
-        }
-    }
-
     /// Removes index entries (DEL each, pipelined), then lowers the total by the
     /// sizes of the keys that were actually removed. Returns the removed digests.
     private func deleteFromIndex(_ digests: [Digest]) throws -> [Digest] {
         if digests.isEmpty { return [] }
-        let replies = try run(perKey(digests, "DEL"))
+        let replies = try runPerKey(digests, "DEL")
         var removed: [Digest] = []
         var bytes: Int64 = 0
         for (d, r) in zip(digests, replies) where (try? r.integerValue()) ?? 0 > 0 {
@@ -237,9 +258,9 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
     /// EXPIRE every digest asked (one pipeline); those where nothing was
     /// refreshed are missing. The empty blob is never missing.
     public func missingBlobs(_ digests: [Digest]) throws -> [Digest] {
-        let asked = digests.filter { !$0.isEmpty }
+        let asked = digests.contains(where: \.isEmpty) ? digests.filter { !$0.isEmpty } : digests
         if asked.isEmpty { return [] }
-        let replies = try run(perKey(asked, "EXPIRE", [RedisIndex.ttlText]))
+        let replies = try runPerKey(asked, "EXPIRE", [RedisIndex.ttlText])
         var missing: [Digest] = []
         for (d, r) in zip(asked, replies) {
             if case .integer(1) = r { continue }
@@ -269,7 +290,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         }
         if stored.isEmpty { return statuses }
         do {
-            let replies = try run(perKey(stored.map { blobs[$0].0 }, "SET", ["1", "EX", RedisIndex.ttlText, "NX"]))
+            let replies = try runPerKey(stored.map { blobs[$0].0 }, "SET", ["1", "EX", RedisIndex.ttlText, "NX"])
             var added: Int64 = 0
             var count: Int64 = 0
             for (i, r) in zip(stored, replies) where !r.isNull {
@@ -321,7 +342,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
             let (next, keys) = try scanPage(cursor: previous, count: RedisIndex.scanCount)
             var cursor = next
             let page = keys.compactMap { digest(fromKey: $0) }
-            let ttls = try run(perKey(page, "PTTL"))
+            let ttls = try runPerKey(page, "PTTL")
             var candidates: [Digest] = []
             var protectedBytes: Int64 = 0
             for (d, r) in zip(page, ttls) {
@@ -387,7 +408,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
             let (next, keys) = try scanPage(cursor: cursor, count: RedisIndex.scanCount)
             cursor = next
             let page = keys.compactMap { digest(fromKey: $0) }
-            let ttls = try run(perKey(page, "PTTL"))
+            let ttls = try runPerKey(page, "PTTL")
             let nowMs = Int64(Date().timeIntervalSince1970 * 1000)
             for (d, r) in zip(page, ttls) {
                 guard let pttl = try? r.integerValue(), pttl != -2, seen.insert(d).inserted else { continue }
@@ -433,7 +454,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
     public func touch(_ digests: [Digest]) throws {
         let asked = digests.filter { !$0.isEmpty }
         if asked.isEmpty { return }
-        _ = try run(perKey(asked, "EXPIRE", [RedisIndex.ttlText]))
+        _ = try runPerKey(asked, "EXPIRE", [RedisIndex.ttlText])
     }
 
     /// One SCAN page of indexed digests.

@@ -12,6 +12,28 @@ public struct RedisCommands: Sendable {
         bytes.reserveCapacity(reservingBytes)
     }
 
+    /// Empties the batch, keeping its buffer for reuse.
+    public mutating func removeAll() {
+        precondition(pendingArguments == 0, "a command is incomplete")
+        bytes.removeAll(keepingCapacity: true)
+        count = 0
+    }
+
+    /// Appends one command that `build` writes, already RESP-encoded, at the
+    /// end of `bytes` (for hot paths that precompute the constant parts).
+    public mutating func appendCommand(encodedBy build: (inout [UInt8]) -> Void) {
+        precondition(pendingArguments == 0, "a command is incomplete")
+        build(&bytes)
+        count += 1
+    }
+
+    /// Appends bytes that are already RESP-encoded commands, `commands` of them.
+    public mutating func appendEncoded(_ raw: UnsafeRawBufferPointer, commands: Int) {
+        precondition(pendingArguments == 0, "a command is incomplete")
+        bytes.append(contentsOf: raw)
+        count += commands
+    }
+
     /// Appends one command.
     public mutating func append(_ args: [RedisArgument]) {
         begin(argumentCount: args.count)

@@ -5,7 +5,7 @@ import Synchronization
 
 private let log = Logger(label: "casfs.redis")
 
-/// A bounded pool of hiredis connections. Each call checks one connection out,
+/// A bounded pool of Redis connections. Each call checks one connection out,
 /// uses it alone, and returns it; a connection that broke is dropped. When a
 /// connect fails, further attempts are held back with exponential back-off and
 /// callers get an error at once instead of waiting on a dead server.
@@ -68,6 +68,15 @@ public final class RedisPool: Sendable {
     public func pipeline(_ batch: RedisCommands) throws -> [RedisReply] {
         if batch.count == 0 { return [] }
         return try withConnection { try $0.pipeline(batch) }
+    }
+
+    /// Streams `count` commands over one connection: `encode` appends command
+    /// `i` (exactly one) to the batch it is given; commands are sent in chunks
+    /// as they are encoded, so the server starts before the last is encoded.
+    /// One reply per command, in order.
+    public func pipeline(count: Int, encode: (inout RedisCommands, Int) -> Void) throws -> [RedisReply] {
+        if count <= 0 { return [] }
+        return try withConnection { try $0.pipeline(count: count, encode: encode) }
     }
 
     /// Sends PING; throws unless the answer is PONG.
