@@ -27,13 +27,6 @@ public struct RedisCommands: Sendable {
         count += 1
     }
 
-    /// Appends bytes that are already RESP-encoded commands, `commands` of them.
-    public mutating func appendEncoded(_ raw: UnsafeRawBufferPointer, commands: Int) {
-        precondition(pendingArguments == 0, "a command is incomplete")
-        bytes.append(contentsOf: raw)
-        count += commands
-    }
-
     /// Appends one command.
     public mutating func append(_ args: [RedisArgument]) {
         begin(argumentCount: args.count)

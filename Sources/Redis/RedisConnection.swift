@@ -1,63 +1,104 @@
+import CHiredis
 import Foundation
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
-/// One connection to Redis: a blocking socket with per-call timeouts, a RESP
-/// writer (`RedisCommands`) and a RESP reader (`RESPReader`). Not thread-safe:
-/// the pool hands it to one caller at a time, and only the pool keeps it
-/// between calls. That exclusive hand-over is why it is `@unchecked Sendable`.
+/// One hiredis context. Not thread-safe: the pool hands it to one caller at a
+/// time, and only the pool keeps it between calls. That exclusive hand-over is
+/// why it is `@unchecked Sendable`.
+///
+/// Commands are encoded by `RedisCommands` and handed to hiredis already
+/// formatted (`redisAppendFormattedCommand` takes a buffer of several complete
+/// commands); hiredis does the socket I/O and parses the replies, which are
+/// converted to `RedisReply` and freed. Any error on the context (I/O, timeout,
+/// end of stream, protocol) marks the connection broken; the pool then drops it.
 final class RedisConnection: @unchecked Sendable {
-    private let fd: Int32
-    private let reader = RESPReader()
-    /// Set once an I/O or protocol error leaves the connection unusable.
+    private let ctx: UnsafeMutablePointer<redisContext>
+    /// Set once an I/O or protocol error leaves the context unusable.
     private(set) var broken = false
 
     /// Connects (TCP or unix socket) within `connectTimeout`, sets the command
     /// timeout on the socket, then sends AUTH and SELECT as configured.
     init(_ config: RedisConfig) throws {
         let endpoint = config.endpoint
-        do {
-            fd = try RedisConnection.connect(config)
-        } catch let RedisError.io(m) {
+        let connectTV = timeval(seconds: config.connectTimeout)
+        let made: UnsafeMutablePointer<redisContext>?
+        if let path = config.unixSocket {
+            made = redisConnectUnixWithTimeout(path, connectTV)
+        } else {
+            made = redisConnectWithTimeout(config.host, Int32(config.port), connectTV)
+        }
+        guard let made else { throw RedisError.connectionFailed("\(endpoint): cannot allocate a hiredis context") }
+        if made.pointee.err != 0 {
+            let m = RedisConnection.errorText(made)
+            redisFree(made)
             throw RedisError.connectionFailed("\(endpoint): \(m)")
         }
-        var tv = timeval(seconds: config.commandTimeout)
-        if tv.tv_sec == 0 && tv.tv_usec == 0 { tv.tv_usec = 1000 }  // 0 would mean "no timeout"
-        if setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size)) != 0
-            || setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size)) != 0 {
-            let m = RedisConnection.errnoText(errno)
-            throw RedisError.connectionFailed("\(endpoint): cannot set the command timeout: \(m)")
+        ctx = made
+        // From here on a throw runs deinit, which frees the context.
+        let fd = ctx.pointee.fd
+        let fdFlags = fcntl(fd, F_GETFD)
+        if fdFlags >= 0 { _ = fcntl(fd, F_SETFD, fdFlags | FD_CLOEXEC) }
+        var commandTV = timeval(seconds: config.commandTimeout)
+        if commandTV.tv_sec == 0 && commandTV.tv_usec == 0 { commandTV.tv_usec = 1000 }  // 0 would mean "no timeout"
+        guard redisSetTimeout(ctx, commandTV) == REDIS_OK else {
+            throw RedisError.connectionFailed("\(endpoint): cannot set the command timeout: \(RedisConnection.errorText(ctx))")
         }
-        // From here on a throw runs deinit, which closes the socket.
-        do {
-            if let password = config.password {
-                try handshake(["AUTH", .string(password)], endpoint, what: "AUTH")
-            }
-            if config.db != 0 {
-                try handshake(["SELECT", .integer(Int64(config.db))], endpoint, what: "SELECT \(config.db)")
-            }
-        } catch let RedisError.io(m) {
-            throw RedisError.connectionFailed("\(endpoint): \(m)")
+        if config.unixSocket == nil { _ = redisEnableKeepAlive(ctx) }
+        if let password = config.password {
+            try handshake([Array("AUTH".utf8), Array(password.utf8)], endpoint, what: "AUTH")
+        }
+        if config.db != 0 {
+            try handshake([Array("SELECT".utf8), Array(String(config.db).utf8)], endpoint, what: "SELECT \(config.db)")
         }
     }
 
-    private func handshake(_ args: [RedisArgument], _ endpoint: String, what: String) throws {
-        let reply = try pipeline([args])[0]
+    /// One command through `redisCommandArgv`; an error reply fails the connect.
+    private func handshake(_ args: [[UInt8]], _ endpoint: String, what: String) throws {
+        let reply: RedisReply
+        do {
+            reply = try commandArgv(args)
+        } catch let RedisError.io(m) {
+            throw RedisError.connectionFailed("\(endpoint): \(what): \(m)")
+        }
         if case .error(let m) = reply {
             throw RedisError.connectionFailed("\(endpoint): \(what) refused: \(m)")
         }
     }
 
-    deinit { close(fd) }
+    deinit { redisFree(ctx) }
 
     /// True when the server has closed this idle connection (or sent data nobody asked for).
     var looksClosed: Bool {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        var p = pollfd(fd: ctx.pointee.fd, events: Int16(POLLIN), revents: 0)
         return poll(&p, 1, 0) != 0
+    }
+
+    /// Sends one command, binary-safe, with `redisCommandArgv` and waits for its reply.
+    private func commandArgv(_ args: [[UInt8]]) throws -> RedisReply {
+        guard !broken else { throw RedisError.io("connection already broken") }
+        let lengths = args.map(\.count)
+        var joined: [UInt8] = []
+        joined.reserveCapacity(lengths.reduce(1, +))
+        for a in args { joined += a }
+        joined.append(0)  // never an empty buffer, so every pointer below is valid
+        let raw: UnsafeMutableRawPointer? = RedisConnection.withoutSIGPIPE { joined.withUnsafeBufferPointer { buf in
+            buf.withMemoryRebound(to: CChar.self) { chars in
+                var pointers: [UnsafePointer<CChar>?] = []
+                pointers.reserveCapacity(args.count)
+                var offset = 0
+                for n in lengths {
+                    pointers.append(UnsafePointer(chars.baseAddress! + offset))
+                    offset += n
+                }
+                return pointers.withUnsafeMutableBufferPointer { argv in
+                    lengths.withUnsafeBufferPointer { argvlen in
+                        redisCommandArgv(ctx, Int32(args.count), argv.baseAddress, argvlen.baseAddress)
+                    }
+                }
+            }
+        } }
+        guard let raw else { throw fail() }
+        defer { freeReplyObject(raw) }
+        return RedisConnection.convert(raw.assumingMemoryBound(to: redisReply.self))
     }
 
     /// Sends all commands in one write and reads one reply per command, in order.
@@ -67,29 +108,19 @@ final class RedisConnection: @unchecked Sendable {
         return try pipeline(batch)
     }
 
-    /// Sends the encoded batch and reads one reply per command, in order.
+    /// Sends the encoded batch (one append to hiredis's output buffer, then
+    /// written out) and reads one reply per command, in order.
     /// Error replies are values; I/O errors, timeouts and protocol errors
     /// throw and mark the connection broken.
     func pipeline(_ batch: RedisCommands) throws -> [RedisReply] {
         guard !broken else { throw RedisError.io("connection already broken") }
         if batch.count == 0 { return [] }
-        do {
-            try batch.bytes.withUnsafeBytes { try writeAll($0) }
-            var replies: [RedisReply] = []
-            replies.reserveCapacity(batch.count)
-            while replies.count < batch.count {
-                if let r = try reader.next() {
-                    replies.append(r)
-                } else {
-                    try receive()
-                }
-            }
-            return replies
-        } catch {
-            broken = true
-            reader.reset()
-            throw error
-        }
+        try append(batch.bytes)
+        try flush()
+        var replies: [RedisReply] = []
+        replies.reserveCapacity(batch.count)
+        try receiveRest(into: &replies, upTo: batch.count)
+        return replies
     }
 
     /// Bytes encoded before they are sent by `pipeline(count:encode:)`.
@@ -97,176 +128,175 @@ final class RedisConnection: @unchecked Sendable {
     private var scratch = RedisCommands()
 
     /// Streams `count` commands: `encode` appends command `i` to the batch it
-    /// is given, and every ~64 KiB the batch is sent, so the server works on
-    /// the first commands while the next are encoded; replies already
-    /// available are parsed between sends. Returns one reply per command, in order.
+    /// is given, and every ~64 KiB the batch is appended to the context and
+    /// written out, so the server works on the first commands while the next
+    /// are encoded; replies already received are parsed between chunks
+    /// without waiting. Returns one reply per command, in order.
     func pipeline(count: Int, encode: (inout RedisCommands, Int) -> Void) throws -> [RedisReply] {
         guard !broken else { throw RedisError.io("connection already broken") }
         if count == 0 { return [] }
         var replies: [RedisReply] = []
         replies.reserveCapacity(count)
-        do {
-            var i = 0
-            while i < count {
-                scratch.removeAll()
-                while i < count && scratch.bytes.count < RedisConnection.streamChunkBytes {
-                    let before = scratch.count
-                    encode(&scratch, i)
-                    precondition(scratch.count == before + 1, "encode must append exactly one command")
-                    i += 1
-                }
-                try scratch.bytes.withUnsafeBytes { try writeAll($0) }
-                if i < count { try parseAvailable(into: &replies, upTo: count) }
+        var i = 0
+        while i < count {
+            scratch.removeAll()
+            while i < count && scratch.bytes.count < RedisConnection.streamChunkBytes {
+                let before = scratch.count
+                encode(&scratch, i)
+                precondition(scratch.count == before + 1, "encode must append exactly one command")
+                i += 1
             }
-            if scratch.bytes.capacity > 4 * RedisConnection.streamChunkBytes { scratch = RedisCommands() }
-            while replies.count < count {
-                if let r = try reader.next() {
-                    replies.append(r)
-                } else {
-                    try receive()
-                }
-            }
-            return replies
-        } catch {
-            broken = true
-            reader.reset()
-            throw error
+            try append(scratch.bytes)
+            try flush()
+            if i < count { try receiveAvailable(into: &replies, upTo: count) }
+        }
+        if scratch.bytes.capacity > 4 * RedisConnection.streamChunkBytes { scratch = RedisCommands() }
+        try receiveRest(into: &replies, upTo: count)
+        return replies
+    }
+
+    // MARK: - hiredis calls
+
+    /// Queues already-encoded commands in the context's output buffer.
+    private func append(_ bytes: [UInt8]) throws {
+        let rc = bytes.withUnsafeBufferPointer { buf in
+            buf.withMemoryRebound(to: CChar.self) { redisAppendFormattedCommand(ctx, $0.baseAddress, $0.count) }
+        }
+        guard rc == REDIS_OK else { throw fail("cannot queue commands") }
+    }
+
+    /// Writes the whole output buffer (each write bounded by the command timeout).
+    private func flush() throws {
+        try RedisConnection.withoutSIGPIPE {
+            var done: Int32 = 0
+            repeat {
+                guard redisBufferWrite(ctx, &done) == REDIS_OK else { throw fail() }
+            } while done == 0
         }
     }
 
-    /// Parses the replies that have arrived, without waiting for more.
-    private func parseAvailable(into replies: inout [RedisReply], upTo count: Int) throws {
-        while true {
-            while replies.count < count, let r = try reader.next() { replies.append(r) }
-            if replies.count == count { return }
-            let space = reader.writableSpace(minimum: 16 * 1024)
-            let n = recv(fd, space.baseAddress, space.count, Int32(MSG_DONTWAIT))
-            if n > 0 {
-                reader.didWrite(n)
+    /// Runs `body` with SIGPIPE blocked in this thread and discards a SIGPIPE it
+    /// raised. hiredis writes with write(2), not send(MSG_NOSIGNAL): writing to
+    /// a connection the server has closed would otherwise kill the process
+    /// instead of failing with EPIPE. Nothing process-wide is changed.
+    private static func withoutSIGPIPE<T>(_ body: () throws -> T) rethrows -> T {
+        var pipeOnly = sigset_t()
+        sigemptyset(&pipeOnly)
+        sigaddset(&pipeOnly, SIGPIPE)
+        var previous = sigset_t()
+        pthread_sigmask(SIG_BLOCK, &pipeOnly, &previous)
+        var pending = sigset_t()
+        sigpending(&pending)
+        let pendingBefore = sigismember(&pending, SIGPIPE) == 1
+        defer {
+            if !pendingBefore {
+                sigpending(&pending)
+                if sigismember(&pending, SIGPIPE) == 1 {
+                    var now = timespec(tv_sec: 0, tv_nsec: 0)
+                    _ = sigtimedwait(&pipeOnly, nil, &now)
+                }
+            }
+            if sigismember(&previous, SIGPIPE) == 0 { pthread_sigmask(SIG_SETMASK, &previous, nil) }
+        }
+        return try body()
+    }
+
+    /// Takes the replies that have arrived, reading only what the socket holds now.
+    private func receiveAvailable(into replies: inout [RedisReply], upTo count: Int) throws {
+        let fd = ctx.pointee.fd
+        while replies.count < count {
+            if let r = try replyFromReader() {
+                replies.append(r)
                 continue
             }
-            if n == 0 { throw RedisError.io("connection closed by the server") }
-            if errno == EINTR { continue }
-            if errno == EAGAIN || errno == EWOULDBLOCK { return }
-            throw RedisConnection.ioError(errno, "read")
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let n = poll(&p, 1, 0)
+            if n == 0 { return }
+            if n < 0 {
+                if errno == EINTR { continue }
+                broken = true
+                throw RedisError.io("poll failed: \(String(cString: strerror(errno)))")
+            }
+            // Readable, hung up or in error: the read reports which.
+            guard redisBufferRead(ctx) == REDIS_OK else { throw fail() }
         }
     }
 
-    private func writeAll(_ bytes: UnsafeRawBufferPointer) throws {
-        var sent = 0
-        while sent < bytes.count {
-            let n = send(fd, bytes.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL))
-            if n > 0 {
-                sent += n
-            } else if n < 0 && errno == EINTR {
-                continue
-            } else {
-                throw RedisConnection.ioError(n == 0 ? EPIPE : errno, "write")
-            }
+    /// Waits for the remaining replies (each read bounded by the command timeout).
+    private func receiveRest(into replies: inout [RedisReply], upTo count: Int) throws {
+        while replies.count < count {
+            var raw: UnsafeMutableRawPointer?
+            guard redisGetReply(ctx, &raw) == REDIS_OK, let raw else { throw fail() }
+            replies.append(RedisConnection.convert(raw.assumingMemoryBound(to: redisReply.self)))
+            freeReplyObject(raw)
         }
     }
 
-    /// One read into the reader's buffer; throws on timeout, error or end of stream.
-    private func receive() throws {
-        while true {
-            let space = reader.writableSpace(minimum: 16 * 1024)
-            let n = recv(fd, space.baseAddress, space.count, 0)
-            if n > 0 {
-                reader.didWrite(n)
-                return
-            }
-            if n == 0 { throw RedisError.io("connection closed by the server") }
-            if errno == EINTR { continue }
-            throw RedisConnection.ioError(errno, "read")
+    /// A complete reply already in hiredis's read buffer, or nil.
+    private func replyFromReader() throws -> RedisReply? {
+        var raw: UnsafeMutableRawPointer?
+        guard redisGetReplyFromReader(ctx, &raw) == REDIS_OK else { throw fail() }
+        guard let raw else { return nil }
+        defer { freeReplyObject(raw) }
+        return RedisConnection.convert(raw.assumingMemoryBound(to: redisReply.self))
+    }
+
+    /// Marks the connection broken and describes the context's error.
+    private func fail(_ what: String? = nil) -> RedisError {
+        broken = true
+        let text = RedisConnection.errorText(ctx)
+        return .io(what.map { "\($0): \(text)" } ?? text)
+    }
+
+    private static func errorText(_ ctx: UnsafeMutablePointer<redisContext>) -> String {
+        let code = ctx.pointee.err
+        let text = withUnsafeBytes(of: ctx.pointee.errstr) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        switch code {
+        case 0:
+            return "no reply"
+        case REDIS_ERR_IO where text.contains("temporarily unavailable") || text.contains("timed out"):
+            return "timed out (\(text))"
+        case REDIS_ERR_EOF:
+            return "connection closed by the server"
+        case REDIS_ERR_PROTOCOL:
+            let detail = text.hasPrefix("Protocol error, ") ? String(text.dropFirst("Protocol error, ".count)) : text
+            return "protocol error: \(detail)"
+        default:
+            return text.isEmpty ? "error \(code)" : text
         }
     }
 
-    private static func ioError(_ code: Int32, _ what: String) -> RedisError {
-        if code == EAGAIN || code == EWOULDBLOCK {
-            return .io("timed out (\(what))")
+    // MARK: - Replies
+
+    private static func convert(_ r: UnsafeMutablePointer<redisReply>) -> RedisReply {
+        let reply = r.pointee
+        switch reply.type {
+        case REDIS_REPLY_INTEGER:
+            return .integer(Int64(reply.integer))
+        case REDIS_REPLY_STRING:
+            guard reply.len > 0, let s = reply.str else { return .bulk([]) }
+            return .bulk(Array(UnsafeRawBufferPointer(start: s, count: Int(reply.len))))
+        case REDIS_REPLY_STATUS:
+            return .status(text(reply))
+        case REDIS_REPLY_ERROR:
+            return .error(text(reply))
+        case REDIS_REPLY_ARRAY:
+            var items: [RedisReply] = []
+            items.reserveCapacity(Int(reply.elements))
+            for i in 0..<Int(reply.elements) {
+                if let e = reply.element[i] { items.append(convert(e)) } else { items.append(.null) }
+            }
+            return .array(items)
+        default:
+            return .null
         }
-        return .io("\(what) failed: \(errnoText(code))")
     }
 
-    private static func errnoText(_ code: Int32) -> String {
-        String(cString: strerror(code))
-    }
-
-    // MARK: - Connecting
-
-    private static func connect(_ config: RedisConfig) throws -> Int32 {
-        if let path = config.unixSocket {
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            let bytes = Array(path.utf8)
-            let room = MemoryLayout.size(ofValue: addr.sun_path)
-            guard bytes.count < room else { throw RedisError.io("unix socket path longer than \(room - 1) bytes") }
-            withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-                raw.copyBytes(from: bytes)
-                raw[bytes.count] = 0
-            }
-            return try withUnsafePointer(to: &addr) { p in
-                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    try connect(family: AF_UNIX, $0, socklen_t(MemoryLayout<sockaddr_un>.size), timeout: config.connectTimeout)
-                }
-            }
-        }
-        var hints = addrinfo()
-        hints.ai_family = AF_UNSPEC
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        var list: UnsafeMutablePointer<addrinfo>?
-        let rc = getaddrinfo(config.host, String(config.port), &hints, &list)
-        guard rc == 0, let first = list else {
-            throw RedisError.io("cannot resolve \(config.host): \(String(cString: gai_strerror(rc)))")
-        }
-        defer { freeaddrinfo(first) }
-        var lastError = RedisError.io("no address for \(config.host)")
-        var ai: UnsafeMutablePointer<addrinfo>? = first
-        while let a = ai {
-            do {
-                let fd = try connect(family: a.pointee.ai_family, a.pointee.ai_addr, a.pointee.ai_addrlen, timeout: config.connectTimeout)
-                var one: Int32 = 1
-                _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-                _ = setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, socklen_t(MemoryLayout<Int32>.size))
-                return fd
-            } catch let e as RedisError {
-                lastError = e
-            }
-            ai = a.pointee.ai_next
-        }
-        throw lastError
-    }
-
-    /// A connected blocking socket, or an error after `timeout` seconds.
-    private static func connect(family: Int32, _ addr: UnsafePointer<sockaddr>, _ len: socklen_t, timeout: Double) throws -> Int32 {
-        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw RedisError.io("socket: \(errnoText(errno))") }
-        do {
-            let flags = fcntl(fd, F_GETFL)
-            guard flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 else { throw RedisError.io("fcntl: \(errnoText(errno))") }
-            if Glibc.connect(fd, addr, len) != 0 {
-                guard errno == EINPROGRESS || errno == EAGAIN else { throw RedisError.io(errnoText(errno)) }
-                let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(max(0, timeout) * 1e9)
-                while true {
-                    let now = DispatchTime.now().uptimeNanoseconds
-                    guard now < deadline else { throw RedisError.io("connect timed out") }
-                    var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                    let r = poll(&p, 1, Int32(min(Int(Int32.max), Int((deadline - now + 999_999) / 1_000_000))))
-                    if r < 0 && errno == EINTR { continue }
-                    guard r >= 0 else { throw RedisError.io("poll: \(errnoText(errno))") }
-                    if r > 0 { break }
-                }
-                var err: Int32 = 0
-                var errLen = socklen_t(MemoryLayout<Int32>.size)
-                guard getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &errLen) == 0 else { throw RedisError.io(errnoText(errno)) }
-                guard err == 0 else { throw RedisError.io(errnoText(err)) }
-            }
-            guard fcntl(fd, F_SETFL, flags) == 0 else { throw RedisError.io("fcntl: \(errnoText(errno))") }
-            return fd
-        } catch {
-            close(fd)
-            throw error
-        }
+    private static func text(_ reply: redisReply) -> String {
+        guard reply.len > 0, let s = reply.str else { return "" }
+        return String(decoding: UnsafeRawBufferPointer(start: s, count: Int(reply.len)), as: UTF8.self)
     }
 }
 

@@ -3,7 +3,10 @@ import Redis
 import TestSupport
 import XCTest
 
-final class RESPReaderTests: XCTestCase {
+/// The hiredis transport against fake servers (replies of every kind, split
+/// writes, a server closing mid-reply or mid-write, stalling, sending garbage) and long
+/// streamed pipelines against a real one.
+final class RedisFaultTests: XCTestCase {
     /// A stream of several replies of every kind, and what they decode to.
     static let sample: (bytes: [UInt8], replies: [RedisReply]) = {
         let binary: [UInt8] = [0, 1, 13, 10, 36, 42, 13, 10, 255, 13]
@@ -23,87 +26,8 @@ final class RESPReaderTests: XCTestCase {
         return (b, replies)
     }()
 
-    func drain(_ r: RESPReader) throws -> [RedisReply] {
-        var out: [RedisReply] = []
-        while let x = try r.next() { out.append(x) }
-        return out
-    }
-
-    func testAllKindsAtOnce() throws {
-        let r = RESPReader()
-        r.feed(Self.sample.bytes)
-        XCTAssertEqual(try drain(r), Self.sample.replies)
-        XCTAssertTrue(r.isIdle)
-    }
-
-    func testSplitAtEveryBytePosition() throws {
-        let bytes = Self.sample.bytes
-        for cut in 0...bytes.count {
-            let r = RESPReader(capacity: 16)
-            r.feed(Array(bytes[..<cut]))
-            var got = try drain(r)
-            r.feed(Array(bytes[cut...]))
-            got += try drain(r)
-            XCTAssertEqual(got, Self.sample.replies, "split at \(cut)")
-            XCTAssertTrue(r.isIdle, "split at \(cut)")
-        }
-    }
-
-    func testOneByteAtATime() throws {
-        let r = RESPReader(capacity: 16)
-        var got: [RedisReply] = []
-        for b in Self.sample.bytes {
-            r.feed([b])
-            got += try drain(r)
-        }
-        XCTAssertEqual(got, Self.sample.replies)
-    }
-
-    func testLargeBulkAndLargeArrayInPieces() throws {
-        let big = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
-        var bytes = Array("$\(big.count)\r\n".utf8) + big + [13, 10]
-        bytes += Array("*20000\r\n".utf8)
-        for i in 0..<20_000 { bytes += Array(":\(i)\r\n".utf8) }
-        let r = RESPReader(capacity: 16)
-        var got: [RedisReply] = []
-        var i = 0
-        while i < bytes.count {
-            let n = min(997, bytes.count - i)
-            r.feed(Array(bytes[i..<(i + n)]))
-            got += try drain(r)
-            i += n
-        }
-        XCTAssertEqual(got.count, 2)
-        XCTAssertEqual(got[0], .bulk(big))
-        XCTAssertEqual(got[1], .array((0..<20_000).map { .integer(Int64($0)) }))
-    }
-
-    func testMalformedInputThrows() {
-        for bad in [
-            "?what\r\n", ":12a\r\n", ":\r\n", ":99999999999999999999\r\n", "$-2\r\n", "$3\r\nabcXY",
-            "*-5\r\n", "+OK\rX", ":-\r\n",
-        ] {
-            let r = RESPReader()
-            r.feed(Array(bad.utf8))
-            XCTAssertThrowsError(try drain(r), bad) { error in
-                guard case RedisError.io(let m) = error else { return XCTFail("\(bad): \(error)") }
-                XCTAssertTrue(m.contains("protocol error"), m)
-            }
-        }
-        let deep = RESPReader()
-        deep.feed(Array(String(repeating: "*1\r\n", count: RESPReader.maxDepth + 1).utf8))
-        XCTAssertThrowsError(try drain(deep))
-    }
-
-    func testIncompleteIsNotAReply() throws {
-        let r = RESPReader()
-        r.feed(Array("*2\r\n:1\r\n$5\r\nab".utf8))
-        XCTAssertNil(try r.next())
-        XCTAssertFalse(r.isIdle)
-        r.feed(Array("cde\r\n".utf8))
-        XCTAssertEqual(try r.next(), .array([.integer(1), .bulk(Array("abcde".utf8))]))
-        XCTAssertNil(try r.next())
-    }
+    /// Commands whose replies `sample` stands for (the fake server ignores them).
+    static let sampleCommands: [[RedisArgument]] = Array(repeating: ["PING"], count: sample.replies.count)
 
     // MARK: - Against a fake server
 
@@ -114,7 +38,8 @@ final class RESPReaderTests: XCTestCase {
         let listener: Int32
         let done = DispatchSemaphore(value: 0)
 
-        init(reply: [UInt8], close closeAfter: Bool = true) throws {
+        /// `piece`: when set, the reply is written in pieces of that many bytes, 1 ms apart.
+        init(reply: [UInt8], close closeAfter: Bool = true, piece: Int? = nil) throws {
             path = FileManager.default.temporaryDirectory.appendingPathComponent("casfs-fake-\(getpid())-\(UUID().uuidString.prefix(8)).sock").path
             let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
             listener = fd
@@ -135,7 +60,16 @@ final class RESPReaderTests: XCTestCase {
                 if c >= 0 {
                     var buf = [UInt8](repeating: 0, count: 4096)
                     _ = read(c, &buf, buf.count)
-                    _ = reply.withUnsafeBytes { write(c, $0.baseAddress, $0.count) }
+                    reply.withUnsafeBytes { all in
+                        let step = piece ?? max(all.count, 1)
+                        var i = 0
+                        while i < all.count {
+                            let n = min(step, all.count - i)
+                            _ = write(c, all.baseAddress! + i, n)
+                            i += n
+                            if piece != nil { usleep(1000) }
+                        }
+                    }
                     if closeAfter {
                         close(c)
                     } else {
@@ -150,6 +84,26 @@ final class RESPReaderTests: XCTestCase {
         deinit {
             close(listener)
             unlink(path)
+        }
+    }
+
+    func testAllKindsOfRepliesAtOnce() throws {
+        let server = try FakeServer(reply: Self.sample.bytes)
+        let pool = RedisPool(RedisConfig(unixSocket: server.path, connectTimeout: 1, commandTimeout: 1))
+        XCTAssertEqual(try pool.pipeline(Self.sampleCommands), Self.sample.replies)
+        XCTAssertEqual(pool.openConnections, 1)
+        pool.close()
+        server.done.wait()
+    }
+
+    func testRepliesArrivingInSmallPieces() throws {
+        for piece in [1, 3, 7] {
+            let server = try FakeServer(reply: Self.sample.bytes, piece: piece)
+            let pool = RedisPool(RedisConfig(unixSocket: server.path, connectTimeout: 1, commandTimeout: 1))
+            let replies = try pool.pipeline(count: Self.sampleCommands.count) { batch, i in batch.append(Self.sampleCommands[i]) }
+            XCTAssertEqual(replies, Self.sample.replies, "pieces of \(piece) bytes")
+            pool.close()
+            server.done.wait()
         }
     }
 
@@ -173,6 +127,27 @@ final class RESPReaderTests: XCTestCase {
         }
         XCTAssertEqual(pool.openConnections, 0)
         server.done.wait()
+    }
+
+    func testServerClosingWhileALargeBatchIsWrittenIsAnErrorNotASignal() throws {
+        // The server reads 4 KiB and closes: the rest of the write fails with
+        // EPIPE, which must come back as an error (SIGPIPE would kill the process).
+        let value = [UInt8](repeating: UInt8(ascii: "v"), count: 1 << 20)
+        for streamed in [false, true] {
+            let server = try FakeServer(reply: [])
+            let pool = RedisPool(RedisConfig(unixSocket: server.path, connectTimeout: 1, commandTimeout: 1))
+            XCTAssertThrowsError(try {
+                if streamed {
+                    _ = try pool.pipeline(count: 8) { batch, i in batch.append(["SET", .string("k\(i)"), .bytes(value)]) }
+                } else {
+                    _ = try pool.pipeline((0..<8).map { ["SET", .string("k\($0)"), .bytes(value)] })
+                }
+            }()) { error in
+                guard case RedisError.io = error else { return XCTFail("\(error)") }
+            }
+            XCTAssertEqual(pool.openConnections, 0)
+            server.done.wait()
+        }
     }
 
     func testServerStallingMidReplyTimesOut() throws {
