@@ -23,6 +23,10 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
     private let writers: WriterPool?
     private let fetches = SingleFlight<Digest, BlobSource?>()
     private let counters = Counters()
+    /// Blobs the fallback served and that verified, but the cache could not
+    /// keep (e.g. larger than it): their ranges are read from the fallback
+    /// directly instead of fetching and verifying the whole blob again.
+    private let verifiedUncached = RecentSet<Digest>(capacity: 4096)
 
     public init(cache: any Storage, fallback: any Storage, deferFallbackWrites: Bool = false,
                 fallbackWriterThreads: Int = 8, verifyFallbackReads: Bool = true) {
@@ -64,12 +68,19 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
         } catch {
             log.warning("cache read of \(digest) failed: \(error)")
         }
+        if verifiedUncached.contains(digest) {
+            counters.fallbackReads.add(1, ordering: .relaxed)
+            if let data = try fallback.read(digest, offset: offset, length: length) { return data }
+            verifiedUncached.remove(digest)
+            return nil
+        }
         guard let src = try fetch(digest) else { return nil }
         return try src.read(offset: offset, length: length)
     }
 
     public func deleteBlob(_ digest: Digest) throws {
         do { try cache.deleteBlob(digest) } catch { log.warning("cache delete of \(digest) failed: \(error)") }
+        verifiedUncached.remove(digest)
         try fallback.deleteBlob(digest)
     }
 
@@ -184,8 +195,9 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
                 try cache.commitWrite(digest, src)
                 if let cached = try cache.getBlob(digest) { return cached }
             } catch {
-                log.warning("caching \(digest) failed: \(error)")
+                log.info("not caching \(digest): \(error)")
             }
+            verifiedUncached.insert(digest)
             return src
         }.value
     }
@@ -196,6 +208,7 @@ private final class Counters: Sendable {
     let misses = Atomic<Int>(0)
     let fallbackFetches = Atomic<Int>(0)
     let verifyFailures = Atomic<Int>(0)
+    let fallbackReads = Atomic<Int>(0)
 
     func snapshot() -> [String: Int64] {
         [
@@ -203,6 +216,7 @@ private final class Counters: Sendable {
             "cache_misses": Int64(misses.load(ordering: .relaxed)),
             "fallback_fetches": Int64(fallbackFetches.load(ordering: .relaxed)),
             "verify_failures": Int64(verifyFailures.load(ordering: .relaxed)),
+            "fallback_range_reads": Int64(fallbackReads.load(ordering: .relaxed)),
         ]
     }
 }

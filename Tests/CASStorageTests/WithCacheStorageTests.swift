@@ -149,3 +149,26 @@ final class WithCacheStorageTests: XCTestCase {
         XCTAssertEqual(fallback.getCalls.load(ordering: .relaxed), 1)
     }
 }
+
+final class WithCacheLargeBlobTests: XCTestCase {
+    /// A blob larger than the cache is fetched and verified once; later range
+    /// reads go to the fallback directly instead of re-verifying the whole blob.
+    func testBlobLargerThanCacheIsVerifiedOnce() throws {
+        let fallback = InstrumentedStorage(try DiskStorage(root: tempDir()))
+        let s = WithCacheStorage(cache: MemoryStorage(maxBytes: 1 << 20), fallback: fallback)
+        var bytes = [UInt8](repeating: 0, count: 3 << 20)
+        for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i * 31) }
+        let data = Data(bytes)
+        let d = Digest.of(data)
+        try fallback.inner.commitWrite(d, DataSource(data))
+        for k in 0..<10 {
+            let off = k * 300_000
+            XCTAssertEqual(try s.read(d, offset: Int64(off), length: 4096), data.subdata(in: off..<(off + 4096)))
+        }
+        XCTAssertEqual(s.statistics()["fallback_fetches"], 1)
+        XCTAssertEqual(s.statistics()["fallback_range_reads"], 9)
+        // A deleted blob is noticed: the read answers absent.
+        try s.deleteBlob(d)
+        XCTAssertNil(try s.read(d, offset: 0, length: 10))
+    }
+}
