@@ -11,6 +11,7 @@ final class MountCommandTests: MountTestCase {
         try cachedDiskConfig().write(toFile: config, atomically: true, encoding: .utf8)
         let mp = tmp + "/mnt"
         try FileManager.default.createDirectory(atPath: mp, withIntermediateDirectories: true)
+        defer { if isFuseMounted(mp) { _ = sh("fusermount3 -u \(shq(mp)) || fusermount3 -uz \(shq(mp))") } }
         let r = sh("\(bin) mount --config \(shq(config)) --staging-dir \(shq(tmp)) --log-file \(shq(tmp + "/log")) \(shq(mp)) && ls \(shq(mp))")
         XCTAssertTrue(r.ok, "\(r)")
         XCTAssertEqual(r.stdout, "sha256\n")
