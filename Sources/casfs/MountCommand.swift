@@ -16,7 +16,7 @@ struct MountCommand: ParsableCommand {
             `fusermount3 -u MOUNTPOINT`, or SIGINT/SIGTERM to the daemon.
             """)
 
-    @Option(name: .long, help: "YAML config (BuildGrid storage tags plus a mount: section).")
+    @Option(name: .long, help: "YAML config (BuildGrid storage tags plus a mount: section). Without it: a local store in $XDG_DATA_HOME/casfs indexed by a private Redis, writable.")
     var config: String?
 
     @Option(name: .customShort("o"), help: ArgumentHelp(
@@ -27,7 +27,7 @@ struct MountCommand: ParsableCommand {
     @Flag(name: .long, help: "Stay in the foreground and log to stderr.")
     var foreground = false
 
-    @Option(name: .long, help: "Directory for files being written (default /var/tmp).")
+    @Option(name: .long, help: "Directory for files being written (default: the data directory without --config, else /var/tmp).")
     var stagingDir: String?
 
     @Option(name: .long, help: "Append the daemon's log to this file.")
@@ -44,9 +44,6 @@ struct MountCommand: ParsableCommand {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: mountpoint, isDirectory: &isDir), isDir.boolValue else {
             throw ValidationError("mount point \(mountpoint) is not a directory")
-        }
-        if config == nil {
-            throw ValidationError("no --config given: the zero-config default (local store with a private Redis) is not available yet; pass --config FILE")
         }
     }
 
@@ -103,14 +100,19 @@ struct MountCommand: ParsableCommand {
     private func serve(ready: Int32?) throws {
         setUpLogging()
         let log = Logger(label: "casfs.mount")
-        guard let configPath = config else { throw ValidationError("--config is required") }
-        var cfg = try CasfsConfig.load(path: configPath)
-        try parsedOverrides().apply(to: &cfg.mount)
-
-        let staging = stagingDir ?? "/var/tmp"
+        let overrides = try parsedOverrides()
+        let staging = stagingDir ?? (config == nil ? DefaultConfig.dataDirectory() + "/staging" : "/var/tmp")
         try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
 
-        try cfg.storage.start()
+        // The zero-config default starts a private Redis; the mount owns it and stops it at unmount.
+        let stack = try OpenStack(configPath: config, keepRedis: true)
+        var cfg = stack.config
+        overrides.apply(to: &cfg.mount)
+
+        do { try cfg.storage.start() } catch {
+            stack.close()
+            throw error
+        }
         let batcher: AccessTimeBatcher? = cfg.index.map { AccessTimeBatcher(index: $0) }
         var recorder: (@Sendable (Digest) -> Void)?
         if let batcher {
@@ -119,10 +121,10 @@ struct MountCommand: ParsableCommand {
 
         let fs = CASFilesystem(storage: cfg.storage, index: cfg.index, options: cfg.mount,
                                stagingDirectory: staging, recordAccess: recorder)
-        log.info("mounting \(mountpoint) with \(configPath)")
+        log.info("mounting \(mountpoint) with \(config ?? "the zero-config default in \(DefaultConfig.dataDirectory())")")
         defer {
             batcher?.stop()
-            do { try cfg.storage.stop() } catch { log.error("stopping storage: \(error)") }
+            stack.close()
         }
         try fs.serve(mountpoint: mountpoint) {
             if let ready { Daemon.report(ready, "OK") }
