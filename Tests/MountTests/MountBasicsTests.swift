@@ -34,6 +34,8 @@ final class MountBasicsTests: MountTestCase {
         // Writing an existing blob again: accepted and verified.
         mustSh("cp \(shq(src)) \(shq(m.path(d)))")
         XCTAssertEqual(try m.stats()["fuse_rejected_writes"], 0)
+        XCTAssertEqual(mustSh("stat -c %s \(shq(m.path(d)))"), "\(d.size)\n")
+        XCTAssertEqual(mustSh("sha256sum < \(shq(m.path(d))) | cut -c1-64"), d.hash + "\n")
         // Stable across remounts.
         m.unmount()
         try m.mount()
@@ -176,5 +178,20 @@ final class MountBasicsTests: MountTestCase {
         XCTAssertTrue(m.isRunning, "daemon died")
         XCTAssertEqual(mustSh("ls \(shq(m.sha256)) | wc -l").trimmingCharacters(in: .whitespaces), "0\n")
         XCTAssertFalse(sh("stat \(shq(m.mountpoint + "/nope"))").ok)
+    }
+
+    /// Opening a blob refreshes its access time (the TTL of its index key), off the read path.
+    func testOpenRefreshesAccessTime() throws {
+        let data = randomData(10_000, seed: 12)
+        let d = try placeInDiskStore(data)
+        let redis = try startRedis()
+        let config = try indexedDiskConfig()
+        redis.cli("SET A:\(d) 1 EX 1000")
+        let m = try mount(config)
+        XCTAssertEqual(mustSh("stat -c %s \(shq(m.path(d)))"), "\(d.size)\n")
+        let ttl = { Int(redis.cli("TTL A:\(d)").trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1 }
+        XCTAssertLessThanOrEqual(ttl(), 1000, "a stat refreshed the access time")
+        XCTAssertEqual(mustSh("sha256sum < \(shq(m.path(d))) | cut -c1-64"), d.hash + "\n")
+        XCTAssertTrue(pollUntil(30) { ttl() > 1000 }, "open did not refresh the access time (TTL \(ttl()))")
     }
 }

@@ -72,7 +72,7 @@ final class MountStressTests: MountTestCase {
             XCTAssertEqual(mustSh("sha256sum < \(shq(m.path(d))) | cut -c1-64"), d.hash + "\n", "indexed blob \(d)")
         }
         for d in digests {
-            let r = sh("sha256sum < \(shq(m.path(d))) | cut -c1-64")
+            let r = sh("set -o pipefail; sha256sum < \(shq(m.path(d))) | cut -c1-64")
             if r.ok { XCTAssertEqual(r.stdout, d.hash + "\n", "visible blob \(d) is not whole") }
             else { XCTAssertTrue(r.stderr.contains("No such file"), r.stderr) }
         }
