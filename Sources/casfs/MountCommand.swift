@@ -39,21 +39,29 @@ struct MountCommand: ParsableCommand {
     @Argument(help: "Where to mount.")
     var mountpoint: String
 
-    func validate() throws {
+    /// Checks the arguments before anything starts; each problem is one line.
+    func check() throws {
         _ = try parsedOverrides()
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: mountpoint, isDirectory: &isDir), isDir.boolValue else {
-            throw ValidationError("mount point \(mountpoint) is not a directory")
+            throw CLIError("mount point \(mountpoint) is not a directory")
+        }
+        if isMountPoint(mountpoint) {
+            throw CLIError("\(mountpoint) is already a mount point (unmount it first: fusermount3 -u \(mountpoint))")
         }
     }
 
     func parsedOverrides() throws -> MountOverrides {
         do { return try MountOverrides.parse(options) } catch let e as MountOverrides.BadOption {
-            throw ValidationError(e.description)
+            throw CLIError(e.description)
         }
     }
 
     func run() throws {
+        do { try check() } catch {
+            printError(error)
+            throw ExitCode(2)
+        }
         if !foreground {
             var args = Array(CommandLine.arguments.dropFirst())
             args.append("--foreground")
@@ -130,4 +138,19 @@ struct MountCommand: ParsableCommand {
             if let ready { Daemon.report(ready, "OK") }
         }
     }
+}
+
+/// True if `path` is the mount point of a mounted filesystem (read from
+/// /proc/self/mountinfo, so a dead FUSE mount does not block the check).
+func isMountPoint(_ path: String) -> Bool {
+    guard let info = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
+    let url = URL(fileURLWithPath: path).standardizedFileURL
+    let real = url.deletingLastPathComponent().resolvingSymlinksInPath().appendingPathComponent(url.lastPathComponent).path
+    for line in info.split(separator: "\n") {
+        let fields = line.split(separator: " ")
+        guard fields.count > 4 else { continue }
+        let mp = fields[4].replacingOccurrences(of: "\\040", with: " ")
+        if mp == real { return true }
+    }
+    return false
 }

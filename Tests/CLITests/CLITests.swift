@@ -149,6 +149,8 @@ final class CLITests: XCTestCase {
             ("cleanup \(configArg) --high-watermark 1K --low-watermark 1 --protect-after 3w", "'3w' is not a duration"),
             ("stat --config \(shq(dir + "/absent.yaml"))", "absent.yaml"),
             ("put --config \(shq(dir + "/absent.yaml")) /etc/hostname", "absent.yaml"),
+            ("mount --config \(shq(dir + "/casfs.yaml")) \(shq(dir + "/no-such-dir"))", "no-such-dir"),
+            ("mount --config \(shq(dir + "/casfs.yaml")) -o bogus=1 \(shq(dir))", "bogus"),
         ]
         for (args, expected) in cases {
             let r = cli(args)
