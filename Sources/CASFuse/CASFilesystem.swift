@@ -15,6 +15,10 @@ public final class CASFilesystem: Sendable {
     public let options: MountOptions
     let stagingDirectory: String
     let recordAccess: (@Sendable (Digest) -> Void)?
+    /// Read-only mounts only: answer OPEN with ENOSYS so that the kernel stops
+    /// sending OPEN/RELEASE (much faster small-file access). Access times are
+    /// then refreshed at lookup and at reads that reach the daemon, not at every open.
+    let openless: Bool
     let inodes = InodeTable()
     let startTime: timespec
     let uid: uid_t
@@ -39,7 +43,9 @@ public final class CASFilesystem: Sendable {
     ///   - stagingDirectory: where files being written are staged (private, unlinked).
     ///   - recordAccess: called (must not block) on every open of a blob for reading.
     public init(storage: any Storage, index: (any BlobIndex)?, options: MountOptions,
-                stagingDirectory: String, recordAccess: (@Sendable (Digest) -> Void)?) {
+                stagingDirectory: String, recordAccess: (@Sendable (Digest) -> Void)?,
+                openless: Bool = false) {
+        self.openless = openless && !options.writable
         self.storage = storage
         self.index = index
         self.options = options
@@ -133,6 +139,7 @@ public final class CASFilesystem: Sendable {
             guard let digest = Digest(parsing: name) else { return replyNegative(req) }
             do {
                 guard try exists(digest) else { return replyNegative(req) }
+                if openless { recordAccess?(digest) }
                 replyBlobEntry(req, digest, timeout: options.entryTimeout)
             } catch {
                 fail(req, "lookup", error, digest)
@@ -230,6 +237,11 @@ public final class CASFilesystem: Sendable {
             }
             return
         }
+        if openless {
+            // The kernel remembers ENOSYS and serves later opens itself (with keep_cache).
+            recordAccess?(digest)
+            return replyErr(req, ENOSYS)
+        }
         fi.pointee.fh = 0
         casfs_fi_set_keep_cache(fi, 1)
         casfs_fi_set_noflush(fi, 1)
@@ -296,7 +308,11 @@ public final class CASFilesystem: Sendable {
     }
 
     func flush(_ req: fuse_req_t?, fi: UnsafeMutablePointer<fuse_file_info>?) {
-        guard let staging = stagingFile(fi) else { return replyErr(req, 0) }
+        guard let staging = stagingFile(fi) else {
+            // Without OPEN the kernel cannot be told FOPEN_NOFLUSH; ENOSYS stops
+            // FLUSH for the whole (read-only) mount.
+            return replyErr(req, openless ? ENOSYS : 0)
+        }
         let rc = finish(staging)
         fuse_reply_err(req, rc)
     }

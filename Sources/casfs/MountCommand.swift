@@ -20,7 +20,7 @@ struct MountCommand: ParsableCommand {
     var config: String?
 
     @Option(name: .customShort("o"), help: ArgumentHelp(
-        "Mount options, comma separated: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME. Override the config.",
+        "Mount options, comma separated: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, noopen (read-only: the kernel skips OPEN/RELEASE, access times are refreshed at lookup). Override the config.",
         valueName: "opts"))
     var options: [String] = []
 
@@ -116,6 +116,10 @@ struct MountCommand: ParsableCommand {
         let stack = try OpenStack(configPath: config, keepRedis: true)
         var cfg = stack.config
         overrides.apply(to: &cfg.mount)
+        if overrides.noOpen == true && cfg.mount.writable {
+            stack.close()
+            throw ValidationError("-o noopen needs a read-only mount (-o ro)")
+        }
 
         do { try cfg.storage.start() } catch {
             stack.close()
@@ -128,7 +132,8 @@ struct MountCommand: ParsableCommand {
         }
 
         let fs = CASFilesystem(storage: cfg.storage, index: cfg.index, options: cfg.mount,
-                               stagingDirectory: staging, recordAccess: recorder)
+                               stagingDirectory: staging, recordAccess: recorder,
+                               openless: overrides.noOpen == true)
         log.info("mounting \(mountpoint) with \(config ?? "the zero-config default in \(DefaultConfig.dataDirectory())")")
         defer {
             batcher?.stop()

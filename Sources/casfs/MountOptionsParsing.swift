@@ -12,6 +12,8 @@ struct MountOverrides {
     var threads: Int?
     var maxRead: Int?
     var fsName: String?
+    /// Read-only mounts: let the kernel skip OPEN/RELEASE (access time refreshed at lookup).
+    var noOpen: Bool?
 
     static let ignored: Set<String> = [
         "defaults", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -45,6 +47,7 @@ struct MountOverrides {
                 case "rw", "writable": o.writable = true
                 case "ro": o.writable = false
                 case "allow_other": o.allowOther = true
+                case "noopen": o.noOpen = true
                 case "entry_timeout": o.entryTimeout = try number()
                 case "attr_timeout": o.attrTimeout = try number()
                 case "negative_timeout": o.negativeTimeout = try number()
@@ -58,7 +61,7 @@ struct MountOverrides {
                     o.fsName = value
                 default:
                     if ignored.contains(key) { continue }
-                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME)")
+                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, noopen)")
                 }
             }
         }

@@ -194,4 +194,26 @@ final class MountBasicsTests: MountTestCase {
         XCTAssertEqual(mustSh("sha256sum < \(shq(m.path(d))) | cut -c1-64"), d.hash + "\n")
         XCTAssertTrue(pollUntil(30) { ttl() > 1000 }, "open did not refresh the access time (TTL \(ttl()))")
     }
+
+    /// -o noopen (read-only): the kernel serves opens itself; reads still verify,
+    /// access times are refreshed at lookup, writable mounts refuse the option.
+    func testNoOpenReadOnlyMount() throws {
+        let data = randomData(300_000, seed: 13)
+        let d = try placeInDiskStore(data)
+        let redis = try startRedis()
+        let config = try indexedDiskConfig(writable: false)
+        redis.cli("SET A:\(d) 1 EX 1000")
+        let m = try mount(config, options: ["ro,noopen"])
+        for _ in 0..<3 {
+            XCTAssertEqual(mustSh("sha256sum < \(shq(m.path(d))) | cut -c1-64"), d.hash + "\n")
+        }
+        XCTAssertEqual(mustSh("getfattr -n user.casfs.digest --only-values \(shq(m.path(d)))"), d.description)
+        XCTAssertLessThanOrEqual(try m.stats()["fuse_opens"] ?? 99, 1, "the kernel kept sending OPEN")
+        let ttl = { Int(redis.cli("TTL A:\(d)").trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1 }
+        XCTAssertTrue(pollUntil(30) { ttl() > 1000 }, "lookup did not refresh the access time")
+        XCTAssertTrue(sh("cp /etc/hostname \(shq(m.path(Digest.of(Data("z".utf8)))))").stderr.contains("Read-only file system"))
+        m.unmount()
+        XCTAssertThrowsError(try m.mount(extraOptions: ["rw,noopen"]))
+        XCTAssertTrue(m.log.contains("noopen"), m.log)
+    }
 }
