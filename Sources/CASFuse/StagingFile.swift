@@ -5,8 +5,6 @@ import Synchronization
 /// A blob being written through the mount: a private, already-unlinked file in
 /// the staging directory. At flush/release its length and SHA-256 are checked
 /// against the name; only a match is committed to the storage.
-/// Linux O_TMPFILE (__O_TMPFILE | O_DIRECTORY); not exported by Glibc's module.
-let oTmpfile: Int32 = 0o20000000 | O_DIRECTORY
 
 final class StagingFile: Sendable {
     let digest: Digest
@@ -28,17 +26,9 @@ final class StagingFile: Sendable {
 
     deinit { close(fd) }
 
-    /// Opens an anonymous file in `directory` (O_TMPFILE, or mkstemp + unlink).
+    /// Opens an anonymous file in `directory`.
     static func create(for digest: Digest, in directory: String) throws -> StagingFile {
-        let fd = open(directory, oTmpfile | O_RDWR | O_CLOEXEC, 0o600)
-        if fd >= 0 { return StagingFile(digest: digest, fd: fd) }
-        var template = Array("\(directory)/.casfs-staging-XXXXXX".utf8CString)
-        let fd2 = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd2 >= 0 else { throw StorageError.posix("staging file in \(directory)") }
-        let path = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-        unlink(path)
-        _ = fcntl(fd2, F_SETFD, FD_CLOEXEC)
-        return StagingFile(digest: digest, fd: fd2)
+        StagingFile(digest: digest, fd: try openAnonymousFile(in: directory))
     }
 
     func write(_ buf: UnsafeRawBufferPointer, at offset: Int64) throws -> Int {
