@@ -430,11 +430,19 @@ public final class CASFilesystem: Sendable {
         sv.f_bsize = 4096
         sv.f_frsize = 4096
         sv.f_namemax = 255
+        // Blocks: the index's total size used, plus what the staging directory's
+        // filesystem has free (new blobs land there first). Files: the blob count.
+        var host = statvfs()
+        if statvfs(stagingDirectory, &host) == 0 {
+            let free = UInt64(host.f_bavail) * UInt64(host.f_frsize) / 4096
+            sv.f_bfree = fsblkcnt_t(free)
+            sv.f_bavail = fsblkcnt_t(free)
+        }
         if let index {
             do {
                 let total = try index.totalSize()
                 let count = try index.blobCount()
-                sv.f_blocks = fsblkcnt_t(max(0, (total + 4095) / 4096))
+                sv.f_blocks = fsblkcnt_t(max(0, (total + 4095) / 4096)) + sv.f_bfree
                 sv.f_files = fsfilcnt_t(max(0, count))
             } catch {
                 return fail(req, "statfs", error)

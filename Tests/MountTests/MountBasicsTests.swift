@@ -99,6 +99,11 @@ final class MountBasicsTests: MountTestCase {
         let viaScandir = mustSh("python3 -c \(shq(py))").split(separator: "\n").map(String.init)
         XCTAssertEqual(viaScandir.sorted(), digests.map(\.description).sorted())
         XCTAssertEqual(mustSh("stat -f -c %c \(shq(m.mountpoint))"), "150\n")
+        let total = digests.map(\.size).reduce(0, +)
+        let blocks = mustSh("stat -f -c '%b %f %a' \(shq(m.mountpoint))").split(separator: " ").compactMap { Int64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        XCTAssertEqual(blocks.count, 3)
+        XCTAssertEqual(blocks[0] - blocks[1], (total + 4095) / 4096, "used blocks are the index's total size")
+        XCTAssertGreaterThan(blocks[2], 0, "free space is reported (df is not 100% full)")
 
         let gone = digests[7]
         mustSh("rm \(shq(m.path(gone)))")
