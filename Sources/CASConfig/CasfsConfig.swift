@@ -262,7 +262,11 @@ final class ConfigBuilder {
     }
 }
 
+/// `~/x` → `$HOME/x`; a relative path → absolute from the current directory
+/// (so a daemon may change directory later).
 private func expandHome(_ path: String) -> String {
-    guard path.hasPrefix("~/"), let home = ProcessInfo.processInfo.environment["HOME"] else { return path }
-    return home + path.dropFirst()
+    var p = path
+    if p.hasPrefix("~/"), let home = ProcessInfo.processInfo.environment["HOME"] { p = home + p.dropFirst() }
+    if !p.hasPrefix("/") { p = FileManager.default.currentDirectoryPath + "/" + p }
+    return URL(fileURLWithPath: p).standardizedFileURL.path
 }

@@ -109,8 +109,9 @@ struct MountCommand: ParsableCommand {
         setUpLogging()
         let log = Logger(label: "casfs.mount")
         let overrides = try parsedOverrides()
-        let staging = stagingDir ?? (config == nil ? DefaultConfig.dataDirectory() + "/staging" : "/var/tmp")
+        let staging = absolute(stagingDir ?? (config == nil ? DefaultConfig.dataDirectory() + "/staging" : "/var/tmp"))
         try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
+        let mountpoint = absolute(self.mountpoint)
 
         // The zero-config default starts a private Redis; the mount owns it and stops it at unmount.
         let stack = try OpenStack(configPath: config, keepRedis: true)
@@ -134,6 +135,8 @@ struct MountCommand: ParsableCommand {
         let fs = CASFilesystem(storage: cfg.storage, index: cfg.index, options: cfg.mount,
                                stagingDirectory: staging, recordAccess: recorder,
                                openless: overrides.noOpen == true)
+        // Paths are absolute from here on: do not keep the starting directory busy.
+        _ = chdir("/")
         log.info("mounting \(mountpoint) with \(config ?? "the zero-config default in \(DefaultConfig.dataDirectory())")")
         defer {
             batcher?.stop()
@@ -158,4 +161,9 @@ func isMountPoint(_ path: String) -> Bool {
         if mp == real { return true }
     }
     return false
+}
+
+/// `path` made absolute from the current directory.
+func absolute(_ path: String) -> String {
+    path.hasPrefix("/") ? path : URL(fileURLWithPath: FileManager.default.currentDirectoryPath + "/" + path).standardizedFileURL.path
 }
