@@ -325,10 +325,12 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
     /// now), or larger than `largeBlobThreshold` and last accessed at or before
     /// `largeBlobLifetime`, until about `n` bytes are gone. Walks the keys with
     /// SCAN, resuming where the previous call stopped. Returns the bytes deleted
-    /// (with `dryRun`, the bytes that would have been deleted; nothing changes).
+    /// (with `dryRun`, the bytes that would have been deleted; nothing changes);
+    /// `onDelete` is told each digest deleted (or that would be).
     public func deleteNBytes(
         _ n: Int64, dryRun: Bool = false, protectBlobsAfter: Date? = nil,
-        largeBlobThreshold: Int64? = nil, largeBlobLifetime: Date? = nil
+        largeBlobThreshold: Int64? = nil, largeBlobLifetime: Date? = nil,
+        onDelete: ((Digest) -> Void)? = nil
     ) throws -> Int64 {
         // One reference time for the whole call, as BuildGrid does: with the
         // default protection every blob accessed before the call is eligible.
@@ -365,12 +367,14 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
             if !candidates.isEmpty {
                 if dryRun {
                     deletedBytes += candidates.reduce(0) { $0 + $1.size }
+                    if let onDelete { candidates.forEach(onDelete) }
                 } else {
                     let (removed, failed) = try bulkDeleteReporting(candidates)
                     let failedSet = Set(failed)
                     var bytes: Int64 = 0
                     var count: Int64 = 0
                     for d in removed where !failedSet.contains(d.hash) {
+                        onDelete?(d)
                         bytes += d.size
                         count += 1
                     }

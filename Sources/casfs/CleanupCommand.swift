@@ -108,7 +108,8 @@ struct CleanupCommand: ParsableCommand {
             want, dryRun: dryRun,
             protectBlobsAfter: now.addingTimeInterval(-p.protect),
             largeBlobThreshold: p.largeThreshold,
-            largeBlobLifetime: p.largeLifetime.map { now.addingTimeInterval(-$0) })
+            largeBlobLifetime: p.largeLifetime.map { now.addingTimeInterval(-$0) },
+            onDelete: { print("\(dryRun ? "would delete" : "deleted") sha256/\($0)") })
         let verb = dryRun ? "would delete" : "deleted"
         print("total size \(humanBytes(total)) (\(total) bytes) is above \(humanBytes(p.high)): \(verb) \(humanBytes(deleted)) (\(deleted) bytes) of the \(humanBytes(want)) asked")
         if !dryRun { print("total size now \(humanBytes(try index.totalSize())) (\(try index.totalSize()) bytes)") }

@@ -116,6 +116,8 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(dry.ok, "\(dry)")
         XCTAssertTrue(dry.stdout.contains("would delete"), dry.stdout)
         XCTAssertTrue(dry.stdout.contains("(\(agedBytes) bytes)"), "dry run reports the aged bytes: \(dry.stdout)")
+        let listed = Set(dry.stdout.split(separator: "\n").filter { $0.hasPrefix("would delete sha256/") }.map { String($0.dropFirst("would delete sha256/".count)) })
+        XCTAssertEqual(listed, Set(aged.map { $0.0.description }), "a dry run names exactly the aged blobs")
         XCTAssertEqual(try index.totalSize(), total, "a dry run deletes nothing")
         for (d, _) in aged { XCTAssertTrue(try index.hasBlob(d)) }  // EXISTS: does not refresh access time
 
@@ -125,6 +127,7 @@ final class CLITests: XCTestCase {
 
         let r = cli("cleanup \(configArg) --high-watermark 1 --low-watermark 0 --protect-after 1d")
         XCTAssertTrue(r.ok, "\(r)")
+        XCTAssertEqual(r.stdout.split(separator: "\n").filter { $0.hasPrefix("deleted sha256/") }.count, aged.count, r.stdout)
         for (d, _) in mine + theirs {
             XCTAssertEqual(try index.hasBlob(d), !aged.contains { $0.0 == d }, "\(d)")
         }
