@@ -50,9 +50,22 @@ final class HelperTests: XCTestCase {
 
     func testPutThenReadThroughMount() throws {
         let d = try put("stored with casfs put\n")
+        let tree = dir + "/tree"
+        for i in 0..<20 {
+            try FileManager.default.createDirectory(atPath: "\(tree)/d\(i % 4)", withIntermediateDirectories: true)
+            try String(repeating: "line \(i)\n", count: i * 100).write(toFile: "\(tree)/d\(i % 4)/f\(i)", atomically: true, encoding: .utf8)
+        }
+        let putTree = sh("\(shq(casfs)) put --config \(shq(config)) \(shq(tree))")
+        XCTAssertTrue(putTree.ok, "\(putTree)")
         let r = sh("\(shq(casfs)) mount --config \(shq(config)) \(shq(mnt))")
         XCTAssertTrue(r.ok, "\(r)")
         XCTAssertEqual(sh("cat \(shq(mnt))/sha256/\(d)").stdout, "stored with casfs put\n")
+        // Every file of the tree reads back identical through the mount, by the path put printed.
+        let lines = putTree.stdout.split(separator: "\n").map { $0.components(separatedBy: "  ") }
+        XCTAssertEqual(lines.count, 20)
+        for l in lines {
+            XCTAssertTrue(sh("cmp \(shq(mnt))/\(l[0]) \(shq(l[1]))").ok, "\(l[1]) differs through the mount")
+        }
         // A second mount on the same mount point is refused with one line, and the first keeps working.
         let again = sh("\(shq(casfs)) mount --config \(shq(config)) \(shq(mnt))")
         XCTAssertFalse(again.ok)
