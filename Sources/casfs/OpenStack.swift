@@ -12,6 +12,8 @@ final class OpenStack {
     let privateRedis: PrivateRedis?
     /// True when this process started the private Redis and so must stop it.
     private let ownsRedis: Bool
+    /// The data directory's mount lock, held by a zero-config mount for its lifetime.
+    private var mountLock: Int32 = -1
 
     /// Opens the stack. `keepRedis`: the caller takes over the private Redis
     /// (the mount, which stops it at unmount) whether or not it was running.
@@ -24,6 +26,15 @@ final class OpenStack {
         }
         let data = DefaultConfig.dataDirectory()
         let redis = DefaultConfig.privateRedis(dataDirectory: data)
+        if keepRedis {
+            // One zero-config mount per data directory: it owns the private Redis.
+            try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
+            mountLock = Foundation.open(data + "/mount.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            guard mountLock >= 0, flock(mountLock, LOCK_EX | LOCK_NB) == 0 else {
+                if mountLock >= 0 { Foundation.close(mountLock) }
+                throw CLIError("another casfs mount already serves the zero-config store in \(data)")
+            }
+        }
         var started = false
         if !redis.isRunning() {
             try redis.start()
@@ -33,6 +44,7 @@ final class OpenStack {
             config = try DefaultConfig.make(dataDirectory: data, redis: redis)
         } catch {
             if started { redis.stop() }
+            if mountLock >= 0 { Foundation.close(mountLock) }
             throw error
         }
         privateRedis = redis
@@ -52,7 +64,17 @@ final class OpenStack {
         do { try config.storage.stop() } catch {
             FileHandle.standardError.write(Data("casfs: stopping storage: \(error)\n".utf8))
         }
-        if ownsRedis { privateRedis?.stop() }
+        guard ownsRedis, let redis = privateRedis else { return }
+        if mountLock >= 0 {
+            redis.stop()
+            Foundation.close(mountLock)
+            return
+        }
+        // A command that started the Redis leaves it to a mount that began meanwhile.
+        let lock = Foundation.open(redis.directory + "/../mount.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        defer { if lock >= 0 { Foundation.close(lock) } }
+        if lock >= 0 && flock(lock, LOCK_EX | LOCK_NB) != 0 { return }
+        redis.stop()
     }
 }
 

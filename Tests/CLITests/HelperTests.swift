@@ -131,4 +131,26 @@ final class HelperTests: XCTestCase {
         XCTAssertEqual(net.stdout, "lo\n", "only loopback inside: \(net)")
         XCTAssertTrue(sh("fusermount3 -u \(shq(mnt))").ok)
     }
+
+    /// One zero-config mount per data directory; `casfs put` alongside a mount
+    /// uses the mount's private Redis and leaves it running.
+    func testZeroConfigStoreIsSharedSafely() throws {
+        let env = "XDG_DATA_HOME=\(shq(dir + "/xdg"))"
+        let second = dir + "/mnt2"
+        try FileManager.default.createDirectory(atPath: second, withIntermediateDirectories: true)
+        defer { if isFuseMounted(second) { runShell("fusermount3 -uz \(shq(second))") } }
+        XCTAssertTrue(sh("\(env) \(shq(casfs)) mount \(shq(mnt))").ok)
+        let again = sh("\(env) \(shq(casfs)) mount \(shq(second))")
+        XCTAssertFalse(again.ok)
+        XCTAssertEqual(again.stderr.split(separator: "\n").count, 1, again.stderr)
+        XCTAssertTrue(again.stderr.contains("another casfs mount"), again.stderr)
+        XCTAssertFalse(isFuseMounted(second))
+
+        try "shared\n".write(toFile: dir + "/shared", atomically: true, encoding: .utf8)
+        let put = sh("\(env) \(shq(casfs)) put \(shq(dir + "/shared"))")
+        XCTAssertTrue(put.ok, "\(put)")
+        let d = Digest.of(Data("shared\n".utf8))
+        XCTAssertEqual(sh("cat \(shq(mnt))/sha256/\(d)").stdout, "shared\n", "the mount still has its Redis after put")
+        XCTAssertTrue(sh("fusermount3 -u \(shq(mnt))").ok)
+    }
 }
