@@ -65,6 +65,12 @@ struct MountCommand: ParsableCommand {
         if !foreground {
             var args = Array(CommandLine.arguments.dropFirst())
             args.append("--foreground")
+            if logFile == nil {
+                // The daemon has no terminal: its log goes to the data directory unless told otherwise.
+                let dir = DefaultConfig.dataDirectory()
+                try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+                args += ["--log-file", dir + "/casfs.log"]
+            }
             do {
                 _ = try Daemon.spawnAndWait(arguments: args)
             } catch {
