@@ -515,7 +515,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         let endpoint = self.endpoint
         let task = Task.detached {
             var attempt = 0
-            var delay = 0.1
+            var delay = 0.5
             while true {
                 do {
                     box.set(.success(try await body()))
@@ -527,7 +527,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
                         box.set(.failure(e))
                         break
                     }
-                    delay = min(delay * 2, 2)
+                    delay = min(delay * 2, 4)
                 } catch {
                     box.set(.failure(error))
                     break
