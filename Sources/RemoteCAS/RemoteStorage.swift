@@ -103,6 +103,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
 
     private let client: GRPCClient<HTTP2ClientTransport.Posix>
     private let runner: Task<Void, Never>
+    private let stopping: Flag
     /// Bytes allowed in one batch request (server limit less headroom).
     private let batchLimit = Atomic<Int>(4 << 20)
     private let capabilitiesAsked = Atomic<Bool>(false)
@@ -150,20 +151,30 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         let client = GRPCClient(transport: transport)
         self.client = client
         let where_ = endpoint.description
+        let stopping = Flag()
+        self.stopping = stopping
         self.runner = Task.detached {
             do { try await client.runConnections() } catch {
-                log.error("connection to \(where_) ended: \(error)")
+                // Shut down before the connections ran: nothing to report.
+                if !stopping.isSet {
+                    log.error("connection to \(where_) ended: \(error)")
+                }
             }
         }
     }
 
     deinit {
-        client.beginGracefulShutdown()
+        shutDown()
     }
 
     public func start() throws {}
 
     public func stop() throws {
+        shutDown()
+    }
+
+    private func shutDown() {
+        stopping.set()
         client.beginGracefulShutdown()
     }
 
@@ -611,4 +622,10 @@ private final class Counter: Sendable {
     private let value = Atomic<Int>(0)
     /// The count before this call.
     func next() -> Int { value.add(1, ordering: .relaxed).oldValue }
+}
+
+private final class Flag: Sendable {
+    private let value = Atomic<Bool>(false)
+    var isSet: Bool { value.load(ordering: .acquiring) }
+    func set() { value.store(true, ordering: .releasing) }
 }
