@@ -188,6 +188,20 @@ final class RemoteStorageTests: RemoteTestCase {
         XCTAssertEqual(try remote.getBlob(d)?.readAll(), data)
     }
 
+    func testUnresponsiveServerHitsTheDeadline() throws {
+        let remote = try RemoteStorage(url: server.url, requestTimeout: 3, retries: 1)
+        let data = randomData(3000, seed: 13)
+        let d = Digest.of(data)
+        try remote.commitWrite(d, DataSource(data))
+        server.pause()
+        defer { server.resume() }
+        XCTAssertThrowsError(try remote.getBlob(d)) { e in
+            guard case .unavailable = e as? StorageError else { return XCTFail("\(e)") }
+        }
+        server.resume()
+        XCTAssertEqual(try remote.getBlob(d)?.readAll(), data)
+    }
+
     func testURLForms() throws {
         XCTAssertEqual(try RemoteStorage.Endpoint(url: "http://h:8980"), .init(host: "h", port: 8980, secure: false))
         XCTAssertEqual(try RemoteStorage.Endpoint(url: "grpcs://h"), .init(host: "h", port: 443, secure: true))

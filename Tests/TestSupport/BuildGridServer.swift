@@ -85,12 +85,22 @@ public final class BuildGridServer: @unchecked Sendable {
         guard let p = process else { return }
         process = nil
         if p.isRunning {
+            kill(p.processIdentifier, SIGCONT)
             kill(p.processIdentifier, SIGTERM)
             if !pollUntil(10, { !p.isRunning }) { kill(p.processIdentifier, SIGKILL) }
         }
         p.waitUntilExit()
         // Until the port is free again, a restart could not bind it.
         _ = pollUntil(10) { !BuildGridServer.answers(port: port) }
+    }
+
+    /// SIGSTOP: the port still accepts connections but nothing answers.
+    public func pause() {
+        if let p = process, p.isRunning { kill(p.processIdentifier, SIGSTOP) }
+    }
+
+    public func resume() {
+        if let p = process, p.isRunning { kill(p.processIdentifier, SIGCONT) }
     }
 
     /// Runs Tests/python/reapi_client.py (BuildGrid's own gRPC stubs) against this server.
