@@ -12,6 +12,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.9.2"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
     ],
     targets: [
         // Digests, the Storage protocol, blob sources and errors. No backends.
@@ -31,9 +35,19 @@ let package = Package(
             "CASCore", "Redis",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // A REAPI v2 CAS over gRPC (generated proto subset + RemoteStorage).
+        // Only CASConfig and the tests depend on it.
+        .target(name: "RemoteCAS", dependencies: [
+            "CASCore",
+            .product(name: "GRPCCore", package: "grpc-swift-2"),
+            .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+            .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // YAML configuration (BuildGrid storage tags) -> a storage stack.
         .target(name: "CASConfig", dependencies: [
-            "CASCore", "CASStorage", "Redis",
+            "CASCore", "CASStorage", "Redis", "RemoteCAS",
             .product(name: "Yams", package: "Yams"),
         ]),
         // The FUSE low-level driver: translates kernel requests to Storage calls.
@@ -55,8 +69,9 @@ let package = Package(
         .testTarget(name: "CASCoreTests", dependencies: ["CASCore"]),
         .testTarget(name: "CASStorageTests", dependencies: ["CASCore", "CASStorage", "TestSupport"]),
         .testTarget(name: "RedisIndexTests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
-        .testTarget(name: "ConfigTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "TestSupport"]),
+        .testTarget(name: "ConfigTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "RemoteCAS", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
         .testTarget(name: "MountTests", dependencies: ["CASCore", "CASStorage", "TestSupport"]),
+        .testTarget(name: "RemoteTests", dependencies: ["CASCore", "RemoteCAS", "TestSupport"]),
     ]
 )

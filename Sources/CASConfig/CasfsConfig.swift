@@ -2,6 +2,7 @@ import CASCore
 import CASStorage
 import Foundation
 import Redis
+import RemoteCAS
 import Yams
 
 /// A parsed configuration: the storage the mount serves, the index found in it
@@ -122,10 +123,22 @@ final class ConfigBuilder {
         case "!redis-connection":
             throw error(node, key, "a !redis-connection is not a storage; use it as the `redis:` of a !redis-index")
         case "!remote-storage":
-            throw error(node, key, "!remote-storage is not supported by this build of casfs")
+            let m = try mapping(node, key, allowed: ["url", "instance-name", "request-timeout", "retries"])
+            let url = try string(m, "url", key, required: true)!
+            let timeout = try duration(m, "request-timeout", key) ?? 60
+            guard timeout > 0 else { throw error(m["request-timeout"]!, "\(key).request-timeout", "must be positive") }
+            let retries = try int(m, "retries", key) ?? 3
+            guard retries >= 0 else { throw error(m["retries"]!, "\(key).retries", "must not be negative") }
+            do {
+                storage = try RemoteStorage(
+                    url: url, instanceName: try string(m, "instance-name", key) ?? "",
+                    requestTimeout: timeout, retries: retries)
+            } catch {
+                throw self.error(m["url"] ?? node, "\(key).url", "\(error)")
+            }
         default:
             let what = tag.hasPrefix("!") ? "unknown storage tag \(tag)" : "expected a storage node (a tag such as !disk-storage)"
-            throw error(node, key, "\(what); known: !disk-storage, !lru-storage, !with-cache-storage, !redis-index")
+            throw error(node, key, "\(what); known: !disk-storage, !lru-storage, !with-cache-storage, !redis-index, !remote-storage")
         }
         storages[node] = storage
         return storage

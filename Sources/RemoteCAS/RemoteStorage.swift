@@ -1,0 +1,631 @@
+import CASCore
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import Synchronization
+
+let log = Logger(label: "casfs.remote")
+
+typealias REDigest = Build_Bazel_Remote_Execution_V2_Digest
+typealias CASClient = Build_Bazel_Remote_Execution_V2_ContentAddressableStorage.Client<HTTP2ClientTransport.Posix>
+typealias CapabilitiesClient = Build_Bazel_Remote_Execution_V2_Capabilities.Client<HTTP2ClientTransport.Posix>
+typealias ByteStreamClient = Google_Bytestream_ByteStream.Client<HTTP2ClientTransport.Posix>
+
+/// A Remote Execution API v2 content-addressable store reached over gRPC
+/// (BuildGrid, Buildbarn, bazel-remote, ...), as a synchronous `Storage`.
+///
+/// - Small blobs go through BatchReadBlobs / BatchUpdateBlobs, batches split
+///   to stay under the server's per-request limit; larger blobs through
+///   ByteStream (`blobs/<hash>/<size>` to read, with read_offset/read_limit
+///   for ranges; `uploads/<uuid>/blobs/<hash>/<size>` to write, in 1 MiB
+///   chunks, resumed after QueryWriteStatus when a stream breaks).
+/// - A non-empty instance name prefixes every resource name.
+/// - Every call has a deadline (`requestTimeout`; streams get more time in
+///   proportion to their size) and is retried with exponential back-off on
+///   UNAVAILABLE and RESOURCE_EXHAUSTED, `retries` times. A server that is gone
+///   yields `StorageError.unavailable` rather than a hang.
+/// - A REAPI CAS cannot delete: deletes are logged no-ops.
+///
+/// The methods are blocking: each runs its calls on Swift concurrency's pool
+/// and waits on a semaphore. Call them from ordinary threads (FUSE workers,
+/// command-line code), not from async tasks.
+public final class RemoteStorage: Storage, @unchecked Sendable {
+    /// Where the server is, parsed from `http://`, `https://`, `grpc://` or
+    /// `grpcs://` URLs (a bare `host:port` is plaintext).
+    public struct Endpoint: Sendable, Equatable, CustomStringConvertible {
+        public var host: String
+        public var port: Int
+        public var secure: Bool
+
+        public init(host: String, port: Int, secure: Bool) {
+            self.host = host
+            self.port = port
+            self.secure = secure
+        }
+
+        public init(url: String) throws {
+            var rest = Substring(url)
+            var secure = false
+            if let r = rest.range(of: "://") {
+                let scheme = rest[..<r.lowerBound].lowercased()
+                switch scheme {
+                case "http", "grpc": secure = false
+                case "https", "grpcs": secure = true
+                default: throw StorageError.unsupported("remote URL scheme '\(scheme)' (use http, https, grpc or grpcs)")
+                }
+                rest = rest[r.upperBound...]
+            }
+            if let slash = rest.firstIndex(of: "/") {
+                guard rest[slash...].allSatisfy({ $0 == "/" }) else {
+                    throw StorageError.unsupported("a path in the remote URL '\(url)'; use instance-name")
+                }
+                rest = rest[..<slash]
+            }
+            var host: Substring
+            var portText: Substring?
+            if rest.hasPrefix("[") {
+                guard let close = rest.firstIndex(of: "]") else { throw StorageError.invalidDigest("bad remote URL '\(url)'") }
+                host = rest[rest.index(after: rest.startIndex)..<close]
+                let after = rest[rest.index(after: close)...]
+                if after.hasPrefix(":") { portText = after.dropFirst() }
+            } else if let colon = rest.lastIndex(of: ":") {
+                host = rest[..<colon]
+                portText = rest[rest.index(after: colon)...]
+            } else {
+                host = rest
+            }
+            guard !host.isEmpty else { throw StorageError.unsupported("remote URL '\(url)' has no host") }
+            var port = secure ? 443 : 80
+            if let portText {
+                guard let p = Int(portText), (1...65535).contains(p) else {
+                    throw StorageError.unsupported("remote URL '\(url)' has a bad port")
+                }
+                port = p
+            }
+            self.init(host: String(host), port: port, secure: secure)
+        }
+
+        public var description: String {
+            let h = host.contains(":") ? "[\(host)]" : host
+            return "\(secure ? "grpcs" : "grpc")://\(h):\(port)"
+        }
+    }
+
+    public let endpoint: Endpoint
+    public let instanceName: String
+    public let requestTimeout: Double
+    public let retries: Int
+    /// Where large blobs fetched by `getBlob` are spooled (unnamed files).
+    public let temporaryDirectory: String
+    /// ByteStream chunk size for uploads.
+    public let chunkSize = 1 << 20
+
+    private let client: GRPCClient<HTTP2ClientTransport.Posix>
+    private let runner: Task<Void, Never>
+    private let stopping: Flag
+    /// Bytes allowed in one batch request (server limit less headroom).
+    private let batchLimit = Atomic<Int>(4 << 20)
+    private let capabilitiesAsked = Atomic<Bool>(false)
+    private let deleteWarned = Atomic<Bool>(false)
+
+    /// Default per-request limit when the server does not say (BuildGrid's and Bazel's 4 MiB).
+    static let defaultBatchLimit = 4 << 20
+    /// Room kept in each batch request for names, digests and framing.
+    static let batchHeadroom = 64 << 10
+    /// Per-blob framing allowance inside a batch.
+    static let perBlobOverhead = 160
+
+    public convenience init(url: String, instanceName: String = "", requestTimeout: Double = 60,
+                            retries: Int = 3, temporaryDirectory: String? = nil) throws {
+        try self.init(endpoint: Endpoint(url: url), instanceName: instanceName, requestTimeout: requestTimeout,
+                      retries: retries, temporaryDirectory: temporaryDirectory)
+    }
+
+    public init(endpoint: Endpoint, instanceName: String = "", requestTimeout: Double = 60,
+                retries: Int = 3, temporaryDirectory: String? = nil) throws {
+        self.endpoint = endpoint
+        self.instanceName = instanceName.trimmingCharacters(in: CharacterSet(charactersIn: "/"))
+        self.requestTimeout = requestTimeout
+        self.retries = max(0, retries)
+        self.temporaryDirectory = temporaryDirectory
+            ?? ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
+
+        let target: any ResolvableTarget
+        if endpoint.host.contains(":") {
+            target = .ipv6(address: endpoint.host, port: endpoint.port)
+        } else if endpoint.host.split(separator: ".").count == 4, endpoint.host.allSatisfy({ $0.isNumber || $0 == "." }) {
+            target = .ipv4(address: endpoint.host, port: endpoint.port)
+        } else {
+            target = .dns(host: endpoint.host, port: endpoint.port)
+        }
+        let config = HTTP2ClientTransport.Posix.Config.defaults { c in
+            // Reconnect soon after a server comes back rather than after minutes.
+            c.backoff = .init(initial: .milliseconds(100), max: .seconds(1), multiplier: 1.6, jitter: 0.2)
+            c.http2.targetWindowSize = 8 << 20
+        }
+        let transport = try HTTP2ClientTransport.Posix(
+            target: target,
+            transportSecurity: endpoint.secure ? .tls : .plaintext,
+            config: config)
+        let client = GRPCClient(transport: transport)
+        self.client = client
+        let where_ = endpoint.description
+        let stopping = Flag()
+        self.stopping = stopping
+        self.runner = Task.detached {
+            do { try await client.runConnections() } catch {
+                // Shut down before the connections ran: nothing to report.
+                if !stopping.isSet {
+                    log.error("connection to \(where_) ended: \(error)")
+                }
+            }
+        }
+    }
+
+    deinit {
+        shutDown()
+    }
+
+    public func start() throws {}
+
+    public func stop() throws {
+        shutDown()
+    }
+
+    private func shutDown() {
+        stopping.set()
+        client.beginGracefulShutdown()
+    }
+
+    // MARK: - Resource names
+
+    private var prefix: String { instanceName.isEmpty ? "" : instanceName + "/" }
+
+    func readResourceName(_ d: Digest) -> String { "\(prefix)blobs/\(d.hash)/\(d.size)" }
+
+    func writeResourceName(_ d: Digest, upload: UUID) -> String {
+        "\(prefix)uploads/\(upload.uuidString.lowercased())/blobs/\(d.hash)/\(d.size)"
+    }
+
+    // MARK: - Storage
+
+    public func hasBlob(_ digest: Digest) throws -> Bool {
+        try missingBlobs([digest]).isEmpty
+    }
+
+    public func missingBlobs(_ digests: [Digest]) throws -> [Digest] {
+        if digests.isEmpty { return [] }
+        var missing: [Digest] = []
+        // ~80 bytes per digest on the wire; 20k digests stay well under 4 MiB.
+        for start in stride(from: 0, to: digests.count, by: 20_000) {
+            let part = Array(digests[start..<min(start + 20_000, digests.count)])
+            var req = Build_Bazel_Remote_Execution_V2_FindMissingBlobsRequest()
+            req.instanceName = instanceName
+            req.blobDigests = part.map(Self.reDigest)
+            let resp = try call("FindMissingBlobs") { [self, req] in
+                try await CASClient(wrapping: client).findMissingBlobs(req, options: options())
+            }
+            for m in resp.missingBlobDigests {
+                missing.append(try Digest(hash: m.hash, size: m.sizeBytes))
+            }
+        }
+        return missing
+    }
+
+    public func getBlob(_ digest: Digest) throws -> BlobSource? {
+        if digest.size == 0 {
+            return digest.isEmpty ? DataSource(Data()) : nil
+        }
+        if fitsInBatch(digest.size) {
+            let found = try batchRead([digest])
+            return found[digest].map(DataSource.init)
+        }
+        return try streamToFile(digest)
+    }
+
+    public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {
+        guard offset >= 0, length >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
+        if digest.size == 0 { return digest.isEmpty ? Data() : nil }
+        if offset >= digest.size || length == 0 {
+            // Still answer nil for an absent blob.
+            return try hasBlob(digest) ? Data() : nil
+        }
+        let limit = min(Int64(length), digest.size - offset)
+        var req = Google_Bytestream_ReadRequest()
+        req.resourceName = readResourceName(digest)
+        req.readOffset = offset
+        req.readLimit = limit
+        do {
+            return try call("ByteStream.Read", bytes: limit) { [self, req] in
+                try await ByteStreamClient(wrapping: client).read(req, options: options(bytes: limit)) { response in
+                    var out = Data()
+                    out.reserveCapacity(Int(limit))
+                    for try await message in response.messages {
+                        out.append(message.data)
+                        if out.count > limit { throw RemoteError.protocolViolation("server sent more than read_limit") }
+                    }
+                    return out
+                }
+            }
+        } catch StorageError.io(ENOENT, _) {
+            return nil
+        }
+    }
+
+    public func deleteBlob(_ digest: Digest) throws {
+        warnDelete()
+    }
+
+    public func bulkDelete(_ digests: [Digest]) -> [String] {
+        if !digests.isEmpty { warnDelete() }
+        return []
+    }
+
+    public func commitWrite(_ digest: Digest, _ source: BlobSource) throws {
+        guard source.size == digest.size else {
+            throw StorageError.sizeMismatch(expected: digest, actualSize: source.size)
+        }
+        if digest.size == 0 { return }  // every REAPI CAS has the empty blob
+        if fitsInBatch(digest.size) {
+            let data = try source.readAll()
+            if let e = try batchUpdate([(digest, data)]).first ?? nil { throw e }
+            return
+        }
+        try streamUpload(digest, source)
+    }
+
+    public func bulkUpdateBlobs(_ blobs: [(Digest, Data)]) -> [StorageError?] {
+        var results = [StorageError?](repeating: nil, count: blobs.count)
+        var batch: [(Int, Digest, Data)] = []
+        var batchBytes = 0
+        func flush() {
+            guard !batch.isEmpty else { return }
+            do {
+                let statuses = try batchUpdate(batch.map { ($0.1, $0.2) })
+                for (i, s) in zip(batch.map(\.0), statuses) { results[i] = s }
+            } catch {
+                for (i, _, _) in batch { results[i] = StorageError.wrap(error) }
+            }
+            batch = []
+            batchBytes = 0
+        }
+        for (i, (d, data)) in blobs.enumerated() {
+            guard Int64(data.count) == d.size else {
+                results[i] = .sizeMismatch(expected: d, actualSize: Int64(data.count))
+                continue
+            }
+            if d.size == 0 { continue }
+            if !fitsInBatch(d.size) {
+                do { try streamUpload(d, DataSource(data)) } catch { results[i] = StorageError.wrap(error) }
+                continue
+            }
+            let cost = data.count + Self.perBlobOverhead
+            if batchBytes + cost > currentBatchLimit() { flush() }
+            batch.append((i, d, data))
+            batchBytes += cost
+        }
+        flush()
+        return results
+    }
+
+    public func bulkReadBlobs(_ digests: [Digest]) throws -> [Digest: Data] {
+        var out: [Digest: Data] = [:]
+        var batch: [Digest] = []
+        var batchBytes = 0
+        func flush() throws {
+            guard !batch.isEmpty else { return }
+            out.merge(try batchRead(batch)) { a, _ in a }
+            batch = []
+            batchBytes = 0
+        }
+        for d in Set(digests) {
+            if d.size == 0 {
+                if d.isEmpty { out[d] = Data() }
+                continue
+            }
+            if !fitsInBatch(d.size) {
+                if let src = try streamToFile(d) { out[d] = try src.readAll() }
+                continue
+            }
+            let cost = Int(d.size) + Self.perBlobOverhead
+            if batchBytes + cost > currentBatchLimit() { try flush() }
+            batch.append(d)
+            batchBytes += cost
+        }
+        try flush()
+        return out
+    }
+
+    // MARK: - Batches
+
+    private func currentBatchLimit() -> Int {
+        askCapabilitiesOnce()
+        return batchLimit.load(ordering: .relaxed) - Self.batchHeadroom
+    }
+
+    private func fitsInBatch(_ size: Int64) -> Bool {
+        size + Int64(Self.perBlobOverhead) <= Int64(currentBatchLimit())
+    }
+
+    /// Learns the server's batch limit (GetCapabilities) on first use; a server
+    /// without the Capabilities service keeps the 4 MiB default.
+    private func askCapabilitiesOnce() {
+        guard !capabilitiesAsked.load(ordering: .acquiring) else { return }
+        var req = Build_Bazel_Remote_Execution_V2_GetCapabilitiesRequest()
+        req.instanceName = instanceName
+        do {
+            let caps = try call("GetCapabilities", retrying: false) { [self, req] in
+                try await CapabilitiesClient(wrapping: client).getCapabilities(req, options: options())
+            }
+            capabilitiesAsked.store(true, ordering: .releasing)
+            let max = caps.cacheCapabilities.maxBatchTotalSizeBytes
+            if max > 0 {
+                batchLimit.store(Int(min(max, Int64(Self.defaultBatchLimit))), ordering: .relaxed)
+            }
+        } catch StorageError.unavailable(let m) {
+            // Ask again next time; keep the default meanwhile.
+            log.debug("GetCapabilities: \(m)")
+        } catch {
+            capabilitiesAsked.store(true, ordering: .releasing)
+            log.debug("GetCapabilities not answered (\(error)); batch limit \(Self.defaultBatchLimit) bytes")
+        }
+    }
+
+    /// One BatchUpdateBlobs request; a status per blob, in order.
+    private func batchUpdate(_ blobs: [(Digest, Data)]) throws -> [StorageError?] {
+        var req = Build_Bazel_Remote_Execution_V2_BatchUpdateBlobsRequest()
+        req.instanceName = instanceName
+        req.requests = blobs.map { d, data in
+            var r = Build_Bazel_Remote_Execution_V2_BatchUpdateBlobsRequest.Request()
+            r.digest = Self.reDigest(d)
+            r.data = data
+            return r
+        }
+        let bytes = Int64(blobs.reduce(0) { $0 + $1.1.count })
+        let resp = try call("BatchUpdateBlobs", bytes: bytes) { [self, req] in
+            try await CASClient(wrapping: client).batchUpdateBlobs(req, options: options(bytes: bytes))
+        }
+        var status: [String: Google_Rpc_Status] = [:]
+        for r in resp.responses { status["\(r.digest.hash)_\(r.digest.sizeBytes)"] = r.status }
+        return blobs.map { d, _ in
+            guard let s = status[d.description] else {
+                return StorageError.io(errno: EIO, "BatchUpdateBlobs: no status for \(d) from \(endpoint)")
+            }
+            return s.code == 0 ? nil : Self.storageError(code: s.code, message: s.message, what: "BatchUpdateBlobs \(d)", endpoint: endpoint)
+        }
+    }
+
+    /// One BatchReadBlobs request; the blobs found. Bytes are not verified here.
+    private func batchRead(_ digests: [Digest]) throws -> [Digest: Data] {
+        var req = Build_Bazel_Remote_Execution_V2_BatchReadBlobsRequest()
+        req.instanceName = instanceName
+        req.digests = digests.map(Self.reDigest)
+        let bytes = digests.reduce(0) { $0 + $1.size }
+        let resp = try call("BatchReadBlobs", bytes: bytes) { [self, req] in
+            try await CASClient(wrapping: client).batchReadBlobs(req, options: options(bytes: bytes))
+        }
+        var out: [Digest: Data] = [:]
+        for r in resp.responses {
+            guard let d = try? Digest(hash: r.digest.hash, size: r.digest.sizeBytes) else { continue }
+            switch r.status.code {
+            case 0: out[d] = r.data
+            case Int32(RPCError.Code.notFound.rawValue): continue
+            default:
+                throw Self.storageError(code: r.status.code, message: r.status.message, what: "BatchReadBlobs \(d)", endpoint: endpoint)
+            }
+        }
+        return out
+    }
+
+    // MARK: - ByteStream
+
+    /// Reads the whole blob into an unnamed temporary file; nil if absent.
+    private func streamToFile(_ digest: Digest) throws -> BlobSource? {
+        let fd = try openAnonymousFile(in: temporaryDirectory)
+        let source = FileSource(fd: fd, size: digest.size)
+        var req = Google_Bytestream_ReadRequest()
+        req.resourceName = readResourceName(digest)
+        do {
+            let written = try call("ByteStream.Read", bytes: digest.size) { [self, req] in
+                // A retried attempt continues where the last one stopped.
+                let have = lseek(fd, 0, SEEK_END)
+                var r = req
+                r.readOffset = Int64(have)
+                return try await ByteStreamClient(wrapping: client).read(r, options: options(bytes: digest.size)) { response in
+                    var total = Int64(have)
+                    for try await message in response.messages {
+                        try message.data.withUnsafeBytes { try writeFully(fd, $0) }
+                        total += Int64(message.data.count)
+                        if total > digest.size { throw RemoteError.protocolViolation("server sent more than \(digest.size) bytes") }
+                    }
+                    return total
+                }
+            }
+            guard written == digest.size else {
+                throw StorageError.sizeMismatch(expected: digest, actualSize: written)
+            }
+            return source
+        } catch StorageError.io(ENOENT, _) {
+            return nil
+        }
+    }
+
+    /// Uploads `source` over ByteStream Write in `chunkSize` messages. When a
+    /// stream breaks (UNAVAILABLE, RESOURCE_EXHAUSTED) the next attempt asks
+    /// QueryWriteStatus where the server got to and continues from there.
+    private func streamUpload(_ digest: Digest, _ source: BlobSource) throws {
+        let name = writeResourceName(digest, upload: UUID())
+        let chunk = chunkSize
+        let attempts = Counter()
+        try call("ByteStream.Write", bytes: digest.size) { [self] in
+            var start: Int64 = 0
+            if attempts.next() > 0 {
+                var q = Google_Bytestream_QueryWriteStatusRequest()
+                q.resourceName = name
+                do {
+                    let status = try await ByteStreamClient(wrapping: client).queryWriteStatus(q, options: options())
+                    if status.complete { return }
+                    start = max(0, min(status.committedSize, digest.size))
+                    log.info("resuming upload of \(digest) at \(start) bytes")
+                } catch let e as RPCError where e.code == .notFound || e.code == .unimplemented {
+                    start = 0
+                }
+            }
+            let from = start
+            let resp = try await ByteStreamClient(wrapping: client).write(options: options(bytes: digest.size - from), requestProducer: { writer in
+                var offset = from
+                var first = true
+                repeat {
+                    let n = Int(min(Int64(chunk), digest.size - offset))
+                    var m = Google_Bytestream_WriteRequest()
+                    if first { m.resourceName = name }
+                    first = false
+                    m.writeOffset = offset
+                    m.data = try source.read(offset: offset, length: n)
+                    guard m.data.count == n else { throw StorageError.io(errno: EIO, "short read of the upload source at \(offset)") }
+                    offset += Int64(n)
+                    m.finishWrite = offset == digest.size
+                    try await writer.write(m)
+                } while offset < digest.size
+            })
+            // BuildGrid answers committed_size = size; some servers answer -1
+            // when the blob already existed and the stream was cut short.
+            if resp.committedSize != digest.size && resp.committedSize != -1 {
+                throw StorageError.io(errno: EIO, "ByteStream.Write of \(digest): server committed \(resp.committedSize) bytes")
+            }
+        }
+    }
+
+    // MARK: - Calls: deadlines, retries, blocking bridge
+
+    /// Call options: the deadline grows with the bytes moved (at least 8 MiB/s
+    /// is expected on top of `requestTimeout`). Calls fail fast when the
+    /// server is unreachable instead of waiting for it.
+    private func options(bytes: Int64 = 0) -> CallOptions {
+        var o = CallOptions.defaults
+        o.timeout = .milliseconds(Int64(deadline(bytes: bytes) * 1000))
+        o.waitForReady = false
+        o.maxRequestMessageBytes = 64 << 20
+        o.maxResponseMessageBytes = 64 << 20
+        return o
+    }
+
+    private func deadline(bytes: Int64) -> Double {
+        requestTimeout + Double(bytes) / Double(8 << 20)
+    }
+
+    /// Runs `body` (with retries) on the concurrency pool and blocks until it
+    /// finishes. The wait itself is bounded so that a stuck transport cannot
+    /// hang the caller.
+    private func call<T: Sendable>(_ what: String, bytes: Int64 = 0, retrying: Bool = true,
+                                   _ body: @escaping @Sendable () async throws -> T) throws -> T {
+        let box = ResultBox<T>()
+        let done = DispatchSemaphore(value: 0)
+        let retries = retrying ? self.retries : 0
+        let endpoint = self.endpoint
+        let task = Task.detached {
+            var attempt = 0
+            var delay = 0.5
+            while true {
+                do {
+                    box.set(.success(try await body()))
+                    break
+                } catch let e as RPCError where attempt < retries && (e.code == .unavailable || e.code == .resourceExhausted) {
+                    attempt += 1
+                    log.info("\(what) to \(endpoint): \(e.code) (\(e.message)); retry \(attempt) of \(retries) in \(delay)s")
+                    do { try await Task.sleep(for: .milliseconds(Int(delay * 1000))) } catch {
+                        box.set(.failure(e))
+                        break
+                    }
+                    delay = min(delay * 2, 4)
+                } catch {
+                    box.set(.failure(error))
+                    break
+                }
+            }
+            done.signal()
+        }
+        let budget = Double(retries + 1) * (deadline(bytes: bytes) + 2.5) + 5
+        if done.wait(timeout: .now() + budget) == .timedOut {
+            task.cancel()
+            throw StorageError.unavailable("\(what) to \(endpoint): no answer within \(Int(budget)) s")
+        }
+        switch box.get()! {
+        case .success(let v): return v
+        case .failure(let e): throw Self.mapError(e, what: what, endpoint: endpoint)
+        }
+    }
+
+    private func warnDelete() {
+        if !deleteWarned.exchange(true, ordering: .relaxed) {
+            log.notice("delete on remote CAS \(endpoint): a REAPI CAS has no delete call; ignored")
+        } else {
+            log.debug("delete on remote CAS \(endpoint) ignored")
+        }
+    }
+
+    // MARK: - Conversions
+
+    static func reDigest(_ d: Digest) -> REDigest {
+        var r = REDigest()
+        r.hash = d.hash
+        r.sizeBytes = d.size
+        return r
+    }
+
+    static func mapError(_ error: Error, what: String, endpoint: Endpoint) -> StorageError {
+        switch error {
+        case let e as StorageError: return e
+        case let e as RPCError:
+            return storageError(code: Int32(e.code.rawValue), message: e.message, what: what, endpoint: endpoint)
+        case let e as RemoteError:
+            return .io(errno: EIO, "\(what) from \(endpoint): \(e)")
+        default:
+            return .io(errno: EIO, "\(what) to \(endpoint): \(error)")
+        }
+    }
+
+    /// A google.rpc.Code as a StorageError. NOT_FOUND becomes `io(ENOENT)`,
+    /// which callers turn into "absent".
+    static func storageError(code: Int32, message: String, what: String, endpoint: Endpoint) -> StorageError {
+        let text = "\(what) at \(endpoint)" + (message.isEmpty ? "" : ": \(message)")
+        switch Status.Code(rawValue: Int(code)).flatMap(RPCError.Code.init) {
+        case .notFound?: return .io(errno: ENOENT, text)
+        case .unavailable?, .deadlineExceeded?, .cancelled?: return .unavailable(text)
+        case .resourceExhausted?: return .unavailable("\(text) (resource exhausted)")
+        case .invalidArgument?, .failedPrecondition?, .outOfRange?: return .io(errno: EIO, text)
+        case .permissionDenied?, .unauthenticated?: return .io(errno: EACCES, text)
+        case .unimplemented?: return .unsupported(text)
+        default: return .io(errno: EIO, "\(text) (gRPC code \(code))")
+        }
+    }
+}
+
+enum RemoteError: Error, CustomStringConvertible {
+    case protocolViolation(String)
+    var description: String {
+        switch self {
+        case .protocolViolation(let m): return "protocol violation: \(m)"
+        }
+    }
+}
+
+private final class ResultBox<T: Sendable>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: Result<T, Error>?
+    func set(_ v: Result<T, Error>) { lock.lock(); value = v; lock.unlock() }
+    func get() -> Result<T, Error>? { lock.lock(); defer { lock.unlock() }; return value }
+}
+
+private final class Counter: Sendable {
+    private let value = Atomic<Int>(0)
+    /// The count before this call.
+    func next() -> Int { value.add(1, ordering: .relaxed).oldValue }
+}
+
+private final class Flag: Sendable {
+    private let value = Atomic<Bool>(false)
+    var isSet: Bool { value.load(ordering: .acquiring) }
+    func set() { value.store(true, ordering: .releasing) }
+}
