@@ -28,12 +28,21 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
     /// directly instead of fetching and verifying the whole blob again.
     private let verifiedUncached = RecentSet<Digest>(capacity: 4096)
 
+    /// A range read that misses on a blob larger than this is answered from
+    /// the fallback at once while the whole blob is fetched, verified and
+    /// cached in the background (the cache only ever keeps verified bytes).
+    public let streamThreshold: Int64
+    /// Digests being fetched in the background.
+    private let filling = Mutex<Set<Digest>>([])
+
     public init(cache: any Storage, fallback: any Storage, deferFallbackWrites: Bool = false,
-                fallbackWriterThreads: Int = 8, verifyFallbackReads: Bool = true) {
+                fallbackWriterThreads: Int = 8, verifyFallbackReads: Bool = true,
+                streamThreshold: Int64 = 64 << 20) {
         self.cache = cache
         self.fallback = fallback
         self.deferFallbackWrites = deferFallbackWrites
         self.verifyFallbackReads = verifyFallbackReads
+        self.streamThreshold = streamThreshold
         self.writers = deferFallbackWrites ? WriterPool(threads: fallbackWriterThreads, name: "casfs-fallback-writer") : nil
     }
 
@@ -74,8 +83,25 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
             verifiedUncached.remove(digest)
             return nil
         }
+        if digest.size > streamThreshold {
+            // A large blob: serve this range now, fill the cache behind it.
+            counters.fallbackReads.add(1, ordering: .relaxed)
+            guard let data = try fallback.read(digest, offset: offset, length: length) else { return nil }
+            fillInBackground(digest)
+            return data
+        }
         guard let src = try fetch(digest) else { return nil }
         return try src.read(offset: offset, length: length)
+    }
+
+    private func fillInBackground(_ digest: Digest) {
+        guard filling.withLock({ $0.insert(digest).inserted }) else { return }
+        DispatchQueue.global(qos: .utility).async { [self] in
+            defer { _ = filling.withLock { $0.remove(digest) } }
+            do { _ = try fetch(digest) } catch {
+                log.error("background fetch of \(digest) failed: \(error)")
+            }
+        }
     }
 
     public func deleteBlob(_ digest: Digest) throws {

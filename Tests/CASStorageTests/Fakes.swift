@@ -27,6 +27,8 @@ final class InstrumentedStorage: Storage, Sendable {
     let getDelayMs = Atomic<Int>(0)
     /// Corrupt what getBlob returns (flip the first byte).
     let corrupt = Atomic<Bool>(false)
+    /// When set, getBlob waits for a signal on this before answering.
+    let gate = Mutex<DispatchSemaphore?>(nil)
 
     init(_ inner: any Storage) { self.inner = inner }
 
@@ -39,6 +41,7 @@ final class InstrumentedStorage: Storage, Sendable {
         getCalls.add(1, ordering: .relaxed)
         let delay = getDelayMs.load(ordering: .relaxed)
         if delay > 0 { usleep(useconds_t(delay * 1000)) }
+        if let g = gate.withLock({ $0 }) { g.wait() }
         if failReads.load(ordering: .relaxed) { throw StorageError.unavailable("injected read failure") }
         guard let src = try inner.getBlob(d) else { return nil }
         if corrupt.load(ordering: .relaxed), src.size > 0 {
@@ -47,6 +50,12 @@ final class InstrumentedStorage: Storage, Sendable {
             return DataSource(data)
         }
         return src
+    }
+
+    /// Ranged reads pass straight through (not gated, not counted as fetches).
+    func read(_ d: Digest, offset: Int64, length: Int) throws -> Data? {
+        if failReads.load(ordering: .relaxed) { throw StorageError.unavailable("injected read failure") }
+        return try inner.read(d, offset: offset, length: length)
     }
 
     func deleteBlob(_ d: Digest) throws {

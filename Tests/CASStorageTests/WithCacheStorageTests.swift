@@ -172,3 +172,55 @@ final class WithCacheLargeBlobTests: XCTestCase {
         XCTAssertNil(try s.read(d, offset: 0, length: 10))
     }
 }
+
+final class WithCacheStreamingTests: XCTestCase {
+    /// A range of a large uncached blob is answered before the whole blob has
+    /// been fetched; the cache gets the blob only once it has been verified.
+    func testLargeMissServesRangeWhileFillingInBackground() throws {
+        let cache = InstrumentedStorage(MemoryStorage(maxBytes: 8 << 20))
+        let fallback = InstrumentedStorage(try DiskStorage(root: tempDir()))
+        let s = WithCacheStorage(cache: cache, fallback: fallback, streamThreshold: 1 << 20)
+        var bytes = [UInt8](repeating: 0, count: 4 << 20)
+        for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i &* 131 >> 3) }
+        let data = Data(bytes)
+        let d = Digest.of(data)
+        try fallback.inner.commitWrite(d, DataSource(data))
+
+        let gate = DispatchSemaphore(value: 0)
+        fallback.gate.withLock { $0 = gate }
+        // The whole-blob fetch is held at the gate; ranged reads still answer.
+        XCTAssertEqual(try s.read(d, offset: 1000, length: 100), data.subdata(in: 1000..<1100))
+        XCTAssertEqual(try s.read(d, offset: 3 << 20, length: 10), data.subdata(in: (3 << 20)..<((3 << 20) + 10)))
+        XCTAssertFalse(try cache.inner.hasBlob(d), "nothing is cached before verification")
+        fallback.gate.withLock { $0 = nil }
+        gate.signal()
+        XCTAssertTrue(waitUntil { (try? cache.inner.hasBlob(d)) == true }, "the background fill cached the verified blob")
+        XCTAssertEqual(s.statistics()["fallback_fetches"], 1)
+        let hitsBefore = s.statistics()["cache_hits"] ?? 0
+        XCTAssertEqual(try s.read(d, offset: 5, length: 5), data.subdata(in: 5..<10))
+        XCTAssertEqual(s.statistics()["cache_hits"], hitsBefore + 1)
+    }
+
+    /// Corrupt bytes found by the background fill are never cached.
+    func testBackgroundFillDoesNotCacheCorruptBytes() throws {
+        let cache = InstrumentedStorage(MemoryStorage(maxBytes: 8 << 20))
+        let fallback = InstrumentedStorage(try DiskStorage(root: tempDir()))
+        let s = WithCacheStorage(cache: cache, fallback: fallback, streamThreshold: 1 << 10)
+        let data = Data(repeating: 9, count: 64 << 10)
+        let d = Digest.of(data)
+        try fallback.inner.commitWrite(d, DataSource(data))
+        fallback.corrupt.store(true, ordering: .relaxed)
+        _ = try s.read(d, offset: 0, length: 10)
+        XCTAssertTrue(waitUntil { s.statistics()["verify_failures"] == 1 })
+        XCTAssertFalse(try cache.inner.hasBlob(d))
+    }
+}
+
+/// Polls `condition` for up to 30 s (a bound against hangs, not a timing assertion).
+func waitUntil(_ condition: () -> Bool) -> Bool {
+    for _ in 0..<3000 {
+        if condition() { return true }
+        usleep(10_000)
+    }
+    return condition()
+}
