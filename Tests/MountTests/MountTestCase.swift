@@ -91,12 +91,7 @@ class MountTestCase: XCTestCase {
 
     /// Writes `data` to a local file and returns its path and digest.
     func localBlob(_ data: Data, name: String? = nil) throws -> (path: String, digest: Digest) {
-        let d = Digest.of(data)
-        let dir = tmp + "/src"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let p = "\(dir)/\(name ?? d.hash)"
-        try data.write(to: URL(fileURLWithPath: p))
-        return (p, d)
+        try writeLocalBlob(data, in: tmp + "/src", name: name)
     }
 
     /// Puts a blob straight into the disk store (BuildGrid layout), bypassing the mount.
@@ -108,17 +103,7 @@ class MountTestCase: XCTestCase {
         return d
     }
 
-    func randomData(_ n: Int, seed: UInt64) -> Data {
-        var g = SplitMix(seed)
-        var d = Data(count: n)
-        d.withUnsafeMutableBytes { buf in
-            let words = n / 8
-            let p = buf.baseAddress!
-            for i in 0..<words { p.storeBytes(of: g.next(), toByteOffset: i * 8, as: UInt64.self) }
-            for i in (words * 8)..<n { p.storeBytes(of: UInt8(truncatingIfNeeded: g.next()), toByteOffset: i, as: UInt8.self) }
-        }
-        return d
-    }
+    func randomData(_ n: Int, seed: UInt64) -> Data { TestSupport.randomData(n, seed: seed) }
 
     func sh(_ cmd: String, file: StaticString = #filePath, line: UInt = #line) -> ShellResult {
         runShell(cmd)
@@ -136,14 +121,3 @@ class MountTestCase: XCTestCase {
     }
 }
 
-struct SplitMix {
-    var state: UInt64
-    init(_ seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}

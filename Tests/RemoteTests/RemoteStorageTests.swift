@@ -23,35 +23,11 @@ class RemoteTestCase: XCTestCase {
         if !tmp.isEmpty { try? FileManager.default.removeItem(atPath: tmp) }
     }
 
-    func randomData(_ n: Int, seed: UInt64) -> Data {
-        var state = seed &+ 0x9E37_79B9_7F4A_7C15
-        var d = Data(count: n)
-        d.withUnsafeMutableBytes { buf in
-            let p = buf.baseAddress!
-            var i = 0
-            while i < n {
-                state &+= 0x9E37_79B9_7F4A_7C15
-                var z = state
-                z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-                z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-                z ^= z >> 31
-                withUnsafeBytes(of: z) { w in
-                    for j in 0..<min(8, n - i) { p.storeBytes(of: w[j], toByteOffset: i + j, as: UInt8.self) }
-                }
-                i += 8
-            }
-        }
-        return d
-    }
+    func randomData(_ n: Int, seed: UInt64) -> Data { TestSupport.randomData(n, seed: seed) }
 
     /// Writes `data` to a local file; returns its path and digest.
     func localFile(_ data: Data, name: String? = nil) throws -> (path: String, digest: Digest) {
-        let d = Digest.of(data)
-        let dir = tmp + "/src"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let p = "\(dir)/\(name ?? d.hash)"
-        try data.write(to: URL(fileURLWithPath: p))
-        return (p, d)
+        try writeLocalBlob(data, in: tmp + "/src", name: name)
     }
 
     /// Uploads files with BuildGrid's own stubs (BatchUpdateBlobs or ByteStream Write).
