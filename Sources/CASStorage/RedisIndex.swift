@@ -290,21 +290,32 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         }
         if stored.isEmpty { return statuses }
         do {
-            let replies = try runPerKey(stored.map { blobs[$0].0 }, "SET", ["1", "EX", RedisIndex.ttlText, "NX"])
-            var added: Int64 = 0
-            var count: Int64 = 0
-            for (i, r) in zip(stored, replies) where !r.isNull {
-                added += blobs[i].0.size
-                count += 1
-            }
-            if added > 0 || count > 0 {
-                _ = try run(["INCRBY", .string(totalSizeKey), .integer(added)])
-                blobsIndexed.add(count, ordering: .relaxed)
-            }
+            _ = try addToIndex(stored.map { blobs[$0].0 })
         } catch {
             for i in stored { statuses[i] = StorageError.wrap(error) }
         }
         return statuses
+    }
+
+    /// Indexes digests whose bytes the storage holds: SET NX EX for each (one
+    /// streamed pipeline), then one INCRBY with the sizes of those that were
+    /// new. Returns how many were new. Also rebuilds a lost index from a disk store.
+    @discardableResult
+    public func addToIndex(_ digests: [Digest]) throws -> Int {
+        let digests = digests.filter { !$0.isEmpty }
+        if digests.isEmpty { return 0 }
+        let replies = try runPerKey(digests, "SET", ["1", "EX", RedisIndex.ttlText, "NX"])
+        var added: Int64 = 0
+        var count = 0
+        for (d, r) in zip(digests, replies) where !r.isNull {
+            added += d.size
+            count += 1
+        }
+        if count > 0 {
+            _ = try run(["INCRBY", .string(totalSizeKey), .integer(added)])
+            blobsIndexed.add(Int64(count), ordering: .relaxed)
+        }
+        return count
     }
 
     /// Reads the storage; indexed digests it lacks are removed from the index.
