@@ -61,16 +61,9 @@ public final class BuildGridServer: @unchecked Sendable {
 
     public func start() throws {
         guard process == nil else { return }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: venv.directory + "/bin/bgd")
-        p.arguments = ["server", "start", "-v", directory + "/bgd.yaml", "--pid-file", directory + "/bgd.pid"]
-        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        log.seekToEndOfFile()
-        p.standardOutput = log
-        p.standardError = log
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
+        let p = try startLoggedProcess(
+            venv.directory + "/bin/bgd",
+            ["server", "start", "-v", directory + "/bgd.yaml", "--pid-file", directory + "/bgd.pid"], log: logPath)
         process = p
         let up = pollUntil(60) { !p.isRunning || BuildGridServer.answers(port: port) }
         guard up, p.isRunning else {

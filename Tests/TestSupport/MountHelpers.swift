@@ -139,20 +139,10 @@ public final class CasfsMount: @unchecked Sendable {
     /// Starts the daemon and waits until the mount answers.
     public func mount(extraOptions: [String]? = nil) throws {
         if let extraOptions { options = extraOptions }
-        let bin = try casfsBinary()
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: bin)
         var args = ["mount", "--foreground", "--config", configPath, "--staging-dir", stagingDir]
         for o in options { args += ["-o", o] }
         args.append(mountpoint)
-        p.arguments = args
-        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-        let logHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        logHandle.seekToEndOfFile()
-        p.standardOutput = logHandle
-        p.standardError = logHandle
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
+        let p = try startLoggedProcess(try casfsBinary(), args, log: logPath)
         process = p
         let up = pollUntil(60) { !p.isRunning || isFuseMounted(mountpoint) }
         guard up, p.isRunning else {
@@ -220,4 +210,20 @@ public func makeMountTempDir(_ name: String = "casfs-test") throws -> String {
     let path = "\(base)/\(name)-\(UUID().uuidString.prefix(8))"
     try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
     return path
+}
+
+/// Starts `executable` with `arguments`, stdin from /dev/null and stdout and
+/// stderr appended to the file `log`.
+public func startLoggedProcess(_ executable: String, _ arguments: [String], log: String) throws -> Process {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: executable)
+    p.arguments = arguments
+    if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+    let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+    handle.seekToEndOfFile()
+    p.standardOutput = handle
+    p.standardError = handle
+    p.standardInput = FileHandle.nullDevice
+    try p.run()
+    return p
 }
