@@ -35,10 +35,21 @@ let package = Package(
             "CASCore", "Redis",
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // A REAPI v2 CAS over gRPC (generated proto subset + RemoteStorage).
+        // Generated REAPI / ByteStream messages (Protos/, scripts/generate-protos).
+        .target(name: "REAPI", dependencies: [
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
+        // Input roots: REAPI Directory messages parsed, checked and cached;
+        // local directories encoded as Merkle trees.
+        .target(name: "CASTree", dependencies: [
+            "CASCore", "REAPI",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // A REAPI v2 CAS over gRPC (generated client stubs + RemoteStorage).
         // Only CASConfig and the tests depend on it.
         .target(name: "RemoteCAS", dependencies: [
-            "CASCore",
+            "CASCore", "REAPI",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
@@ -52,11 +63,11 @@ let package = Package(
         ]),
         // The FUSE low-level driver: translates kernel requests to Storage calls.
         .target(name: "CASFuse", dependencies: [
-            "CFuse", "CASCore",
+            "CFuse", "CASCore", "CASTree",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "casfs", dependencies: [
-            "CASCore", "CASStorage", "CASConfig", "CASFuse", "Redis",
+            "CASCore", "CASStorage", "CASConfig", "CASFuse", "CASTree", "Redis",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -72,6 +83,7 @@ let package = Package(
         .testTarget(name: "ConfigTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "RemoteCAS", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
         .testTarget(name: "MountTests", dependencies: ["CASCore", "CASStorage", "TestSupport"]),
-        .testTarget(name: "RemoteTests", dependencies: ["CASCore", "RemoteCAS", "TestSupport"]),
+        .testTarget(name: "RemoteTests", dependencies: ["CASCore", "RemoteCAS", "REAPI", "TestSupport"]),
+        .testTarget(name: "TreeTests", dependencies: ["CASCore", "CASStorage", "CASTree", "REAPI", "TestSupport"]),
     ]
 )

@@ -1,4 +1,5 @@
 import CASCore
+import CASTree
 import CFuse
 import Foundation
 import Logging
@@ -20,6 +21,9 @@ public final class CASFilesystem: Sendable {
     /// then refreshed at lookup and at reads that reach the daemon, not at every open.
     let openless: Bool
     let inodes = InodeTable()
+    let treeNodes = TreeInodes()
+    /// Parsed Directory blobs of /tree.
+    let directories: DirectoryCache
     let startTime: timespec
     let uid: uid_t
     let gid: gid_t
@@ -44,8 +48,9 @@ public final class CASFilesystem: Sendable {
     ///   - recordAccess: called (must not block) on every open of a blob for reading.
     public init(storage: any Storage, index: (any BlobIndex)?, options: MountOptions,
                 stagingDirectory: String, recordAccess: (@Sendable (Digest) -> Void)?,
-                openless: Bool = false) {
+                openless: Bool = false, treeCacheBytes: Int64 = 32 << 20) {
         self.openless = openless && !options.writable
+        self.directories = DirectoryCache(storage: storage, capacity: treeCacheBytes)
         self.storage = storage
         self.index = index
         self.options = options
@@ -67,8 +72,9 @@ public final class CASFilesystem: Sendable {
     func dirAttr(_ ino: UInt64) -> stat {
         var st = stat()
         st.st_ino = UInt(ino)
-        st.st_mode = S_IFDIR | (options.writable ? 0o755 : 0o555)
-        st.st_nlink = ino == FixedInode.root ? 3 : 2
+        // /tree is read-only even on a writable mount.
+        st.st_mode = S_IFDIR | (options.writable && ino != FixedInode.tree ? 0o755 : 0o555)
+        st.st_nlink = ino == FixedInode.root ? 4 : 2
         st.st_uid = uid
         st.st_gid = gid
         st.st_blksize = 4096
@@ -78,20 +84,38 @@ public final class CASFilesystem: Sendable {
         return st
     }
 
-    func blobAttr(_ digest: Digest, ino: UInt64) -> stat {
+    /// A blob's attributes; a tree file's variant brings its own mode and mtime.
+    func fileAttr(_ digest: Digest, _ variant: FileVariant?, ino: UInt64) -> stat {
         var st = stat()
         st.st_ino = UInt(ino)
-        st.st_mode = S_IFREG | (options.writable ? 0o644 : 0o444)
+        // 0444 on every mount: a committed blob never changes (a writable mount
+        // creates new names), and a tree file shares this inode and its mode.
+        st.st_mode = S_IFREG | (variant?.mode ?? 0o444)
         st.st_nlink = 1
         st.st_uid = uid
         st.st_gid = gid
         st.st_size = Int(digest.size)
         st.st_blksize = 4096
         st.st_blocks = Int((digest.size + 511) / 512)
-        st.st_atim = Self.blobTime
-        st.st_mtim = Self.blobTime
-        st.st_ctim = Self.blobTime
+        let t = variant.map { treeTime($0.mtime) } ?? Self.blobTime
+        st.st_atim = t
+        st.st_mtim = t
+        st.st_ctim = t
         return st
+    }
+
+    func blobAttr(_ digest: Digest, ino: UInt64) -> stat { fileAttr(digest, nil, ino: ino) }
+
+    /// True for every directory inode: the fixed ones and those inside trees.
+    func isDirectory(_ ino: UInt64) -> Bool {
+        if FixedInode.contains(ino) { return true }
+        if let n = treeNodes.node(ino), case .directory = n.kind { return true }
+        return false
+    }
+
+    /// True if the inode is known at all.
+    func isKnown(_ ino: UInt64) -> Bool {
+        FixedInode.contains(ino) || inodes.file(ino) != nil || treeNodes.node(ino) != nil
     }
 
     func entry(ino: UInt64, attr: stat, timeout: Double) -> fuse_entry_param {
@@ -125,16 +149,20 @@ public final class CASFilesystem: Sendable {
         return try storage.hasBlob(digest)
     }
 
-    func lookup(_ req: fuse_req_t?, parent: UInt64, name: String) {
+    func lookup(_ req: fuse_req_t?, parent: UInt64, name nameBytes: [UInt8]) {
         counters.lookups.add(1, ordering: .relaxed)
+        let name = String(decoding: nameBytes, as: UTF8.self)
         switch parent {
         case FixedInode.root:
-            if name == "sha256" {
-                var e = entry(ino: FixedInode.sha256, attr: dirAttr(FixedInode.sha256), timeout: options.entryTimeout)
+            if name == "sha256" || name == "tree" {
+                let ino = name == "sha256" ? FixedInode.sha256 : FixedInode.tree
+                var e = entry(ino: ino, attr: dirAttr(ino), timeout: options.entryTimeout)
                 fuse_reply_entry(req, &e)
             } else {
                 replyNegative(req)
             }
+        case FixedInode.tree:
+            lookupTreeRoot(req, name: nameBytes)
         case FixedInode.sha256:
             guard let digest = Digest(parsing: name) else { return replyNegative(req) }
             do {
@@ -145,7 +173,12 @@ public final class CASFilesystem: Sendable {
                 fail(req, "lookup", error, digest)
             }
         default:
-            fuse_reply_err(req, inodes.digest(parent) != nil ? ENOTDIR : ENOENT)
+            if let node = treeNodes.node(parent) {
+                guard case .directory(let digest) = node.kind else { return replyErr(req, ENOTDIR) }
+                lookupInTree(req, parent: parent, digest: digest, name: nameBytes)
+            } else {
+                replyErr(req, inodes.file(parent) != nil ? ENOTDIR : ENOENT)
+            }
         }
     }
 
@@ -157,8 +190,8 @@ public final class CASFilesystem: Sendable {
         fuse_reply_entry(req, &e)
     }
 
-    func rememberBlob(_ digest: Digest) -> UInt64? {
-        switch inodes.remember(digest) {
+    func rememberBlob(_ digest: Digest, _ variant: FileVariant? = nil) -> UInt64? {
+        switch inodes.remember(digest, variant) {
         case .ok(let ino): return ino
         case .collision(let ino, let other):
             log.error("inode \(ino) collision: \(digest) and \(other)")
@@ -167,17 +200,32 @@ public final class CASFilesystem: Sendable {
     }
 
     func replyBlobEntry(_ req: fuse_req_t?, _ digest: Digest, timeout: Double) {
-        guard let ino = rememberBlob(digest) else { fuse_reply_err(req, EIO); return }
-        var e = entry(ino: ino, attr: blobAttr(digest, ino: ino), timeout: timeout)
-        fuse_reply_entry(req, &e)
+        replyFileEntry(req, digest, nil, timeout: timeout)
+    }
+
+    func replyFileEntry(_ req: fuse_req_t?, _ digest: Digest, _ variant: FileVariant?, timeout: Double) {
+        guard let ino = rememberBlob(digest, variant) else { fuse_reply_err(req, EIO); return }
+        var e = entry(ino: ino, attr: fileAttr(digest, variant, ino: ino), timeout: timeout)
+        if fuse_reply_entry(req, &e) != 0 { inodes.forget(ino, 1) }
+    }
+
+    func forget(_ ino: UInt64, _ n: UInt64) {
+        if TreeInodes.isTreeNode(ino) {
+            treeNodes.forget(ino, n)
+        } else {
+            inodes.forget(ino, n)
+        }
     }
 
     func getattr(_ req: fuse_req_t?, ino: UInt64) {
-        if ino == FixedInode.root || ino == FixedInode.sha256 {
+        if FixedInode.contains(ino) {
             var st = dirAttr(ino)
             fuse_reply_attr(req, &st, options.attrTimeout)
-        } else if let d = inodes.digest(ino) {
-            var st = blobAttr(d, ino: ino)
+        } else if let f = inodes.file(ino) {
+            var st = fileAttr(f.digest, f.variant, ino: ino)
+            fuse_reply_attr(req, &st, options.attrTimeout)
+        } else if let node = treeNodes.node(ino) {
+            var st = treeNodeAttr(ino, node)
             fuse_reply_attr(req, &st, options.attrTimeout)
         } else {
             fuse_reply_err(req, ENOENT)
@@ -187,9 +235,8 @@ public final class CASFilesystem: Sendable {
     func setattr(_ req: fuse_req_t?, ino: UInt64, attr: UnsafeMutablePointer<stat>?, toSet: Int32,
                  fi: UnsafeMutablePointer<fuse_file_info>?) {
         guard options.writable else { return replyErr(req, EROFS) }
-        guard let digest = inodes.digest(ino) else {
-            return replyErr(req, (ino == FixedInode.root || ino == FixedInode.sha256) ? EPERM : ENOENT)
-        }
+        guard let file = inodes.file(ino) else { return replyErr(req, isKnown(ino) ? EPERM : ENOENT) }
+        let digest = file.digest
         let timesOnly = FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW
             | FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME
         if toSet & FUSE_SET_ATTR_SIZE != 0, let attr {
@@ -205,7 +252,7 @@ public final class CASFilesystem: Sendable {
             return replyErr(req, EPERM)
         }
         // Timestamps are fixed; accept and ignore requests to set them.
-        var st = blobAttr(digest, ino: ino)
+        var st = fileAttr(digest, file.variant, ino: ino)
         fuse_reply_attr(req, &st, options.attrTimeout)
     }
 
@@ -218,12 +265,13 @@ public final class CASFilesystem: Sendable {
 
     func open(_ req: fuse_req_t?, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
         counters.opens.add(1, ordering: .relaxed)
-        guard let digest = inodes.digest(ino) else {
-            return replyErr(req, (ino == FixedInode.root || ino == FixedInode.sha256) ? EISDIR : ENOENT)
-        }
+        guard let file = inodes.file(ino) else { return replyErr(req, isDirectory(ino) ? EISDIR : isKnown(ino) ? ELOOP : ENOENT) }
+        let digest = file.digest
         let accmode = fi.pointee.flags & O_ACCMODE
         if accmode != O_RDONLY {
             guard options.writable else { return replyErr(req, EROFS) }
+            // Files of a tree are part of an immutable Directory.
+            guard file.variant == nil else { return replyErr(req, EPERM) }
             // Rewriting a blob means replacing it whole (O_TRUNC); changing
             // bytes in place is refused: blobs are immutable.
             guard fi.pointee.flags & O_TRUNC != 0 else { return replyErr(req, EPERM) }
@@ -251,7 +299,7 @@ public final class CASFilesystem: Sendable {
 
     func create(_ req: fuse_req_t?, parent: UInt64, name: String, fi: UnsafeMutablePointer<fuse_file_info>) {
         guard options.writable else { return replyErr(req, EROFS) }
-        guard parent == FixedInode.sha256 else { return replyErr(req, parent == FixedInode.root ? EPERM : ENOTDIR) }
+        guard parent == FixedInode.sha256 else { return replyErr(req, isDirectory(parent) ? EPERM : ENOTDIR) }
         guard let digest = Digest(parsing: name) else { return replyErr(req, EINVAL) }
         do {
             let staging = try StagingFile.create(for: digest, in: stagingDirectory)
@@ -342,7 +390,7 @@ public final class CASFilesystem: Sendable {
 
     func unlink(_ req: fuse_req_t?, parent: UInt64, name: String) {
         guard options.writable else { return replyErr(req, EROFS) }
-        guard parent == FixedInode.sha256 else { return replyErr(req, parent == FixedInode.root ? EPERM : ENOTDIR) }
+        guard parent == FixedInode.sha256 else { return replyErr(req, isDirectory(parent) ? EPERM : ENOTDIR) }
         guard let digest = Digest(parsing: name) else { return replyErr(req, ENOENT) }
         if digest.isEmpty { return replyErr(req, EPERM) }
         do {
@@ -364,6 +412,11 @@ public final class CASFilesystem: Sendable {
         if ino == FixedInode.root {
             return name == Self.statsXattr ? Array(statisticsJSON().utf8) : nil
         }
+        if let node = treeNodes.node(ino) {
+            // A tree directory's digest is that of its Directory message.
+            guard case .directory(let d) = node.kind, name == Self.digestXattr else { return nil }
+            return Array(d.description.utf8)
+        }
         guard let d = inodes.digest(ino) else { return nil }
         switch name {
         case Self.checksumXattr: return d.rawHash
@@ -375,14 +428,13 @@ public final class CASFilesystem: Sendable {
     func xattrNames(ino: UInt64) -> [String] {
         if ino == FixedInode.root { return [Self.statsXattr] }
         if inodes.digest(ino) != nil { return [Self.checksumXattr, Self.digestXattr] }
+        if let node = treeNodes.node(ino), case .directory = node.kind { return [Self.digestXattr] }
         return []
     }
 
     func getxattr(_ req: fuse_req_t?, ino: UInt64, name: String, size: Int) {
         guard let value = xattrValue(ino: ino, name: name) else {
-            if ino != FixedInode.root && ino != FixedInode.sha256 && inodes.digest(ino) == nil {
-                return replyErr(req, ENOENT)
-            }
+            if !isKnown(ino) { return replyErr(req, ENOENT) }
             return replyErr(req, ENODATA)
         }
         replyXattr(req, value, size: size)
@@ -419,6 +471,8 @@ public final class CASFilesystem: Sendable {
         stats["fuse_rejected_writes"] = counters.rejectedWrites.load(ordering: .relaxed)
         stats["fuse_errors"] = counters.errors.load(ordering: .relaxed)
         stats["fuse_inodes"] = Int64(inodes.count)
+        stats["fuse_tree_inodes"] = Int64(treeNodes.count)
+        for (k, v) in directories.statistics() { stats[k] = v }
         let body = stats.keys.sorted().map { "\"\($0)\":\(stats[$0]!)" }.joined(separator: ",")
         return "{\(body)}"
     }
@@ -454,12 +508,21 @@ public final class CASFilesystem: Sendable {
     // MARK: directories
 
     func opendir(_ req: fuse_req_t?, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
-        guard ino == FixedInode.root || ino == FixedInode.sha256 else {
-            return replyErr(req, inodes.digest(ino) != nil ? ENOTDIR : ENOENT)
+        var tree: TreeDirectory?
+        if let node = treeNodes.node(ino) {
+            guard case .directory(let digest) = node.kind else { return replyErr(req, ENOTDIR) }
+            // The listing is read from this snapshot, whatever the cache evicts meanwhile.
+            guard let d = loadDirectory(req, digest, op: "opendir") else { return }
+            tree = d
+            // Immutable: the kernel may keep the listing.
+            casfs_fi_set_cache_readdir(fi, 1)
+            casfs_fi_set_keep_cache(fi, 1)
+        } else if !FixedInode.contains(ino) {
+            return replyErr(req, inodes.file(ino) != nil ? ENOTDIR : ENOENT)
         }
-        let h = DirectoryHandle(inode: ino)
+        let h = DirectoryHandle(inode: ino, tree: tree)
         fi.pointee.fh = UInt64(UInt(bitPattern: Unmanaged.passRetained(h).toOpaque()))
-        fuse_reply_open(req, fi)
+        if fuse_reply_open(req, fi) != 0 { Unmanaged<DirectoryHandle>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(fi.pointee.fh))!).release() }
     }
 
     func releasedir(_ req: fuse_req_t?, fi: UnsafeMutablePointer<fuse_file_info>?) {
@@ -479,22 +542,37 @@ public final class CASFilesystem: Sendable {
         defer { buf.deallocate() }
         var used = 0
 
-        /// Adds one entry; false when it does not fit.
-        func add(_ name: String, _ attr: stat, nextOffset: Int64, blob: Digest?) -> Bool {
+        /// Adds one entry; false when it does not fit. `listed` says what a
+        /// readdirplus entry stands for (nil: a fixed directory).
+        func add(_ name: String, _ attr: stat, nextOffset: Int64, listed: ListedFile?) -> Bool {
             let room = size - used
             if plus {
                 var e = fuse_entry_param()
                 var ino = UInt64(attr.st_ino)
-                if let blob {
+                var timeout = ino == FixedInode.sha256 ? options.entryTimeout : 0
+                var undo: (() -> Void)?
+                switch listed {
+                case nil:
+                    break
+                case .file(let digest, let variant):
                     // readdirplus entries count as lookups: remember before the
                     // kernel can see them, undo if the entry did not fit.
-                    guard let i = rememberBlob(blob) else { return true }
+                    guard let i = rememberBlob(digest, variant) else { return true }
                     ino = i
+                    timeout = options.entryTimeout
+                    undo = { self.inodes.forget(i, 1) }
+                case .treeNode(let node):
+                    guard let i = treeNodes.remember(node) else { return true }
+                    ino = i
+                    timeout = options.entryTimeout
+                    undo = { self.treeNodes.forget(i, 1) }
+                case .unknown:
+                    ino = 0  // name and type only: not a lookup
                 }
-                e = entry(ino: ino, attr: attr, timeout: blob == nil && ino != FixedInode.sha256 ? 0 : options.entryTimeout)
+                e = entry(ino: ino, attr: attr, timeout: timeout)
                 let need = name.withCString { fuse_add_direntry_plus(req, buf + used, room, $0, &e, off_t(nextOffset)) }
                 if need > room {
-                    if blob != nil { inodes.forget(ino, 1) }
+                    undo?()
                     return false
                 }
                 used += need
@@ -507,26 +585,39 @@ public final class CASFilesystem: Sendable {
             return true
         }
 
+        if let tree = handle.tree, let node = treeNodes.node(ino) {
+            fillTreeListing(req, ino: ino, node: node, tree: tree, offset: offset) { name, st, next, listed in
+                add(name, st, nextOffset: next, listed: listed)
+            }
+            fuse_reply_buf(req, buf, used)
+            return
+        }
+
         let parentIno = FixedInode.root
         var pos = ListingPosition(offset: offset)
         fill: while true {
             switch pos {
             case .start:
-                guard add(".", dirAttr(ino), nextOffset: 1, blob: nil) else { break fill }
+                guard add(".", dirAttr(ino), nextOffset: 1, listed: nil) else { break fill }
                 pos = .afterDot
             case .afterDot:
-                let next: ListingPosition = ino == FixedInode.root ? .entry(cursor: 0, index: 0) : .entry(cursor: 0, index: 0)
-                guard add("..", dirAttr(parentIno), nextOffset: next.offset!, blob: nil) else { break fill }
+                let next: ListingPosition = ino == FixedInode.tree ? .end : .entry(cursor: 0, index: 0)
+                guard add("..", dirAttr(parentIno), nextOffset: next.offset!, listed: nil) else { break fill }
                 pos = next
             case .end:
                 break fill
             case .entry(let cursor, let index):
                 if ino == FixedInode.root {
-                    guard index == 0 else { pos = .end; continue }
-                    guard add("sha256", dirAttr(FixedInode.sha256), nextOffset: ListingPosition.endOffset, blob: nil) else { break fill }
-                    pos = .end
+                    // sha256, then tree.
+                    let names = ["sha256", "tree"]
+                    guard index < names.count else { pos = .end; continue }
+                    let next: ListingPosition = index + 1 < names.count ? .entry(cursor: 0, index: index + 1) : .end
+                    let child = index == 0 ? FixedInode.sha256 : FixedInode.tree
+                    guard add(names[index], dirAttr(child), nextOffset: next.offset!, listed: nil) else { break fill }
+                    pos = next
                     continue
                 }
+                guard ino == FixedInode.sha256 else { pos = .end; continue }
                 guard let blobIndex = self.index else { pos = .end; continue }
                 let page: DirectoryHandle.Page
                 do {
@@ -549,7 +640,7 @@ public final class CASFilesystem: Sendable {
                     if used > 0 { break fill }
                     return replyErr(req, EOVERFLOW)
                 }
-                guard add(d.description, blobAttr(d, ino: blobInode(d)), nextOffset: nextOffset, blob: d) else { break fill }
+                guard add(d.description, blobAttr(d, ino: blobInode(d)), nextOffset: nextOffset, listed: .file(d, nil)) else { break fill }
                 pos = next
             }
         }

@@ -1,4 +1,5 @@
 import CASCore
+import CASTree
 import Synchronization
 
 /// readdir offsets of /sha256. The kernel resumes a listing from the offset of
@@ -46,7 +47,7 @@ enum ListingPosition: Equatable {
     }
 }
 
-/// State of one open directory: the last index page fetched.
+/// State of one open directory: the last index page fetched, or the tree listed.
 final class DirectoryHandle: Sendable {
     struct Page {
         var cursor: UInt64
@@ -55,9 +56,14 @@ final class DirectoryHandle: Sendable {
     }
 
     let inode: UInt64
+    /// For a directory of a tree: its Directory, as loaded at opendir.
+    let tree: TreeDirectory?
     private let lastPage = Mutex<Page?>(nil)
 
-    init(inode: UInt64) { self.inode = inode }
+    init(inode: UInt64, tree: TreeDirectory? = nil) {
+        self.inode = inode
+        self.tree = tree
+    }
 
     /// The page at `cursor`, from the handle's memory or from the index.
     func page(at cursor: UInt64, index: any BlobIndex, count: Int) throws -> Page {

@@ -1,15 +1,28 @@
 import CASCore
+import CASTree
 import Synchronization
 
 /// Inode numbers of the fixed directories.
 public enum FixedInode {
     public static let root: UInt64 = 1
     public static let sha256: UInt64 = 2
+    public static let tree: UInt64 = 3
+
+    static func contains(_ ino: UInt64) -> Bool { ino >= root && ino <= tree }
+}
+
+/// splitmix64's finaliser: spreads the bits of one word.
+@inline(__always)
+func mix64(_ x: UInt64) -> UInt64 {
+    var z = x &+ 0x9E37_79B9_7F4A_7C15
+    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+    return z ^ (z >> 31)
 }
 
 /// The inode number of a blob: derived from the hash bytes and the size, so it
 /// is the same across lookups and remounts. The top bit is always set, which
-/// keeps blob inodes apart from the fixed directory inodes.
+/// keeps blob inodes apart from the fixed directory inodes and tree nodes.
 public func blobInode(_ digest: Digest) -> UInt64 {
     var h: UInt64 = 0
     var it = digest.hash.utf8.makeIterator()
@@ -18,18 +31,52 @@ public func blobInode(_ digest: Digest) -> UInt64 {
         let v: UInt8 = c <= UInt8(ascii: "9") ? c &- UInt8(ascii: "0") : c &- UInt8(ascii: "a") &+ 10
         h = (h << 4) | UInt64(v & 0xf)
     }
-    // splitmix64 finaliser of the size, so that one hash with two sizes differs.
-    var z = UInt64(bitPattern: digest.size) &+ 0x9E37_79B9_7F4A_7C15
-    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-    z ^= z >> 31
-    return (h ^ z) | (1 << 63)
+    // Mix in the size, so that one hash with two sizes differs.
+    return (h ^ mix64(UInt64(bitPattern: digest.size))) | (1 << 63)
 }
 
-/// Inode → digest for the inodes the kernel currently knows (lookup counts).
+/// How a file inside a tree differs from the plain blob: executable, or
+/// carrying REAPI node properties. One inode cannot show two modes, so such a
+/// file gets its own inode (shared by every tree that has the same variant);
+/// a plain tree file is the blob's own inode and shares its page cache.
+public struct FileVariant: Hashable, Sendable {
+    /// Permission bits.
+    public var mode: UInt32
+    public var mtime: TreeTime?
+
+    /// nil for a plain, non-executable file without properties.
+    public init?(executable: Bool, properties: TreeNodeProperties) {
+        guard executable || !properties.isEmpty else { return nil }
+        mode = properties.mode ?? (executable ? 0o555 : 0o444)
+        mtime = properties.mtime
+    }
+
+    var inodeSalt: UInt64 {
+        var h = mix64(UInt64(mode) | 0x1_0000_0000)
+        if let mtime {
+            h = mix64(h ^ UInt64(bitPattern: mtime.seconds))
+            h = mix64(h ^ UInt64(UInt32(bitPattern: mtime.nanos)))
+        }
+        return h
+    }
+}
+
+/// The inode of a file: the blob's own, or a variant's (still top bit set).
+public func fileInode(_ digest: Digest, _ variant: FileVariant?) -> UInt64 {
+    let base = blobInode(digest)
+    guard let variant else { return base }
+    return (base ^ variant.inodeSalt) | (1 << 63)
+}
+
+/// Inode → file for the file inodes the kernel currently knows (lookup counts).
 final class InodeTable: Sendable {
-    private struct Entry {
+    struct File: Equatable {
         var digest: Digest
+        var variant: FileVariant?
+    }
+
+    private struct Entry {
+        var file: File
         var lookups: UInt64
     }
 
@@ -40,23 +87,28 @@ final class InodeTable: Sendable {
         case collision(UInt64, Digest)
     }
 
-    /// Records one more kernel reference to the digest's inode.
-    func remember(_ digest: Digest) -> RememberResult {
-        let ino = blobInode(digest)
+    /// Records one more kernel reference to the file's inode.
+    func remember(_ digest: Digest, _ variant: FileVariant? = nil) -> RememberResult {
+        let ino = fileInode(digest, variant)
+        let file = File(digest: digest, variant: variant)
         return entries.withLock { table in
             if var e = table[ino] {
-                guard e.digest == digest else { return .collision(ino, e.digest) }
+                guard e.file == file else { return .collision(ino, e.file.digest) }
                 e.lookups += 1
                 table[ino] = e
             } else {
-                table[ino] = Entry(digest: digest, lookups: 1)
+                table[ino] = Entry(file: file, lookups: 1)
             }
             return .ok(ino)
         }
     }
 
     func digest(_ ino: UInt64) -> Digest? {
-        entries.withLock { $0[ino]?.digest }
+        entries.withLock { $0[ino]?.file.digest }
+    }
+
+    func file(_ ino: UInt64) -> File? {
+        entries.withLock { $0[ino]?.file }
     }
 
     func forget(_ ino: UInt64, _ n: UInt64) {
@@ -72,4 +124,80 @@ final class InodeTable: Sendable {
     }
 
     var count: Int { entries.withLock { $0.count } }
+}
+
+/// Directories and symlinks inside trees. Each gets an inode per path (parent
+/// inode + name), never per digest: the same subtree can appear at several
+/// places, and the kernel cannot give one directory inode two parents. The
+/// number is derived from the path (bit 62 set, bit 63 clear), so a listing
+/// can report it before any lookup.
+final class TreeInodes: Sendable {
+    enum Kind: Equatable {
+        case directory(Digest)
+        case symlink(String)
+    }
+
+    struct Node {
+        var kind: Kind
+        var parent: UInt64
+        var name: [UInt8]
+        var mode: UInt32
+        var mtime: TreeTime?
+        var nlink: Int
+        var lookups: UInt64 = 1
+    }
+
+    private let nodes = Mutex<[UInt64: Node]>([:])
+
+    static func inode(parent: UInt64, name: some Collection<UInt8>) -> UInt64 {
+        var h = mix64(parent)
+        var word: UInt64 = 0, n = 0
+        for b in name {
+            word = (word << 8) | UInt64(b)
+            n += 1
+            if n == 8 {
+                h = mix64(h ^ word)
+                word = 0
+                n = 0
+            }
+        }
+        h = mix64(h ^ word ^ (UInt64(name.count) << 56))
+        return (h & ~(UInt64(3) << 62)) | (1 << 62)
+    }
+
+    static func isTreeNode(_ ino: UInt64) -> Bool { ino >> 62 == 1 }
+
+    /// Records one more kernel reference; nil on an inode collision.
+    func remember(_ node: Node) -> UInt64? {
+        let ino = Self.inode(parent: node.parent, name: node.name)
+        return nodes.withLock { table -> UInt64? in
+            if var e = table[ino] {
+                guard e.parent == node.parent, e.name == node.name, e.kind == node.kind else { return nil }
+                e.lookups += 1
+                table[ino] = e
+            } else {
+                table[ino] = node
+            }
+            return ino
+        }
+    }
+
+    func node(_ ino: UInt64) -> Node? {
+        guard Self.isTreeNode(ino) else { return nil }
+        return nodes.withLock { $0[ino] }
+    }
+
+    func forget(_ ino: UInt64, _ n: UInt64) {
+        nodes.withLock { table in
+            guard var e = table[ino] else { return }
+            if e.lookups <= n {
+                table[ino] = nil
+            } else {
+                e.lookups -= n
+                table[ino] = e
+            }
+        }
+    }
+
+    var count: Int { nodes.withLock { $0.count } }
 }

@@ -13,6 +13,13 @@ private func str(_ p: UnsafePointer<CChar>?) -> String {
     p.map { String(cString: $0) } ?? ""
 }
 
+/// A name exactly as the kernel sent it (not repaired into valid UTF-8).
+@inline(__always)
+private func bytes(_ p: UnsafePointer<CChar>?) -> [UInt8] {
+    guard let p else { return [] }
+    return Array(UnsafeRawBufferPointer(start: p, count: strlen(p)))
+}
+
 /// The low-level operation table: non-capturing C callbacks that forward to
 /// the filesystem object.
 func makeOperations() -> fuse_lowlevel_ops {
@@ -22,18 +29,19 @@ func makeOperations() -> fuse_lowlevel_ops {
         let f = Unmanaged<CASFilesystem>.fromOpaque(userdata).takeUnretainedValue()
         f.configure(conn)
     }
-    ops.lookup = { req, parent, name in fs(req).lookup(req, parent: parent, name: str(name)) }
+    ops.lookup = { req, parent, name in fs(req).lookup(req, parent: parent, name: bytes(name)) }
     ops.forget = { req, ino, n in
-        fs(req).inodes.forget(ino, n)
+        fs(req).forget(ino, n)
         fuse_reply_none(req)
     }
     ops.forget_multi = { req, count, forgets in
         let f = fs(req)
         if let forgets {
-            for i in 0..<count { f.inodes.forget(forgets[i].ino, forgets[i].nlookup) }
+            for i in 0..<count { f.forget(forgets[i].ino, forgets[i].nlookup) }
         }
         fuse_reply_none(req)
     }
+    ops.readlink = { req, ino in fs(req).readlink(req, ino: ino) }
     ops.getattr = { req, ino, _ in fs(req).getattr(req, ino: ino) }
     ops.setattr = { req, ino, attr, toSet, fi in fs(req).setattr(req, ino: ino, attr: attr, toSet: toSet, fi: fi) }
     ops.open = { req, ino, fi in

@@ -3,6 +3,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
+import REAPI
 import Synchronization
 
 let log = Logger(label: "casfs.remote")

@@ -2,6 +2,7 @@ import ArgumentParser
 import CASConfig
 import CASCore
 import CASStorage
+import CASTree
 import Foundation
 
 struct PutCommand: ParsableCommand {
@@ -11,6 +12,13 @@ struct PutCommand: ParsableCommand {
         discussion: """
             Prints `sha256/<hash>_<size>  PATH` per file. Each file is read once:
             hashed while it is read. Exits non-zero, naming each file that failed.
+
+            With --tree, each DIR is stored as a REAPI input root instead: its
+            files, a Directory message per directory (files with their executable
+            bit, subdirectories, symlinks as they are, empty directories), and
+            `tree/<hash>_<size>  DIR` is printed with the root Directory's digest,
+            the one Bazel and BuildGrid compute for the same tree. On a mount,
+            that tree is the directory <mount>/tree/<hash>_<size>/.
             """)
 
     @Option(name: .long, help: "YAML config; without it, the zero-config default store.")
@@ -19,18 +27,25 @@ struct PutCommand: ParsableCommand {
     @Flag(name: .long, help: "Never show a progress bar.")
     var quiet = false
 
+    @Flag(name: .long, help: "Store each directory as a REAPI input root and print its root digest.")
+    var tree = false
+
     @Argument(help: "Files or directories to store.")
     var paths: [String]
 
-    /// Files up to this size are read into memory and stored in batches.
-    static let smallFileLimit = 1 << 20
-    /// A batch of small files is flushed at this many files or bytes.
-    static let batchFiles = 500
-    static let batchBytes = 8 << 20
-
     func run() throws {
-        let files: [String]
-        do { files = try collectFiles(paths) } catch {
+        var files: [String] = []
+        do {
+            if tree {
+                for p in paths {
+                    var st = stat()
+                    guard stat(p, &st) == 0 else { throw CLIError("\(p): \(String(cString: strerror(errno)))") }
+                    guard (st.st_mode & S_IFMT) == S_IFDIR else { throw CLIError("\(p): not a directory (--tree takes directories)") }
+                }
+            } else {
+                files = try collectFiles(paths)
+            }
+        } catch {
             printError(error)
             throw ExitCode.failure
         }
@@ -46,57 +61,138 @@ struct PutCommand: ParsableCommand {
             throw ExitCode.failure
         }
 
-        let progress = Progress(enabled: !quiet && isatty(2) != 0)
-        var failed: [String] = []
-        var batch: [(path: String, digest: Digest, data: Data)] = []
-        var batchBytes = 0
-
-        func flush() {
-            guard !batch.isEmpty else { return }
-            let statuses = storage.bulkUpdateBlobs(batch.map { ($0.digest, $0.data) })
-            for (item, status) in zip(batch, statuses) {
-                if let status {
-                    printError("\(item.path): \(status)")
-                    failed.append(item.path)
-                } else {
-                    print("sha256/\(item.digest)  \(item.path)")
+        let uploader = BlobUploader(storage: storage, progress: Progress(enabled: !quiet && isatty(2) != 0))
+        if tree {
+            for root in paths {
+                let before = uploader.failed.count
+                var digest: Digest?
+                do {
+                    digest = try putTree(root, uploader)
+                } catch is ExitCode {
+                    // A file of the tree failed; it has been reported.
+                } catch {
+                    printError("\(root): \(error)")
+                    uploader.failed.append(root)
                 }
+                // Every blob of the tree is stored before its root is printed.
+                uploader.flush()
+                if let digest, uploader.failed.count == before { print("tree/\(digest)  \(root)") }
             }
-            batch.removeAll(keepingCapacity: true)
-            batchBytes = 0
-        }
-
-        for path in files {
-            do {
-                let src = try FileSource(path: path)
-                if src.size <= Int64(PutCommand.smallFileLimit) {
-                    let data = try src.readAll()
-                    batch.append((path, Digest.of(data), data))
-                    batchBytes += data.count
-                    if batch.count >= PutCommand.batchFiles || batchBytes >= PutCommand.batchBytes { flush() }
-                } else {
-                    flush()
-                    let (digest, staged) = try stage(src, path: path, progress: progress)
-                    try storage.commitWrite(digest, staged)
-                    progress.finish()
-                    print("sha256/\(digest)  \(path)")
-                }
-            } catch {
-                progress.finish()
-                printError("\(path): \(error)")
-                failed.append(path)
+        } else {
+            uploader.onStored = { path, digest in print("sha256/\(digest)  \(path)") }
+            for path in files {
+                _ = try? uploader.putFile(path)
             }
+            uploader.flush()
         }
-        flush()
-        if !failed.isEmpty {
-            printError("\(failed.count) file(s) failed: \(failed.joined(separator: ", "))")
+        if !uploader.failed.isEmpty {
+            printError("\(uploader.failed.count) path(s) failed: \(uploader.failed.joined(separator: ", "))")
             throw ExitCode.failure
         }
     }
 
+    /// Stores the tree under `dir` bottom-up and returns its root Directory's
+    /// digest. Children are stored (or queued in the current batch) before the
+    /// Directory that names them.
+    func putTree(_ dir: String, _ uploader: BlobUploader) throws -> Digest {
+        var builder = DirectoryBuilder()
+        for name in try directoryEntries(dir) {
+            let path = dir.hasSuffix("/") ? dir + name : dir + "/" + name
+            var st = stat()
+            guard lstat(path, &st) == 0 else { throw CLIError("\(path): \(String(cString: strerror(errno)))") }
+            switch st.st_mode & S_IFMT {
+            case S_IFREG:
+                builder.addFile(name, try uploader.putFile(path), executable: st.st_mode & S_IXUSR != 0)
+            case S_IFDIR:
+                builder.addDirectory(name, try putTree(path, uploader))
+            case S_IFLNK:
+                builder.addSymlink(name, target: try symlinkTarget(path))
+            default:
+                throw CLIError("\(path): a socket, FIFO or device cannot be part of an input root")
+            }
+        }
+        let data = try builder.encoded()
+        let digest = Digest.of(data)
+        uploader.putData(data, digest, label: dir)
+        return digest
+    }
+}
+
+/// Stores files and in-memory blobs: small ones in batches (one pipelined
+/// bulk update per batch), large ones copied to a staging file while hashed.
+/// A file's digest is known as soon as it is read; its batch may be stored later.
+final class BlobUploader {
+    /// Files up to this size are read into memory and stored in batches.
+    static let smallFileLimit = 1 << 20
+    /// A batch is flushed at this many blobs or bytes.
+    static let batchFiles = 500
+    static let batchBytes = 8 << 20
+
+    let storage: any Storage
+    let progress: Progress
+    /// Called for every blob stored, with the path or label it came from.
+    var onStored: ((String, Digest) -> Void)?
+    /// Paths that could not be read or stored (each already reported on stderr).
+    var failed: [String] = []
+
+    private var batch: [(label: String, digest: Digest, data: Data)] = []
+    private var batchBytes = 0
+
+    init(storage: any Storage, progress: Progress) {
+        self.storage = storage
+        self.progress = progress
+    }
+
+    /// Reads and stores one file; returns its digest. Failures are reported,
+    /// recorded in `failed`, and thrown.
+    @discardableResult
+    func putFile(_ path: String) throws -> Digest {
+        do {
+            let src = try FileSource(path: path)
+            if src.size <= Int64(Self.smallFileLimit) {
+                let data = try src.readAll()
+                let digest = Digest.of(data)
+                putData(data, digest, label: path)
+                return digest
+            }
+            let (digest, staged) = try stage(src, path: path)
+            try storage.commitWrite(digest, staged)
+            progress.finish()
+            onStored?(path, digest)
+            return digest
+        } catch {
+            progress.finish()
+            printError("\(path): \(error)")
+            failed.append(path)
+            throw ExitCode.failure
+        }
+    }
+
+    /// Queues a blob already in memory.
+    func putData(_ data: Data, _ digest: Digest, label: String) {
+        batch.append((label, digest, data))
+        batchBytes += data.count
+        if batch.count >= Self.batchFiles || batchBytes >= Self.batchBytes { flush() }
+    }
+
+    func flush() {
+        guard !batch.isEmpty else { return }
+        let statuses = storage.bulkUpdateBlobs(batch.map { ($0.digest, $0.data) })
+        for (item, status) in zip(batch, statuses) {
+            if let status {
+                printError("\(item.label): \(status)")
+                failed.append(item.label)
+            } else {
+                onStored?(item.label, item.digest)
+            }
+        }
+        batch.removeAll(keepingCapacity: true)
+        batchBytes = 0
+    }
+
     /// Copies a large file into an anonymous staging file while hashing it, so the
     /// input is read once and what is committed cannot change under us.
-    private func stage(_ src: FileSource, path: String, progress: Progress) throws -> (Digest, FileSource) {
+    private func stage(_ src: FileSource, path: String) throws -> (Digest, FileSource) {
         let dir = FileManager.default.temporaryDirectory.path
         let fd = try openAnonymousFile(in: dir)
         let staged = FileSource(fd: fd, size: src.size)
@@ -110,6 +206,36 @@ struct PutCommand: ParsableCommand {
         }
         return (hasher.finalize(), staged)
     }
+}
+
+/// The names in a directory, as stored in a tree: they must be valid UTF-8
+/// (REAPI names are protobuf strings), so other names are an error, not a guess.
+func directoryEntries(_ dir: String) throws -> [String] {
+    guard let d = opendir(dir) else { throw CLIError("\(dir): \(String(cString: strerror(errno)))") }
+    defer { closedir(d) }
+    var names: [String] = []
+    while let ent = readdir(d) {
+        let raw = withUnsafeBytes(of: ent.pointee.d_name) { buf -> [UInt8] in
+            Array(buf.prefix { $0 != 0 })
+        }
+        if raw == [UInt8(ascii: ".")] || raw == [UInt8(ascii: "."), UInt8(ascii: ".")] { continue }
+        guard let name = String(validating: raw, as: UTF8.self) else {
+            throw CLIError("\(dir): a name is not valid UTF-8 (\(String(decoding: raw, as: UTF8.self)))")
+        }
+        names.append(name)
+    }
+    return names
+}
+
+/// A symlink's target exactly as stored (not resolved).
+func symlinkTarget(_ path: String) throws -> String {
+    var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
+    let n = buf.withUnsafeMutableBufferPointer { readlink(path, $0.baseAddress!, $0.count) }
+    guard n >= 0 else { throw CLIError("\(path): \(String(cString: strerror(errno)))") }
+    guard let target = String(validating: buf[0..<n], as: UTF8.self) else {
+        throw CLIError("\(path): symlink target is not valid UTF-8")
+    }
+    return target
 }
 
 /// Regular files under `paths`, in a stable order; symlinks are followed for

@@ -6,9 +6,9 @@ import XCTest
 final class MountBasicsTests: MountTestCase {
     func testRootListsSha256AndEmptyBlobAlwaysExists() throws {
         let m = try mount(try cachedIndexedConfig())
-        XCTAssertEqual(mustSh("ls \(shq(m.mountpoint))"), "sha256\n")
+        XCTAssertEqual(mustSh("ls \(shq(m.mountpoint))"), "sha256\ntree\n")
         let empty = m.path(Digest.empty)
-        XCTAssertEqual(mustSh("stat -c '%s %h %a %F' \(shq(empty))"), "0 1 644 regular empty file\n")
+        XCTAssertEqual(mustSh("stat -c '%s %h %a %F' \(shq(empty))"), "0 1 444 regular empty file\n")
         XCTAssertEqual(mustSh("cat \(shq(empty)) | wc -c").trimmingCharacters(in: .whitespaces), "0\n")
         XCTAssertEqual(mustSh("sha256sum < \(shq(empty)) | cut -c1-64"), Digest.empty.hash + "\n")
     }
@@ -93,7 +93,7 @@ final class MountBasicsTests: MountTestCase {
         XCTAssertEqual(listed.sorted(), digests.map(\.description).sorted())
         XCTAssertEqual(mustSh("ls -f \(shq(m.sha256)) | head -3 | wc -l").trimmingCharacters(in: .whitespaces), "3\n")
         let long = mustSh("ls -l \(shq(m.sha256))")
-        XCTAssertEqual(long.split(separator: "\n").filter { $0.hasPrefix("-rw-r--r--") }.count, 150)
+        XCTAssertEqual(long.split(separator: "\n").filter { $0.hasPrefix("-r--r--r--") }.count, 150)
         // A listing with a small buffer (many readdir calls, resumed by offset) sees each blob once.
         let py = "import os; print('\\n'.join(e.name for e in os.scandir(\(shq(m.sha256)))))"
         let viaScandir = mustSh("python3 -c \(shq(py))").split(separator: "\n").map(String.init)

@@ -14,7 +14,7 @@ final class MountCommandTests: MountTestCase {
         defer { if isFuseMounted(mp) { _ = sh("fusermount3 -u \(shq(mp)) || fusermount3 -uz \(shq(mp))") } }
         let r = sh("\(bin) mount --config \(shq(config)) --staging-dir \(shq(tmp)) --log-file \(shq(tmp + "/log")) \(shq(mp)) && ls \(shq(mp))")
         XCTAssertTrue(r.ok, "\(r)")
-        XCTAssertEqual(r.stdout, "sha256\n")
+        XCTAssertEqual(r.stdout, "sha256\ntree\n")
         XCTAssertTrue(isFuseMounted(mp))
         let pid = sh("pgrep -f -- \(shq(mp + " --foreground"))").stdout.split(separator: "\n").first.flatMap { Int32($0) }
         let daemon = try XCTUnwrap(pid, "no daemon process found")

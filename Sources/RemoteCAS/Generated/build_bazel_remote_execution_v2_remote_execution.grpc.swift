@@ -16,6 +16,7 @@
 
 import GRPCCore
 import GRPCProtobuf
+import REAPI
 
 // MARK: - build.bazel.remote.execution.v2.ContentAddressableStorage
 

@@ -12,6 +12,7 @@
 
 import GRPCCore
 import GRPCProtobuf
+import REAPI
 
 // MARK: - google.bytestream.ByteStream
 

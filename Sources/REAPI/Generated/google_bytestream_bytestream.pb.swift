@@ -27,88 +27,88 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
-nonisolated struct Google_Bytestream_ReadRequest: Sendable {
+public nonisolated struct Google_Bytestream_ReadRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var resourceName: String = String()
+  public var resourceName: String = String()
 
-  var readOffset: Int64 = 0
+  public var readOffset: Int64 = 0
 
-  var readLimit: Int64 = 0
+  public var readLimit: Int64 = 0
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  public init() {}
 }
 
-nonisolated struct Google_Bytestream_ReadResponse: Sendable {
+public nonisolated struct Google_Bytestream_ReadResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var data: Data = Data()
+  public var data: Data = Data()
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  public init() {}
 }
 
-nonisolated struct Google_Bytestream_WriteRequest: Sendable {
+public nonisolated struct Google_Bytestream_WriteRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var resourceName: String = String()
+  public var resourceName: String = String()
 
-  var writeOffset: Int64 = 0
+  public var writeOffset: Int64 = 0
 
-  var finishWrite: Bool = false
+  public var finishWrite: Bool = false
 
-  var data: Data = Data()
+  public var data: Data = Data()
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  public init() {}
 }
 
-nonisolated struct Google_Bytestream_WriteResponse: Sendable {
+public nonisolated struct Google_Bytestream_WriteResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var committedSize: Int64 = 0
+  public var committedSize: Int64 = 0
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  public init() {}
 }
 
-nonisolated struct Google_Bytestream_QueryWriteStatusRequest: Sendable {
+public nonisolated struct Google_Bytestream_QueryWriteStatusRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var resourceName: String = String()
+  public var resourceName: String = String()
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  public init() {}
 }
 
-nonisolated struct Google_Bytestream_QueryWriteStatusResponse: Sendable {
+public nonisolated struct Google_Bytestream_QueryWriteStatusResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var committedSize: Int64 = 0
+  public var committedSize: Int64 = 0
 
-  var complete: Bool = false
+  public var complete: Bool = false
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  public init() {}
 }
 
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
@@ -116,10 +116,10 @@ nonisolated struct Google_Bytestream_QueryWriteStatusResponse: Sendable {
 fileprivate nonisolated let _protobuf_package = "google.bytestream"
 
 nonisolated extension Google_Bytestream_ReadRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = _protobuf_package + ".ReadRequest"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}resource_name\0\u{3}read_offset\0\u{3}read_limit\0")
+  public static let protoMessageName: String = _protobuf_package + ".ReadRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}resource_name\0\u{3}read_offset\0\u{3}read_limit\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -133,7 +133,7 @@ nonisolated extension Google_Bytestream_ReadRequest: SwiftProtobuf.Message, Swif
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if !self.resourceName.isEmpty {
       try visitor.visitSingularStringField(value: self.resourceName, fieldNumber: 1)
     }
@@ -146,7 +146,7 @@ nonisolated extension Google_Bytestream_ReadRequest: SwiftProtobuf.Message, Swif
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: Google_Bytestream_ReadRequest, rhs: Google_Bytestream_ReadRequest) -> Bool {
+  public static func ==(lhs: Google_Bytestream_ReadRequest, rhs: Google_Bytestream_ReadRequest) -> Bool {
     if lhs.resourceName != rhs.resourceName {return false}
     if lhs.readOffset != rhs.readOffset {return false}
     if lhs.readLimit != rhs.readLimit {return false}
@@ -156,10 +156,10 @@ nonisolated extension Google_Bytestream_ReadRequest: SwiftProtobuf.Message, Swif
 }
 
 nonisolated extension Google_Bytestream_ReadResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = _protobuf_package + ".ReadResponse"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\u{a}data\0")
+  public static let protoMessageName: String = _protobuf_package + ".ReadResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\u{a}data\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -171,14 +171,14 @@ nonisolated extension Google_Bytestream_ReadResponse: SwiftProtobuf.Message, Swi
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if !self.data.isEmpty {
       try visitor.visitSingularBytesField(value: self.data, fieldNumber: 10)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: Google_Bytestream_ReadResponse, rhs: Google_Bytestream_ReadResponse) -> Bool {
+  public static func ==(lhs: Google_Bytestream_ReadResponse, rhs: Google_Bytestream_ReadResponse) -> Bool {
     if lhs.data != rhs.data {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
@@ -186,10 +186,10 @@ nonisolated extension Google_Bytestream_ReadResponse: SwiftProtobuf.Message, Swi
 }
 
 nonisolated extension Google_Bytestream_WriteRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = _protobuf_package + ".WriteRequest"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}resource_name\0\u{3}write_offset\0\u{3}finish_write\0\u{2}\u{7}data\0")
+  public static let protoMessageName: String = _protobuf_package + ".WriteRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}resource_name\0\u{3}write_offset\0\u{3}finish_write\0\u{2}\u{7}data\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -204,7 +204,7 @@ nonisolated extension Google_Bytestream_WriteRequest: SwiftProtobuf.Message, Swi
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if !self.resourceName.isEmpty {
       try visitor.visitSingularStringField(value: self.resourceName, fieldNumber: 1)
     }
@@ -220,7 +220,7 @@ nonisolated extension Google_Bytestream_WriteRequest: SwiftProtobuf.Message, Swi
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: Google_Bytestream_WriteRequest, rhs: Google_Bytestream_WriteRequest) -> Bool {
+  public static func ==(lhs: Google_Bytestream_WriteRequest, rhs: Google_Bytestream_WriteRequest) -> Bool {
     if lhs.resourceName != rhs.resourceName {return false}
     if lhs.writeOffset != rhs.writeOffset {return false}
     if lhs.finishWrite != rhs.finishWrite {return false}
@@ -231,10 +231,10 @@ nonisolated extension Google_Bytestream_WriteRequest: SwiftProtobuf.Message, Swi
 }
 
 nonisolated extension Google_Bytestream_WriteResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = _protobuf_package + ".WriteResponse"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}committed_size\0")
+  public static let protoMessageName: String = _protobuf_package + ".WriteResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}committed_size\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -246,14 +246,14 @@ nonisolated extension Google_Bytestream_WriteResponse: SwiftProtobuf.Message, Sw
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if self.committedSize != 0 {
       try visitor.visitSingularInt64Field(value: self.committedSize, fieldNumber: 1)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: Google_Bytestream_WriteResponse, rhs: Google_Bytestream_WriteResponse) -> Bool {
+  public static func ==(lhs: Google_Bytestream_WriteResponse, rhs: Google_Bytestream_WriteResponse) -> Bool {
     if lhs.committedSize != rhs.committedSize {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
@@ -261,10 +261,10 @@ nonisolated extension Google_Bytestream_WriteResponse: SwiftProtobuf.Message, Sw
 }
 
 nonisolated extension Google_Bytestream_QueryWriteStatusRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = _protobuf_package + ".QueryWriteStatusRequest"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}resource_name\0")
+  public static let protoMessageName: String = _protobuf_package + ".QueryWriteStatusRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}resource_name\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -276,14 +276,14 @@ nonisolated extension Google_Bytestream_QueryWriteStatusRequest: SwiftProtobuf.M
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if !self.resourceName.isEmpty {
       try visitor.visitSingularStringField(value: self.resourceName, fieldNumber: 1)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: Google_Bytestream_QueryWriteStatusRequest, rhs: Google_Bytestream_QueryWriteStatusRequest) -> Bool {
+  public static func ==(lhs: Google_Bytestream_QueryWriteStatusRequest, rhs: Google_Bytestream_QueryWriteStatusRequest) -> Bool {
     if lhs.resourceName != rhs.resourceName {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
@@ -291,10 +291,10 @@ nonisolated extension Google_Bytestream_QueryWriteStatusRequest: SwiftProtobuf.M
 }
 
 nonisolated extension Google_Bytestream_QueryWriteStatusResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = _protobuf_package + ".QueryWriteStatusResponse"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}committed_size\0\u{1}complete\0")
+  public static let protoMessageName: String = _protobuf_package + ".QueryWriteStatusResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}committed_size\0\u{1}complete\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -307,7 +307,7 @@ nonisolated extension Google_Bytestream_QueryWriteStatusResponse: SwiftProtobuf.
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if self.committedSize != 0 {
       try visitor.visitSingularInt64Field(value: self.committedSize, fieldNumber: 1)
     }
@@ -317,7 +317,7 @@ nonisolated extension Google_Bytestream_QueryWriteStatusResponse: SwiftProtobuf.
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: Google_Bytestream_QueryWriteStatusResponse, rhs: Google_Bytestream_QueryWriteStatusResponse) -> Bool {
+  public static func ==(lhs: Google_Bytestream_QueryWriteStatusResponse, rhs: Google_Bytestream_QueryWriteStatusResponse) -> Bool {
     if lhs.committedSize != rhs.committedSize {return false}
     if lhs.complete != rhs.complete {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}

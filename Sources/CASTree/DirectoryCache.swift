@@ -1,0 +1,105 @@
+import CASCore
+import Foundation
+import Synchronization
+
+/// What loading a Directory blob gave.
+public enum DirectoryLoad: Sendable {
+    case directory(TreeDirectory)
+    /// The blob is not in the store (it may be written later).
+    case absent
+    /// The blob is there but is not a valid Directory. Content-addressed, so
+    /// this never changes for the digest.
+    case invalid(TreeError)
+}
+
+/// Parsed Directory messages by digest, read through a `Storage` and kept in
+/// an LRU bounded by the size of the blobs they came from. Invalid blobs are
+/// remembered too (their content cannot change); absent ones are not.
+public final class DirectoryCache: Sendable {
+    private let storage: any Storage
+    private let capacity: Int64
+
+    private struct Slot {
+        var load: DirectoryLoad
+        var cost: Int64
+        var stamp: UInt64
+    }
+
+    private struct State {
+        var slots: [Digest: Slot] = [:]
+        var bytes: Int64 = 0
+        var clock: UInt64 = 0
+        var hits: Int64 = 0
+        var loads: Int64 = 0
+    }
+
+    private let state = Mutex(State())
+
+    /// - Parameter capacity: bytes of Directory blobs to keep parsed.
+    public init(storage: any Storage, capacity: Int64 = 32 << 20) {
+        self.storage = storage
+        self.capacity = capacity
+    }
+
+    /// The Directory with this digest. Storage errors are thrown.
+    public func load(_ digest: Digest) throws -> DirectoryLoad {
+        if let hit = state.withLock({ s -> DirectoryLoad? in
+            guard var slot = s.slots[digest] else { return nil }
+            s.clock += 1
+            slot.stamp = s.clock
+            s.slots[digest] = slot
+            s.hits += 1
+            return slot.load
+        }) {
+            return hit
+        }
+        let result: DirectoryLoad
+        if digest.size > TreeDirectory.maxBlobSize {
+            result = .invalid(.tooLarge(digest.size))
+        } else if digest.isEmpty {
+            result = .directory(try! TreeDirectory(parsing: Data()))
+        } else {
+            guard let source = try storage.getBlob(digest) else { return .absent }
+            let bytes = try source.readAll()
+            guard Int64(bytes.count) == digest.size else {
+                throw StorageError.sizeMismatch(expected: digest, actualSize: Int64(bytes.count))
+            }
+            do {
+                result = .directory(try TreeDirectory(parsing: bytes))
+            } catch {
+                result = .invalid(error)
+            }
+        }
+        insert(digest, result)
+        return result
+    }
+
+    private func insert(_ digest: Digest, _ load: DirectoryLoad) {
+        // A parsed entry costs more than its bytes; count a floor per entry.
+        var cost = max(digest.size, 64)
+        if case .directory(let d) = load { cost += Int64(d.entries.count) * 64 }
+        state.withLock { s in
+            s.loads += 1
+            if let old = s.slots[digest] { s.bytes -= old.cost }
+            s.clock += 1
+            s.slots[digest] = Slot(load: load, cost: cost, stamp: s.clock)
+            s.bytes += cost
+            guard s.bytes > capacity, s.slots.count > 1 else { return }
+            // Evict the least recently used until under capacity (keeping the new one).
+            let order = s.slots.sorted { $0.value.stamp < $1.value.stamp }
+            for (d, slot) in order where s.bytes > capacity * 3 / 4 && d != digest {
+                s.slots[d] = nil
+                s.bytes -= slot.cost
+            }
+        }
+    }
+
+    public var count: Int { state.withLock { $0.slots.count } }
+
+    public func statistics() -> [String: Int64] {
+        state.withLock { s in
+            ["tree_directories_cached": Int64(s.slots.count), "tree_directory_bytes": s.bytes,
+             "tree_directory_hits": s.hits, "tree_directory_loads": s.loads]
+        }
+    }
+}
