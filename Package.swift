@@ -82,8 +82,14 @@ let package = Package(
         .testTarget(name: "RedisIndexTests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
         .testTarget(name: "ConfigTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "RemoteCAS", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
-        .testTarget(name: "MountTests", dependencies: ["CASCore", "CASStorage", "TestSupport"]),
+        .testTarget(name: "MountTests", dependencies: [
+            "CASCore", "CASStorage", "CASTree", "REAPI", "TestSupport",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
         .testTarget(name: "RemoteTests", dependencies: ["CASCore", "RemoteCAS", "REAPI", "TestSupport"]),
-        .testTarget(name: "TreeTests", dependencies: ["CASCore", "CASStorage", "CASTree", "REAPI", "TestSupport"]),
+        .testTarget(name: "TreeTests", dependencies: [
+            "CASCore", "CASStorage", "CASTree", "REAPI",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
     ]
 )
