@@ -39,6 +39,9 @@ extension CASFilesystem {
         do {
             switch try directories.load(digest) {
             case .directory(let d):
+                // A tree in use keeps its Directory blobs fresh in the index,
+                // as opens do for files (batched, never blocking).
+                recordAccess?(digest)
                 return d
             case .absent:
                 replyNegative(req)
@@ -90,6 +93,7 @@ extension CASFilesystem {
         }
         switch child.kind {
         case .file(let digest, let executable):
+            if openless { recordAccess?(digest) }
             replyFileEntry(req, digest, FileVariant(executable: executable, properties: child.properties),
                            timeout: options.entryTimeout)
         case .directory(let digest):

@@ -49,6 +49,9 @@ struct StatCommand: ParsableCommand {
         if let bytes = out["memory_bytes"], let max = out["memory_max_bytes"] {
             print("memory:      \(humanBytes(bytes)) of \(humanBytes(max))")
         }
+        if let cached = out["tree_directories_cached"] {
+            print("trees:       \(cached) Directory messages cached, \(out["tree_directory_hits"] ?? 0) hits, \(out["tree_directory_loads"] ?? 0) loads")
+        }
     }
 
     /// The counters a running mount publishes in its root's `user.casfs.stats` attribute.
