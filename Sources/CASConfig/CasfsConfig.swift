@@ -188,7 +188,7 @@ final class ConfigBuilder {
     func buildMount(_ node: Node, _ key: String) throws -> MountOptions {
         let m = try mapping(node, key, allowed: [
             "writable", "entry-timeout", "attr-timeout", "negative-timeout", "threads",
-            "allow-other", "max-read", "fs-name",
+            "allow-other", "max-read", "fs-name", "tree-cache-size",
         ])
         var o = MountOptions()
         if let v = try bool(m, "writable", key) { o.writable = v }
@@ -205,6 +205,10 @@ final class ConfigBuilder {
             o.maxRead = Int(v)
         }
         if let v = try string(m, "fs-name", key) { o.fsName = v }
+        if let v = try size(m, "tree-cache-size", key) {
+            guard v >= 64 << 10 else { throw error(m["tree-cache-size"]!, "\(key).tree-cache-size", "must be at least 64K") }
+            o.treeCacheBytes = v
+        }
         return o
     }
 

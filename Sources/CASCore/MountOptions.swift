@@ -18,6 +18,8 @@ public struct MountOptions: Sendable, Equatable {
     public var allowOther = false
     /// Name shown in /proc/mounts.
     public var fsName = "casfs"
+    /// Bytes of parsed REAPI Directory blobs kept for /tree.
+    public var treeCacheBytes: Int64 = 32 << 20
 
     public init() {}
 }

@@ -48,9 +48,9 @@ public final class CASFilesystem: Sendable {
     ///   - recordAccess: called (must not block) on every open of a blob for reading.
     public init(storage: any Storage, index: (any BlobIndex)?, options: MountOptions,
                 stagingDirectory: String, recordAccess: (@Sendable (Digest) -> Void)?,
-                openless: Bool = false, treeCacheBytes: Int64 = 32 << 20) {
+                openless: Bool = false) {
         self.openless = openless && !options.writable
-        self.directories = DirectoryCache(storage: storage, capacity: treeCacheBytes)
+        self.directories = DirectoryCache(storage: storage, capacity: options.treeCacheBytes)
         self.storage = storage
         self.index = index
         self.options = options

@@ -36,6 +36,7 @@ final class ConfigTests: XCTestCase {
           writable: true
           negative-timeout: 2s
           entry-timeout: 1h
+          tree-cache-size: 8M
         """
         let c = try CasfsConfig.parse(yaml: yaml)
         let wc = try XCTUnwrap(c.storage as? WithCacheStorage)
@@ -50,6 +51,7 @@ final class ConfigTests: XCTestCase {
         XCTAssertTrue(c.mount.writable)
         XCTAssertEqual(c.mount.negativeTimeout, 2)
         XCTAssertEqual(c.mount.entryTimeout, 3600)
+        XCTAssertEqual(c.mount.treeCacheBytes, 8 << 20)
         XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir)/store/cas/objects"))
     }
 
@@ -106,6 +108,7 @@ final class ConfigTests: XCTestCase {
              "storage.redis.port", 3),
             ("storage: !disk-storage\n  path: /tmp/x\nmount:\n  writable: maybe\n", "mount.writable", 4),
             ("storage: !disk-storage\n  path: /tmp/x\nmount:\n  negative-timeout: soon\n", "mount.negative-timeout", 4),
+            ("storage: !disk-storage\n  path: /tmp/x\nmount:\n  tree-cache-size: 1K\n", "mount.tree-cache-size", 4),
             ("storage: !disk-storage\n  path: /tmp/x\nextra: 1\n", "extra", 3),
             ("storage: !disk-storage\n  path: [unclosed\n", "invalid YAML", 3),
             ("storage: !disk-storage\n  path: *nowhere\n", "invalid YAML", nil),
