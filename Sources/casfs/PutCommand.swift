@@ -119,7 +119,8 @@ struct PutCommand: ParsableCommand {
 }
 
 /// Stores files and in-memory blobs: small ones in batches (one pipelined
-/// bulk update per batch), large ones copied to a staging file while hashed.
+/// bulk update per batch, of the blobs the store lacks), large ones copied to
+/// a staging file while hashed.
 /// A file's digest is known as soon as it is read; its batch may be stored later.
 final class BlobUploader {
     /// Files up to this size are read into memory and stored in batches.
@@ -156,7 +157,9 @@ final class BlobUploader {
                 return digest
             }
             let (digest, staged) = try stage(src, path: path)
-            try storage.commitWrite(digest, staged)
+            if try storage.missingBlobs([digest]).isEmpty == false {
+                try storage.commitWrite(digest, staged)
+            }
             progress.finish()
             onStored?(path, digest)
             return digest
@@ -177,7 +180,20 @@ final class BlobUploader {
 
     func flush() {
         guard !batch.isEmpty else { return }
-        let statuses = storage.bulkUpdateBlobs(batch.map { ($0.digest, $0.data) })
+        // As REAPI clients do: ask which blobs the store lacks (which also
+        // refreshes the others' access times), send only those.
+        let missing: Set<Digest>
+        do {
+            missing = Set(try storage.missingBlobs(batch.map(\.digest)))
+        } catch {
+            missing = Set(batch.map(\.digest))
+        }
+        let toSend = batch.filter { missing.contains($0.digest) }
+        var sendStatus: [Digest: StorageError] = [:]
+        for (item, status) in zip(toSend, storage.bulkUpdateBlobs(toSend.map { ($0.digest, $0.data) })) {
+            if let status { sendStatus[item.digest] = status }
+        }
+        let statuses = batch.map { sendStatus[$0.digest] }
         for (item, status) in zip(batch, statuses) {
             if let status {
                 printError("\(item.label): \(status)")
