@@ -188,7 +188,7 @@ final class ConfigBuilder {
     func buildMount(_ node: Node, _ key: String) throws -> MountOptions {
         let m = try mapping(node, key, allowed: [
             "writable", "entry-timeout", "attr-timeout", "negative-timeout", "threads",
-            "allow-other", "max-read", "fs-name", "tree-cache-size",
+            "allow-other", "max-read", "fs-name", "tree-cache-size", "tree-prefetch",
         ])
         var o = MountOptions()
         if let v = try bool(m, "writable", key) { o.writable = v }
@@ -209,6 +209,7 @@ final class ConfigBuilder {
             guard v >= 64 << 10 else { throw error(m["tree-cache-size"]!, "\(key).tree-cache-size", "must be at least 64K") }
             o.treeCacheBytes = v
         }
+        if let v = try bool(m, "tree-prefetch", key) { o.treePrefetch = v }
         return o
     }
 

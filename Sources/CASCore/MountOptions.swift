@@ -20,6 +20,9 @@ public struct MountOptions: Sendable, Equatable {
     public var fsName = "casfs"
     /// Bytes of parsed REAPI Directory blobs kept for /tree.
     public var treeCacheBytes: Int64 = 32 << 20
+    /// When a tree directory is first used, hint the storage to fetch its
+    /// small files in bulk (one round trip per batch to a remote CAS).
+    public var treePrefetch = true
 
     public init() {}
 }

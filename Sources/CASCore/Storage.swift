@@ -28,11 +28,15 @@ public protocol Storage: Sendable {
     func bulkUpdateBlobs(_ blobs: [(Digest, Data)]) -> [StorageError?]
     /// The blobs present among `digests`.
     func bulkReadBlobs(_ digests: [Digest]) throws -> [Digest: Data]
+    /// A hint that these blobs are about to be read (say, the files of a
+    /// directory being listed). Returns at once; may do nothing.
+    func prefetch(_ digests: [Digest])
 }
 
 extension Storage {
     public func start() throws {}
     public func stop() throws {}
+    public func prefetch(_ digests: [Digest]) {}
 
     public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {
         guard let src = try getBlob(digest) else { return nil }

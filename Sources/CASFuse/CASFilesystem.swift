@@ -514,6 +514,7 @@ public final class CASFilesystem: Sendable {
             // The listing is read from this snapshot, whatever the cache evicts meanwhile.
             guard let d = loadDirectory(req, digest, op: "opendir") else { return }
             tree = d
+            prefetchFiles(digest, d)
             // Immutable: the kernel may keep the listing.
             casfs_fi_set_cache_readdir(fi, 1)
             casfs_fi_set_keep_cache(fi, 1)

@@ -81,9 +81,21 @@ extension CASFilesystem {
         replyTreeNode(req, directoryNode(parent: FixedInode.tree, name: name, digest: digest, d))
     }
 
+    /// The first time a directory of a tree is used, its files are likely to
+    /// be read: let the storage fetch the small ones in bulk.
+    func prefetchFiles(_ digest: Digest, _ dir: TreeDirectory) {
+        guard options.treePrefetch, directories.firstUse(digest) else { return }
+        var files: [Digest] = []
+        for e in dir.entries {
+            if case .file(let d, _) = e.kind { files.append(d) }
+        }
+        storage.prefetch(files)
+    }
+
     /// lookup of a child of a tree directory.
     func lookupInTree(_ req: fuse_req_t?, parent: UInt64, digest parentDigest: Digest, name: [UInt8]) {
         guard let dir = loadDirectory(req, parentDigest, op: "lookup") else { return }
+        prefetchFiles(parentDigest, dir)
         guard let child = dir.entry(named: name) else {
             // The tree is immutable: the name will never appear.
             var e = fuse_entry_param()

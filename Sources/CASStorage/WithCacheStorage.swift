@@ -35,6 +35,16 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
     /// Digests being fetched in the background.
     private let filling = Mutex<Set<Digest>>([])
 
+    /// Prefetch hints: blobs up to `prefetchBlobLimit` are fetched in bulk
+    /// calls of up to `prefetchBatchBytes`, one batch at a time, on a
+    /// background queue that drops hints once `prefetchMaxQueued` wait.
+    public let prefetchBlobLimit: Int64 = 1 << 20
+    public let prefetchBatchBytes: Int64 = 4 << 20
+    public let prefetchMaxQueued = 16
+    private let prefetchQueue = DispatchQueue(label: "casfs-prefetch", qos: .utility)
+    private let prefetchQueued = Atomic<Int>(0)
+    private let stopping = Atomic<Bool>(false)
+
     public init(cache: any Storage, fallback: any Storage, deferFallbackWrites: Bool = false,
                 fallbackWriterThreads: Int = 8, verifyFallbackReads: Bool = true,
                 streamThreshold: Int64 = 64 << 20) {
@@ -53,6 +63,9 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
 
     /// Waits for queued fallback writes, then stops both sides.
     public func stop() throws {
+        // Queued prefetches give up; wait for the one running.
+        stopping.store(true, ordering: .relaxed)
+        prefetchQueue.sync {}
         writers?.stop()
         try cache.stop()
         try fallback.stop()
@@ -101,6 +114,56 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
             do { _ = try fetch(digest) } catch {
                 log.error("background fetch of \(digest) failed: \(error)")
             }
+        }
+    }
+
+    /// Fetches the small blobs among `digests` that the cache lacks in bulk
+    /// calls (one round trip per batch to a remote fallback), verifies and
+    /// caches them. Readers never wait for it: a read that comes first fetches
+    /// its blob itself.
+    public func prefetch(_ digests: [Digest]) {
+        let wanted = digests.filter { $0.size > 0 && $0.size <= prefetchBlobLimit }
+        guard !wanted.isEmpty else { return }
+        guard prefetchQueued.add(1, ordering: .relaxed).newValue <= prefetchMaxQueued else {
+            prefetchQueued.subtract(1, ordering: .relaxed)
+            return
+        }
+        prefetchQueue.async { [self] in
+            defer { prefetchQueued.subtract(1, ordering: .relaxed) }
+            var batch: [Digest] = []
+            var bytes: Int64 = 0
+            for d in Set(wanted) where (try? cache.hasBlob(d)) != true {
+                if stopping.load(ordering: .relaxed) { return }
+                if bytes + d.size > prefetchBatchBytes, !batch.isEmpty {
+                    prefetchBatch(batch)
+                    batch = []
+                    bytes = 0
+                }
+                batch.append(d)
+                bytes += d.size
+            }
+            if !batch.isEmpty, !stopping.load(ordering: .relaxed) { prefetchBatch(batch) }
+        }
+    }
+
+    private func prefetchBatch(_ digests: [Digest]) {
+        let found: [Digest: Data]
+        do { found = try fallback.bulkReadBlobs(digests) } catch {
+            log.warning("prefetch of \(digests.count) blobs failed: \(error)")
+            return
+        }
+        var verified: [(Digest, Data)] = []
+        for (d, data) in found {
+            if verifyFallbackReads, Digest.of(data) != d {
+                counters.verifyFailures.add(1, ordering: .relaxed)
+                log.error("fallback returned corrupt bytes for \(d); not cached")
+                continue
+            }
+            verified.append((d, data))
+        }
+        counters.prefetched.add(verified.count, ordering: .relaxed)
+        if !verified.isEmpty, let e = cache.bulkUpdateBlobs(verified).lazy.compactMap({ $0 }).first {
+            log.info("prefetch: caching failed: \(e)")
         }
     }
 
@@ -235,6 +298,7 @@ private final class Counters: Sendable {
     let fallbackFetches = Atomic<Int>(0)
     let verifyFailures = Atomic<Int>(0)
     let fallbackReads = Atomic<Int>(0)
+    let prefetched = Atomic<Int>(0)
 
     func snapshot() -> [String: Int64] {
         [
@@ -243,6 +307,7 @@ private final class Counters: Sendable {
             "fallback_fetches": Int64(fallbackFetches.load(ordering: .relaxed)),
             "verify_failures": Int64(verifyFailures.load(ordering: .relaxed)),
             "fallback_range_reads": Int64(fallbackReads.load(ordering: .relaxed)),
+            "prefetched_blobs": Int64(prefetched.load(ordering: .relaxed)),
         ]
     }
 }

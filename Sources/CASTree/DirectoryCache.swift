@@ -23,6 +23,7 @@ public final class DirectoryCache: Sendable {
         var load: DirectoryLoad
         var cost: Int64
         var stamp: UInt64
+        var prefetched = false
     }
 
     private struct State {
@@ -91,6 +92,17 @@ public final class DirectoryCache: Sendable {
                 s.slots[d] = nil
                 s.bytes -= slot.cost
             }
+        }
+    }
+
+    /// True the first time it is called for a cached directory (until it is
+    /// evicted): callers use it to hint a prefetch of its files once.
+    public func firstUse(_ digest: Digest) -> Bool {
+        state.withLock { s in
+            guard var slot = s.slots[digest], !slot.prefetched else { return false }
+            slot.prefetched = true
+            s.slots[digest] = slot
+            return true
         }
     }
 

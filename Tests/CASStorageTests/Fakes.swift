@@ -52,6 +52,23 @@ final class InstrumentedStorage: Storage, Sendable {
         return src
     }
 
+    let bulkReadCalls = Atomic<Int>(0)
+
+    /// One call to the inner storage's bulk read (counted; corrupted on demand).
+    func bulkReadBlobs(_ digests: [Digest]) throws -> [Digest: Data] {
+        bulkReadCalls.add(1, ordering: .relaxed)
+        if failReads.load(ordering: .relaxed) { throw StorageError.unavailable("injected read failure") }
+        var out = try inner.bulkReadBlobs(digests)
+        if corrupt.load(ordering: .relaxed) {
+            for (d, data) in out where !data.isEmpty {
+                var bad = data
+                bad[bad.startIndex] ^= 0xff
+                out[d] = bad
+            }
+        }
+        return out
+    }
+
     /// Ranged reads pass straight through (not gated, not counted as fetches).
     func read(_ d: Digest, offset: Int64, length: Int) throws -> Data? {
         if failReads.load(ordering: .relaxed) { throw StorageError.unavailable("injected read failure") }

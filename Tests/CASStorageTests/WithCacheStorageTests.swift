@@ -216,6 +216,49 @@ final class WithCacheStreamingTests: XCTestCase {
     }
 }
 
+extension WithCacheStorageTests {
+    /// Prefetch fetches the small blobs the cache lacks in bulk calls, in the
+    /// background, and caches only what verifies.
+    func testPrefetchFetchesSmallMissingBlobsInBulk() throws {
+        let (s, cache, fallback) = try make()
+        var small: [Digest] = []
+        for i in 0..<40 {
+            let (d, data) = blob("small blob \(i)")
+            try fallback.inner.commitWrite(d, DataSource(data))
+            small.append(d)
+        }
+        let bigData = Data(repeating: 1, count: (1 << 20) + 1)
+        let big = Digest.of(bigData)
+        try fallback.inner.commitWrite(big, DataSource(bigData))
+        // One is cached already, one is absent everywhere.
+        _ = try s.getBlob(small[0])
+        let absent = blob("absent").0
+        s.prefetch(small + [big, absent])
+        XCTAssertTrue(waitUntil { s.statistics()["prefetched_blobs"] == 39 })
+        for d in small { XCTAssertTrue(try cache.inner.hasBlob(d)) }
+        XCTAssertFalse(try cache.inner.hasBlob(big), "blobs over the prefetch limit are left to readers")
+        XCTAssertEqual(fallback.bulkReadCalls.load(ordering: .relaxed), 1, "39 small blobs: one bulk call")
+        let gets = fallback.getCalls.load(ordering: .relaxed)
+        for d in small { _ = try s.getBlob(d) }
+        XCTAssertEqual(fallback.getCalls.load(ordering: .relaxed), gets, "prefetched blobs are cache hits")
+    }
+
+    func testPrefetchNeverCachesCorruptBytesOrThrows() throws {
+        let (s, cache, fallback) = try make()
+        let (d, data) = blob("will be corrupted")
+        try fallback.inner.commitWrite(d, DataSource(data))
+        fallback.corrupt.store(true, ordering: .relaxed)
+        s.prefetch([d])
+        XCTAssertTrue(waitUntil { s.statistics()["verify_failures"] == 1 })
+        XCTAssertFalse(try cache.inner.hasBlob(d))
+        fallback.corrupt.store(false, ordering: .relaxed)
+        fallback.failReads.store(true, ordering: .relaxed)
+        s.prefetch([blob("other").0])
+        try s.stop()  // waits for the running prefetch; a failed one is only logged
+        XCTAssertEqual(s.statistics()["prefetched_blobs"], 0)
+    }
+}
+
 /// Polls `condition` for up to 30 s (a bound against hangs, not a timing assertion).
 func waitUntil(_ condition: () -> Bool) -> Bool {
     for _ in 0..<3000 {

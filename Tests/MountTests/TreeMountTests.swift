@@ -126,6 +126,8 @@ final class TreeMountTests: MountTestCase {
         XCTAssertEqual(after["fuse_lookups"], mid["fuse_lookups"], "negative entries in a tree are cached")
         XCTAssertEqual(mid["fuse_lookups"]! - before["fuse_lookups"]!, 1, "only the new name was looked up")
         XCTAssertGreaterThan(after["tree_directories_cached"] ?? 0, 5)
+        // Listing the directories hinted the storage to fetch their small files in bulk.
+        XCTAssertGreaterThan(after["prefetched_blobs"] ?? 0, 5)
     }
 
     // MARK: malformed trees
