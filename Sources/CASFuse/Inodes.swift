@@ -68,48 +68,32 @@ public func fileInode(_ digest: Digest, _ variant: FileVariant?) -> UInt64 {
     return (base ^ variant.inodeSalt) | (1 << 63)
 }
 
-/// Inode → file for the file inodes the kernel currently knows (lookup counts).
-final class InodeTable: Sendable {
-    struct File: Equatable {
-        var digest: Digest
-        var variant: FileVariant?
-    }
-
+/// Inode → value for the inodes the kernel currently knows, with the kernel's
+/// lookup counts: an entry goes when FORGET brings its count to zero.
+final class LookupTable<Value: Equatable & Sendable>: Sendable {
     private struct Entry {
-        var file: File
+        var value: Value
         var lookups: UInt64
     }
 
     private let entries = Mutex<[UInt64: Entry]>([:])
 
-    enum RememberResult {
-        case ok(UInt64)
-        case collision(UInt64, Digest)
-    }
-
-    /// Records one more kernel reference to the file's inode.
-    func remember(_ digest: Digest, _ variant: FileVariant? = nil) -> RememberResult {
-        let ino = fileInode(digest, variant)
-        let file = File(digest: digest, variant: variant)
-        return entries.withLock { table in
+    /// Records one more kernel reference. On an inode collision (another
+    /// value already has this number) returns that value and records nothing.
+    func remember(_ ino: UInt64, _ value: Value) -> Value? {
+        entries.withLock { table in
             if var e = table[ino] {
-                guard e.file == file else { return .collision(ino, e.file.digest) }
+                guard e.value == value else { return e.value }
                 e.lookups += 1
                 table[ino] = e
             } else {
-                table[ino] = Entry(file: file, lookups: 1)
+                table[ino] = Entry(value: value, lookups: 1)
             }
-            return .ok(ino)
+            return nil
         }
     }
 
-    func digest(_ ino: UInt64) -> Digest? {
-        entries.withLock { $0[ino]?.file.digest }
-    }
-
-    func file(_ ino: UInt64) -> File? {
-        entries.withLock { $0[ino]?.file }
-    }
+    subscript(_ ino: UInt64) -> Value? { entries.withLock { $0[ino]?.value } }
 
     func forget(_ ino: UInt64, _ n: UInt64) {
         entries.withLock { table in
@@ -126,28 +110,54 @@ final class InodeTable: Sendable {
     var count: Int { entries.withLock { $0.count } }
 }
 
+/// Inode → file (blob digest and tree variant) for the file inodes the kernel knows.
+final class InodeTable: Sendable {
+    struct File: Equatable, Sendable {
+        var digest: Digest
+        var variant: FileVariant?
+    }
+
+    private let table = LookupTable<File>()
+
+    enum RememberResult {
+        case ok(UInt64)
+        case collision(UInt64, Digest)
+    }
+
+    /// Records one more kernel reference to the file's inode.
+    func remember(_ digest: Digest, _ variant: FileVariant? = nil) -> RememberResult {
+        let ino = fileInode(digest, variant)
+        if let other = table.remember(ino, File(digest: digest, variant: variant)) { return .collision(ino, other.digest) }
+        return .ok(ino)
+    }
+
+    func digest(_ ino: UInt64) -> Digest? { table[ino]?.digest }
+    func file(_ ino: UInt64) -> File? { table[ino] }
+    func forget(_ ino: UInt64, _ n: UInt64) { table.forget(ino, n) }
+    var count: Int { table.count }
+}
+
 /// Directories and symlinks inside trees. Each gets an inode per path (parent
 /// inode + name), never per digest: the same subtree can appear at several
 /// places, and the kernel cannot give one directory inode two parents. The
 /// number is derived from the path (bit 62 set, bit 63 clear), so a listing
 /// can report it before any lookup.
 final class TreeInodes: Sendable {
-    enum Kind: Equatable {
+    enum Kind: Equatable, Sendable {
         case directory(Digest)
         case symlink(String)
     }
 
-    struct Node {
+    struct Node: Equatable, Sendable {
         var kind: Kind
         var parent: UInt64
         var name: [UInt8]
         var mode: UInt32
         var mtime: TreeTime?
         var nlink: Int
-        var lookups: UInt64 = 1
     }
 
-    private let nodes = Mutex<[UInt64: Node]>([:])
+    private let table = LookupTable<Node>()
 
     static func inode(parent: UInt64, name: some Collection<UInt8>) -> UInt64 {
         var h = mix64(parent)
@@ -170,34 +180,14 @@ final class TreeInodes: Sendable {
     /// Records one more kernel reference; nil on an inode collision.
     func remember(_ node: Node) -> UInt64? {
         let ino = Self.inode(parent: node.parent, name: node.name)
-        return nodes.withLock { table -> UInt64? in
-            if var e = table[ino] {
-                guard e.parent == node.parent, e.name == node.name, e.kind == node.kind else { return nil }
-                e.lookups += 1
-                table[ino] = e
-            } else {
-                table[ino] = node
-            }
-            return ino
-        }
+        return table.remember(ino, node) == nil ? ino : nil
     }
 
     func node(_ ino: UInt64) -> Node? {
         guard Self.isTreeNode(ino) else { return nil }
-        return nodes.withLock { $0[ino] }
+        return table[ino]
     }
 
-    func forget(_ ino: UInt64, _ n: UInt64) {
-        nodes.withLock { table in
-            guard var e = table[ino] else { return }
-            if e.lookups <= n {
-                table[ino] = nil
-            } else {
-                e.lookups -= n
-                table[ino] = e
-            }
-        }
-    }
-
-    var count: Int { nodes.withLock { $0.count } }
+    func forget(_ ino: UInt64, _ n: UInt64) { table.forget(ino, n) }
+    var count: Int { table.count }
 }
