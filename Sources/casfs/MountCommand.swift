@@ -2,6 +2,7 @@ import ArgumentParser
 import CASConfig
 import CASCore
 import CASFuse
+import CFuse
 import CASStorage
 import Foundation
 import Logging
@@ -36,6 +37,11 @@ struct MountCommand: ParsableCommand {
     @Flag(name: .shortAndLong, help: "Log debug messages.")
     var verbose = false
 
+    /// A mount that `casfs run` makes for one run: it is not recorded as the
+    /// data directory's mount for other commands to find.
+    @Flag(name: .long, help: .hidden)
+    var temporary = false
+
     @Argument(help: "Where to mount.")
     var mountpoint: String
 
@@ -67,9 +73,7 @@ struct MountCommand: ParsableCommand {
             args.append("--foreground")
             if logFile == nil {
                 // The daemon has no terminal: its log goes to the data directory unless told otherwise.
-                let dir = DefaultConfig.dataDirectory()
-                try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-                args += ["--log-file", dir + "/casfs.log"]
+                args += ["--log-file", MountCommand.defaultLogFile()]
             }
             do {
                 _ = try Daemon.spawnAndWait(arguments: args)
@@ -93,6 +97,13 @@ struct MountCommand: ParsableCommand {
             if let ready { Daemon.report(ready, "ERR \(error)") }
             throw ExitCode.failure
         }
+    }
+
+    /// The background daemon's log file unless --log-file is given (its directory is created).
+    static func defaultLogFile() -> String {
+        let dir = DefaultConfig.dataDirectory()
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        return dir + "/casfs.log"
     }
 
     private func setUpLogging() {
@@ -148,7 +159,10 @@ struct MountCommand: ParsableCommand {
             batcher?.stop()
             stack.close()
         }
+        // A zero-config mount tells other commands (casfs run) where it is.
+        let record = temporary ? nil : stack.mountPointRecorder(mountpoint)
         try fs.serve(mountpoint: mountpoint) {
+            record?()
             if let ready { Daemon.report(ready, "OK") }
         }
     }
@@ -167,6 +181,11 @@ func isMountPoint(_ path: String) -> Bool {
         if mp == real { return true }
     }
     return false
+}
+
+/// True if `path` is served by a live casfs mount (its root has the stats attribute).
+func isCasfsMount(_ path: String) -> Bool {
+    getxattr(path, "user.casfs.stats", nil, 0) > 0
 }
 
 /// `path` made absolute from the current directory.

@@ -51,6 +51,39 @@ final class OpenStack {
         ownsRedis = started || keepRedis
     }
 
+    /// For a zero-config mount: writes `mountpoint` into the mount lock it
+    /// holds, where `runningZeroConfigMount` finds it. Nil for other stacks.
+    func mountPointRecorder(_ mountpoint: String) -> (@Sendable () -> Void)? {
+        guard mountLock >= 0 else { return nil }
+        let fd = mountLock
+        return {
+            _ = ftruncate(fd, 0)
+            let bytes = Array((mountpoint + "\n").utf8)
+            _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        }
+    }
+
+    /// The mount point of the zero-config mount serving `dataDirectory`, if
+    /// one recorded it, still holds the lock and answers as a casfs mount.
+    static func runningZeroConfigMount(dataDirectory: String) -> String? {
+        let fd = Foundation.open(dataDirectory + "/mount.lock", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { Foundation.close(fd) }
+        var buf = [UInt8](repeating: 0, count: 4097)
+        let n = read(fd, &buf, buf.count)
+        // Empty when no mount runs (the mount clears it at unmount): nothing to probe.
+        guard n > 1, n < buf.count, buf[n - 1] == UInt8(ascii: "\n") else { return nil }
+        let path = String(decoding: buf[0..<(n - 1)], as: UTF8.self)
+        guard path.hasPrefix("/"), isMountPoint(path), isCasfsMount(path) else { return nil }
+        // A record left by a mount that did not stop cleanly, and another
+        // casfs mount there now: nobody holds the lock.
+        if flock(fd, LOCK_SH | LOCK_NB) == 0 {
+            flock(fd, LOCK_UN)
+            return nil
+        }
+        return path
+    }
+
     /// The Redis index of the stack, or an error naming what is missing.
     func redisIndex(for command: String) throws -> RedisIndex {
         guard let index = config.index as? RedisIndex else {
@@ -66,6 +99,7 @@ final class OpenStack {
         }
         guard ownsRedis, let redis = privateRedis else { return }
         if mountLock >= 0 {
+            _ = ftruncate(mountLock, 0)
             redis.stop()
             Foundation.close(mountLock)
             return
