@@ -6,7 +6,7 @@ struct Casfs: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "casfs",
         abstract: "Mount a content-addressable store (Bazel REAPI CAS) as a filesystem.",
-        subcommands: [MountCommand.self, PutCommand.self, StatCommand.self, CleanupCommand.self])
+        subcommands: [MountCommand.self, PutCommand.self, StatCommand.self, CleanupCommand.self, RunCommand.self])
 }
 
 /// Entry point, called from main.swift; nonisolated so that nothing here is

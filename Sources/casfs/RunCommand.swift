@@ -1,0 +1,450 @@
+import ArgumentParser
+import CASConfig
+import CASCore
+import Foundation
+import Synchronization
+
+struct RunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a command in a bubblewrap sandbox on an input root from the store.",
+        discussion: """
+            The input root <mount>/tree/<hash>_<size> is bound read-only at \(Sandbox.input)
+            and is the working directory; \(Sandbox.output) is writable (--output, else a
+            scratch directory removed after the run); the whole mount is read-only at
+            \(Sandbox.cas). The host's top-level directories are read-only, /tmp is
+            private, and there is no network unless --network. The environment names
+            the paths: CASFS_INPUT_ROOT, CASFS_OUTPUT, CASFS_MOUNT.
+
+            Without --mount, a running zero-config mount is used if there is one;
+            otherwise the store (zero-config or --config) is mounted read-only on a
+            temporary directory for the run and unmounted afterwards.
+
+            Exits with the command's status (128+N when it dies from signal N);
+            casfs run's own errors exit \(RunCommand.ownFailure).
+            """)
+
+    @Option(name: .long, help: ArgumentHelp("The REAPI Directory digest of the input root.", valueName: "hash_size"))
+    var inputRoot: String?
+
+    @Option(name: .long, help: "A casfs mount to use (default: a running zero-config mount, else a temporary one).")
+    var mount: String?
+
+    @Option(name: .long, help: "YAML config of the store to mount for the run (not with --mount).")
+    var config: String?
+
+    @Option(name: .long, help: ArgumentHelp("Host directory bound writable at \(Sandbox.output) (created if missing). Default: a scratch directory removed after the run.", valueName: "dir"))
+    var output: String?
+
+    @Option(name: .long, help: ArgumentHelp("Host directory bound writable at the same path (created if missing). Repeatable.", valueName: "path"))
+    var writableDir: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Working directory inside (default: \(Sandbox.input), or \(Sandbox.output) without --input-root).", valueName: "dir"))
+    var chdir: String?
+
+    @Flag(name: .long, help: "Share the host's network (default: only a private loopback).")
+    var network = false
+
+    @Argument(parsing: .postTerminator, help: "The command and its arguments, after --.")
+    var command: [String] = []
+
+    /// Exit status of casfs run's own failures (as env(1) and timeout(1) do),
+    /// so that they are not taken for the command's status.
+    static let ownFailure: Int32 = 125
+
+    func run() throws {
+        SignalForwarding.install()
+        let cleanup = RunCleanup()
+        let status: Int32
+        do {
+            status = try execute(cleanup)
+        } catch let e as SignalForwarding.Interrupted {
+            cleanup.run()
+            printError(e)
+            throw ExitCode(128 + e.signal)
+        } catch {
+            cleanup.run()
+            printError(error)
+            throw ExitCode(RunCommand.ownFailure)
+        }
+        cleanup.run()
+        if status != 0 { throw ExitCode(status) }
+    }
+
+    /// What the arguments ask for, checked before anything is created.
+    struct Plan {
+        var inputRoot: Digest?
+        var bwrap: String
+        var writableDirs: [String]
+        var output: String?
+        var config: String?
+        var chdir: String
+    }
+
+    func plan() throws -> Plan {
+        guard !command.isEmpty else {
+            throw CLIError("no command given (put it after --: casfs run --input-root HASH_SIZE -- CMD ARGS...)")
+        }
+        if mount != nil && config != nil {
+            throw CLIError("--mount and --config exclude each other (--config is for the store casfs run mounts itself)")
+        }
+        var digest: Digest?
+        if let inputRoot {
+            guard let d = Digest(parsing: inputRoot) else {
+                throw CLIError("--input-root '\(inputRoot)' is not a digest <64 lowercase hex>_<size>")
+            }
+            digest = d
+        }
+        guard let bwrap = findExecutable("bwrap") else {
+            throw CLIError("bwrap not found in PATH: install the bubblewrap package (apt-get install bubblewrap)")
+        }
+        var dirs: [String] = []
+        for w in writableDir {
+            let path = absolute(w)
+            if path == "/" || Sandbox.reserved.contains(where: { path == $0 || path.hasPrefix($0 + "/") }) {
+                throw CLIError("--writable-dir \(w): \(path) would hide the sandbox's \(Sandbox.reserved.joined(separator: ", ")) or /")
+            }
+            dirs.append(path)
+        }
+        if let config, !FileManager.default.isReadableFile(atPath: config) {
+            throw CLIError("--config \(config): no such readable file")
+        }
+        let cwd = chdir ?? (digest != nil ? Sandbox.input : Sandbox.output)
+        guard cwd.hasPrefix("/") else { throw CLIError("--chdir \(cwd): give an absolute path inside the sandbox") }
+        return Plan(inputRoot: digest, bwrap: bwrap, writableDirs: dirs, output: output.map(absolute),
+                    config: config.map(absolute), chdir: cwd)
+    }
+
+    private func execute(_ cleanup: RunCleanup) throws -> Int32 {
+        let plan = try plan()
+        let mountpoint = try prepareMount(plan, cleanup)
+        try SignalForwarding.checkInterrupted()
+
+        var inputPath: String?
+        if let d = plan.inputRoot {
+            inputPath = try checkInputRoot(d, mount: mountpoint, temporary: cleanup.temporaryMountpoint != nil)
+        }
+
+        let output: String
+        if let dir = plan.output {
+            try makeDirectory(dir, what: "--output")
+            output = dir
+        } else {
+            output = try cleanup.runDirectory() + "/out"
+            try makeDirectory(output, what: "scratch output")
+            cleanup.scratchOutput = output
+        }
+        for w in plan.writableDirs { try makeDirectory(w, what: "--writable-dir") }
+        try SignalForwarding.checkInterrupted()
+
+        let args = Sandbox.bwrapArguments(mount: mountpoint, inputRoot: inputPath, outputDir: output,
+                                          writableDirs: plan.writableDirs, chdir: plan.chdir,
+                                          network: network, command: command)
+        return try spawnAndWait(plan.bwrap, args)
+    }
+
+    /// The mount to use: --mount, a running zero-config mount, or a temporary one.
+    private func prepareMount(_ plan: Plan, _ cleanup: RunCleanup) throws -> String {
+        if let mount {
+            let path = absolute(mount)
+            guard isCasfsMount(path) else {
+                throw CLIError("\(mount) is not a casfs mount (no user.casfs.stats attribute on it)")
+            }
+            return path
+        }
+        let data = DefaultConfig.dataDirectory()
+        if plan.config == nil, let running = OpenStack.runningZeroConfigMount(dataDirectory: data) {
+            return running
+        }
+        let dir = try cleanup.runDirectory() + "/mnt"
+        try makeDirectory(dir, what: "temporary mount point")
+        cleanup.temporaryMountpoint = dir
+        var args = ["mount", "--foreground", "--temporary", "-o", "ro", "--log-file", MountCommand.defaultLogFile()]
+        if let config = plan.config { args += ["--config", config] }
+        args.append(dir)
+        do {
+            cleanup.daemon = try Daemon.spawnAndWait(arguments: args)
+        } catch {
+            let text = "\(error)"
+            if plan.config == nil && text.hasPrefix("another casfs mount") {
+                throw CLIError("\(text), and its mount point is not known: pass --mount MOUNTPOINT")
+            }
+            throw CLIError("cannot mount the store for the run: \(text)")
+        }
+        return dir
+    }
+
+    /// `<mount>/tree/<digest>` if it is a directory, else why not.
+    private func checkInputRoot(_ d: Digest, mount: String, temporary: Bool) throws -> String {
+        // The temporary mount's path means nothing to the user; its log does.
+        let log = temporary ? MountCommand.defaultLogFile() : "the mount's log"
+        var st = stat()
+        guard stat(mount + "/tree", &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
+            throw CLIError("\(mount) has no tree/ directory (a casfs mount without input-root support: remount it with this casfs)")
+        }
+        let path = "\(mount)/tree/\(d)"
+        guard stat(path, &st) == 0 else {
+            let e = errno
+            let shown = temporary ? "tree/\(d)" : path
+            switch e {
+            case ENOENT:
+                throw CLIError("input root \(d) is not in the store (\(shown): no such Directory blob)")
+            case EIO:
+                throw CLIError("input root \(d) is not a REAPI Directory (\(shown): input/output error; \(log) says why)")
+            default:
+                throw CLIError("input root \(d): \(shown): \(String(cString: strerror(e)))")
+            }
+        }
+        guard (st.st_mode & S_IFMT) == S_IFDIR else {
+            throw CLIError("input root \(d): \(path) is not a directory")
+        }
+        return path
+    }
+
+    private func makeDirectory(_ path: String, what: String) throws {
+        do { try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) } catch {
+            throw CLIError("\(what) \(path): cannot create it (\((error as NSError).localizedDescription))")
+        }
+    }
+
+    /// Runs bwrap, forwarding SIGINT/SIGTERM/SIGHUP to it, and returns the
+    /// command's exit status (128+N for a death by signal N).
+    private func spawnAndWait(_ exe: String, _ args: [String]) throws -> Int32 {
+        let pid = try spawn(exe, [exe] + args)
+        SignalForwarding.child.store(pid, ordering: .sequentiallyConsistent)
+        // A signal that came before the pid was known is passed on now.
+        let early = SignalForwarding.received.load(ordering: .sequentiallyConsistent)
+        if early != 0 { kill(pid, early) }
+        let status = waitForExit(pid)
+        SignalForwarding.child.store(0, ordering: .sequentiallyConsistent)
+        return status
+    }
+}
+
+// MARK: the sandbox
+
+/// Fixed paths inside the sandbox and the bwrap command line.
+enum Sandbox {
+    static let input = "/input"
+    static let output = "/out"
+    static let cas = "/cas"
+    static var reserved: [String] { [input, output, cas] }
+    /// Host top-level entries that the sandbox gets fresh, or not at all.
+    static let notFromHost: Set<String> = ["proc", "dev", "tmp", "sys", "lost+found", "input", "out", "cas"]
+
+    /// bwrap's arguments. `mount`, `inputRoot` (`<mount>/tree/<digest>`),
+    /// `outputDir` and `writableDirs` are host paths.
+    static func bwrapArguments(mount: String, inputRoot: String?, outputDir: String, writableDirs: [String],
+                               chdir: String, network: Bool, command: [String]) -> [String] {
+        // The host's top-level directories, read-only, on a fresh root that has room for our own.
+        var a = ["--tmpfs", "/"]
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: "/")) ?? []).sorted()
+        for name in names where !notFromHost.contains(name) {
+            let path = "/" + name
+            var st = stat()
+            guard lstat(path, &st) == 0 else { continue }
+            switch st.st_mode & S_IFMT {
+            case S_IFLNK:
+                if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: path) {
+                    a += ["--symlink", target, path]
+                }
+            case S_IFDIR:
+                a += ["--ro-bind", path, path]
+            default:
+                continue
+            }
+        }
+        a += ["--ro-bind", "/sys", "/sys", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+        a += ["--dir", cas, "--ro-bind", mount, cas]
+        if let inputRoot { a += ["--dir", input, "--ro-bind", inputRoot, input] }
+        a += ["--dir", output, "--bind", outputDir, output]
+        for w in writableDirs { a += ["--bind", w, w] }
+        a += ["--remount-ro", "/"]
+        a += ["--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+        if !network { a += ["--unshare-net"] }
+        a += ["--die-with-parent", "--new-session"]
+        if inputRoot != nil {
+            a += ["--setenv", "CASFS_INPUT_ROOT", input]
+        } else {
+            a += ["--unsetenv", "CASFS_INPUT_ROOT"]
+        }
+        a += ["--setenv", "CASFS_OUTPUT", output, "--setenv", "CASFS_MOUNT", cas]
+        a += ["--setenv", "PWD", chdir, "--chdir", chdir]
+        a += ["--"] + command
+        return a
+    }
+}
+
+// MARK: processes and signals
+
+/// SIGINT, SIGTERM and SIGHUP are recorded and passed on to the sandbox, so
+/// that casfs run always gets to clean up after it.
+enum SignalForwarding {
+    static let received = Atomic<Int32>(0)
+    static let child = Atomic<Int32>(0)
+    static let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
+
+    static func install() {
+        for s in signals { signal(s, runSignalHandler) }
+    }
+
+    /// Throws when a signal came: the run stops before the sandbox starts.
+    static func checkInterrupted() throws {
+        let s = received.load(ordering: .sequentiallyConsistent)
+        if s != 0 { throw Interrupted(signal: s) }
+    }
+
+    struct Interrupted: Error, CustomStringConvertible {
+        let signal: Int32
+        var description: String { "interrupted by signal \(signal) before the command started" }
+    }
+}
+
+/// Async-signal-safe: an atomic store, an atomic load and kill(2).
+private func runSignalHandler(_ sig: Int32) {
+    SignalForwarding.received.store(sig, ordering: .sequentiallyConsistent)
+    let pid = SignalForwarding.child.load(ordering: .sequentiallyConsistent)
+    if pid > 0 { kill(pid, sig) }
+}
+
+/// Starts `argv` with posix_spawn: inherited stdio and environment, default
+/// signal dispositions and an empty signal mask.
+private func spawn(_ exe: String, _ argv: [String]) throws -> pid_t {
+    var attr = posix_spawnattr_t()
+    posix_spawnattr_init(&attr)
+    defer { posix_spawnattr_destroy(&attr) }
+    var none = sigset_t()
+    sigemptyset(&none)
+    posix_spawnattr_setsigmask(&attr, &none)
+    var defaults = sigset_t()
+    sigemptyset(&defaults)
+    for s in SignalForwarding.signals + [SIGPIPE, SIGQUIT] { sigaddset(&defaults, s) }
+    posix_spawnattr_setsigdefault(&attr, &defaults)
+    posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+
+    let cArgs = argv.map { strdup($0) } + [nil]
+    defer { cArgs.forEach { free($0) } }
+    var pid: pid_t = 0
+    let rc = posix_spawn(&pid, exe, nil, &attr, cArgs, environ)
+    guard rc == 0 else { throw CLIError("cannot start \(exe): \(String(cString: strerror(rc)))") }
+    return pid
+}
+
+/// Waits for `pid`; its exit status, or 128+N for a death by signal N.
+private func waitForExit(_ pid: pid_t) -> Int32 {
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 {
+        if errno != EINTR { return RunCommand.ownFailure }
+    }
+    let sig = status & 0x7f
+    return sig == 0 ? (status >> 8) & 0xff : 128 + sig
+}
+
+/// Waits up to `seconds` for `pid` to exit; false if it is still running.
+private func waitForExit(_ pid: pid_t, seconds: Double) -> Bool {
+    let end = Date().addingTimeInterval(seconds)
+    var status: Int32 = 0
+    repeat {
+        let r = waitpid(pid, &status, WNOHANG)
+        if r == pid || (r < 0 && errno == ECHILD) { return true }
+        usleep(20_000)
+    } while Date() < end
+    return false
+}
+
+/// Runs `argv` (looked up in PATH) quietly and returns its exit status.
+private func runQuietly(_ argv: [String]) -> Int32 {
+    guard let exe = findExecutable(argv[0]) else { return 127 }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+    let cArgs = argv.map { strdup($0) } + [nil]
+    defer { cArgs.forEach { free($0) } }
+    var pid: pid_t = 0
+    guard posix_spawn(&pid, exe, &actions, nil, cArgs, environ) == 0 else { return 127 }
+    return waitForExit(pid)
+}
+
+/// `name` in $PATH, if it is there and executable.
+func findExecutable(_ name: String) -> String? {
+    let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
+    for dir in path.split(separator: ":") where !dir.isEmpty {
+        let candidate = "\(dir)/\(name)"
+        var st = stat()
+        if stat(candidate, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, access(candidate, X_OK) == 0 {
+            return candidate
+        }
+    }
+    return nil
+}
+
+// MARK: cleanup
+
+/// What a run created, taken down again whatever happens: the temporary
+/// mount (unmounted, its daemon waited for), the scratch output, the run's
+/// temporary directory.
+final class RunCleanup {
+    private var directory: String?
+    var temporaryMountpoint: String?
+    var daemon: pid_t?
+    var scratchOutput: String?
+
+    /// The run's private temporary directory, created on first use.
+    func runDirectory() throws -> String {
+        if let directory { return directory }
+        let base = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.hasPrefix("/") ? $0 : nil } ?? "/tmp"
+        var template = Array("\(base)/casfs-run-XXXXXX".utf8CString)
+        guard let p = mkdtemp(&template) else {
+            throw CLIError("cannot create a temporary directory in \(base): \(String(cString: strerror(errno)))")
+        }
+        let dir = String(cString: p)
+        directory = dir
+        return dir
+    }
+
+    func run() {
+        if let mp = temporaryMountpoint {
+            if let daemon { unmount(mp, daemon: daemon) }
+            // Never recursive: if the unmount failed, the store stays untouched.
+            if !isMountPoint(mp) { rmdir(mp) }
+            temporaryMountpoint = nil
+            daemon = nil
+        }
+        if let out = scratchOutput {
+            try? FileManager.default.removeItem(atPath: out)
+            scratchOutput = nil
+        }
+        if let dir = directory {
+            if rmdir(dir) != 0 && errno != ENOENT {
+                printError("left \(dir) behind: \(String(cString: strerror(errno)))")
+            }
+            directory = nil
+        }
+    }
+
+    /// Unmounts the temporary mount and waits for its daemon (which stops a
+    /// private Redis it owns on the way out).
+    private func unmount(_ mp: String, daemon: pid_t) {
+        var unmounted = false
+        for attempt in 0..<20 {
+            if !isMountPoint(mp) || runQuietly(["fusermount3", "-u", mp]) == 0 {
+                unmounted = true
+                break
+            }
+            usleep(useconds_t(50_000 * (attempt + 1)))
+        }
+        if !unmounted {
+            printError("\(mp) is busy: unmounting it lazily")
+            _ = runQuietly(["fusermount3", "-uz", mp])
+        }
+        if waitForExit(daemon, seconds: 30) { return }
+        printError("the mount daemon (pid \(daemon)) did not exit after the unmount: stopping it")
+        kill(daemon, SIGTERM)
+        if waitForExit(daemon, seconds: 10) { return }
+        kill(daemon, SIGKILL)
+        _ = waitForExit(daemon, seconds: 5)
+    }
+}
