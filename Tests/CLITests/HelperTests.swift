@@ -111,7 +111,8 @@ final class HelperTests: XCTestCase {
         guard sh("command -v bwrap").ok else { return XCTFail("bubblewrap is not installed (apt-get install bubblewrap)") }
         let d = try put("an input of a build step\n")
         XCTAssertTrue(sh("\(shq(casfs)) mount --config \(shq(config)) \(shq(mnt))").ok)
-        let sandbox = "\(shq(helpers))/casfs-sandbox --mount \(shq(mnt))"
+        // casfs-sandbox is `casfs run` without an input root; CASFS names the binary under test.
+        let sandbox = "CASFS=\(shq(casfs)) \(shq(helpers))/casfs-sandbox --mount \(shq(mnt))"
         let sum = sh("\(sandbox) -- sha256sum /cas/sha256/\(d)")
         XCTAssertTrue(sum.ok, "\(sum)")
         XCTAssertEqual(sum.stdout, "\(d.hash)  /cas/sha256/\(d)\n")
@@ -129,7 +130,12 @@ final class HelperTests: XCTestCase {
         XCTAssertEqual(try String(contentsOfFile: out + "/result", encoding: .utf8), "AN INPUT OF A BUILD STEP\n")
         let net = sh("\(sandbox) -- sh -c 'tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d \" \"'")
         XCTAssertEqual(net.stdout, "lo\n", "only loopback inside: \(net)")
+        XCTAssertEqual(sh("\(sandbox) --chdir /cas/sha256 -- pwd").stdout, "/cas/sha256\n")
         XCTAssertTrue(sh("fusermount3 -u \(shq(mnt))").ok)
+        let notMounted = sh("\(sandbox) -- true")
+        XCTAssertFalse(notMounted.ok)
+        XCTAssertTrue(notMounted.stderr.contains("not a casfs mount"), notMounted.stderr)
+        XCTAssertEqual(notMounted.stderr.split(separator: "\n").count, 1, notMounted.stderr)
     }
 
     /// One zero-config mount per data directory; `casfs put` alongside a mount
