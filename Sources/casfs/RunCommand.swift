@@ -230,7 +230,9 @@ enum Sandbox {
     static let cas = "/cas"
     static var reserved: [String] { [input, output, cas] }
     /// Host top-level entries that the sandbox gets fresh, or not at all.
-    static let notFromHost: Set<String> = ["proc", "dev", "tmp", "sys", "lost+found", "input", "out", "cas"]
+    static var notFromHost: Set<String> {
+        Set(["proc", "dev", "tmp", "sys", "lost+found"] + reserved.map { String($0.dropFirst()) })
+    }
 
     /// bwrap's arguments. `mount`, `inputRoot` (`<mount>/tree/<digest>`),
     /// `outputDir` and `writableDirs` are host paths.
@@ -239,7 +241,8 @@ enum Sandbox {
         // The host's top-level directories, read-only, on a fresh root that has room for our own.
         var a = ["--tmpfs", "/"]
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: "/")) ?? []).sorted()
-        for name in names where !notFromHost.contains(name) {
+        let skipped = notFromHost
+        for name in names where !skipped.contains(name) {
             let path = "/" + name
             var st = stat()
             guard lstat(path, &st) == 0 else { continue }
