@@ -36,14 +36,19 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
     private let filling = Mutex<Set<Digest>>([])
 
     /// Prefetch hints: blobs up to `prefetchBlobLimit` are fetched in bulk
-    /// calls of up to `prefetchBatchBytes`, one batch at a time, on a
-    /// background queue that drops hints once `prefetchMaxQueued` wait.
+    /// calls of up to `prefetchBatchBytes` by `prefetchThreads` threads, in
+    /// the order hinted; hints are dropped while `prefetchMaxQueued` wait.
     public let prefetchBlobLimit: Int64 = 1 << 20
     public let prefetchBatchBytes: Int64 = 4 << 20
-    public let prefetchMaxQueued = 16
-    private let prefetchQueue = DispatchQueue(label: "casfs-prefetch", qos: .utility)
-    private let prefetchQueued = Atomic<Int>(0)
+    public let prefetchThreads = 4
+    public let prefetchMaxQueued = 1024
+    private let prefetchPool = Mutex<WriterPool?>(nil)
     private let stopping = Atomic<Bool>(false)
+    /// Digests a running prefetch batch is fetching: a reader that misses on
+    /// one waits for the batch (bounded) instead of fetching it a second time.
+    private let inflight = NSCondition()
+    nonisolated(unsafe) private var inflightDigests: Set<Digest> = []  // guarded by `inflight`
+    private let inflightWait: TimeInterval = 5
 
     public init(cache: any Storage, fallback: any Storage, deferFallbackWrites: Bool = false,
                 fallbackWriterThreads: Int = 8, verifyFallbackReads: Bool = true,
@@ -63,9 +68,9 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
 
     /// Waits for queued fallback writes, then stops both sides.
     public func stop() throws {
-        // Queued prefetches give up; wait for the one running.
+        // Queued prefetches give up; wait for the ones running.
         stopping.store(true, ordering: .relaxed)
-        prefetchQueue.sync {}
+        prefetchPool.withLock { $0 }?.stop()
         writers?.stop()
         try cache.stop()
         try fallback.stop()
@@ -122,31 +127,51 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
     /// caches them. Readers never wait for it: a read that comes first fetches
     /// its blob itself.
     public func prefetch(_ digests: [Digest]) {
-        let wanted = digests.filter { $0.size > 0 && $0.size <= prefetchBlobLimit }
+        guard !stopping.load(ordering: .relaxed) else { return }
+        var wanted = digests.filter { $0.size > 0 && $0.size <= prefetchBlobLimit }
         guard !wanted.isEmpty else { return }
-        guard prefetchQueued.add(1, ordering: .relaxed).newValue <= prefetchMaxQueued else {
-            prefetchQueued.subtract(1, ordering: .relaxed)
-            return
+        let pool = prefetchPool.withLock { p -> WriterPool in
+            if let p { return p }
+            let made = WriterPool(threads: prefetchThreads, name: "casfs-prefetch")
+            p = made
+            return made
         }
-        prefetchQueue.async { [self] in
-            defer { prefetchQueued.subtract(1, ordering: .relaxed) }
-            var batch: [Digest] = []
-            var bytes: Int64 = 0
-            for d in Set(wanted) where (try? cache.hasBlob(d)) != true {
-                if stopping.load(ordering: .relaxed) { return }
-                if bytes + d.size > prefetchBatchBytes, !batch.isEmpty {
-                    prefetchBatch(batch)
-                    batch = []
-                    bytes = 0
-                }
-                batch.append(d)
-                bytes += d.size
+        guard pool.pending < prefetchMaxQueued else { return }
+        var seen = Set<Digest>()
+        wanted = wanted.filter { seen.insert($0).inserted }
+        // One job per batch, so that several threads work on one large hint.
+        var batch: [Digest] = []
+        var bytes: Int64 = 0
+        for d in wanted {
+            if bytes + d.size > prefetchBatchBytes, !batch.isEmpty {
+                let b = batch
+                pool.submit { [self] in prefetchBatch(b) }
+                batch = []
+                bytes = 0
             }
-            if !batch.isEmpty, !stopping.load(ordering: .relaxed) { prefetchBatch(batch) }
+            batch.append(d)
+            bytes += d.size
+        }
+        if !batch.isEmpty {
+            let last = batch
+            pool.submit { [self] in prefetchBatch(last) }
         }
     }
 
-    private func prefetchBatch(_ digests: [Digest]) {
+    private func prefetchBatch(_ all: [Digest]) {
+        guard !stopping.load(ordering: .relaxed) else { return }
+        // What readers fetched meanwhile, or another batch is fetching, is left out.
+        inflight.lock()
+        let digests = all.filter { !inflightDigests.contains($0) && (try? cache.hasBlob($0)) != true }
+        inflightDigests.formUnion(digests)
+        inflight.unlock()
+        guard !digests.isEmpty else { return }
+        defer {
+            inflight.lock()
+            inflightDigests.subtract(digests)
+            inflight.broadcast()
+            inflight.unlock()
+        }
         let found: [Digest: Data]
         do { found = try fallback.bulkReadBlobs(digests) } catch {
             log.warning("prefetch of \(digests.count) blobs failed: \(error)")
@@ -265,9 +290,21 @@ public final class WithCacheStorage: Storage, StatisticsReporting {
         return nil
     }
 
+    /// If a running prefetch batch holds the digest, waits (bounded) for it:
+    /// the blob is then in the cache and is not fetched twice.
+    private func waitForPrefetch(_ digest: Digest) {
+        inflight.lock()
+        defer { inflight.unlock() }
+        let deadline = Date().addingTimeInterval(inflightWait)
+        while inflightDigests.contains(digest), Date() < deadline {
+            _ = inflight.wait(until: deadline)
+        }
+    }
+
     /// Fetches from the fallback (once for concurrent callers), verifies, and fills the cache.
     private func fetch(_ digest: Digest) throws -> BlobSource? {
         counters.misses.add(1, ordering: .relaxed)
+        waitForPrefetch(digest)
         return try fetches.run(digest) {
             // A concurrent fetch may have filled the cache since our miss.
             if let hit = try? cache.getBlob(digest) { return hit }

@@ -57,6 +57,7 @@ final class InstrumentedStorage: Storage, Sendable {
     /// One call to the inner storage's bulk read (counted; corrupted on demand).
     func bulkReadBlobs(_ digests: [Digest]) throws -> [Digest: Data] {
         bulkReadCalls.add(1, ordering: .relaxed)
+        if let g = gate.withLock({ $0 }) { g.wait() }
         if failReads.load(ordering: .relaxed) { throw StorageError.unavailable("injected read failure") }
         var out = try inner.bulkReadBlobs(digests)
         if corrupt.load(ordering: .relaxed) {

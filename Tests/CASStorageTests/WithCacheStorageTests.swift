@@ -243,6 +243,34 @@ extension WithCacheStorageTests {
         XCTAssertEqual(fallback.getCalls.load(ordering: .relaxed), gets, "prefetched blobs are cache hits")
     }
 
+    /// A reader that misses on a blob a running prefetch batch is fetching
+    /// waits for that batch instead of fetching the blob again.
+    func testReaderWaitsForRunningPrefetchInsteadOfFetchingTwice() throws {
+        let (s, _, fallback) = try make()
+        let (d, data) = blob("being prefetched")
+        try fallback.inner.commitWrite(d, DataSource(data))
+        let gate = DispatchSemaphore(value: 0)
+        fallback.gate.withLock { $0 = gate }
+        s.prefetch([d])
+        XCTAssertTrue(waitUntil { fallback.bulkReadCalls.load(ordering: .relaxed) == 1 })
+        let got = Mutex<Data?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            let data = try? s.getBlob(d)?.readAll()
+            got.withLock { $0 = data }
+            done.signal()
+        }.start()
+        usleep(100_000)
+        XCTAssertEqual(got.withLock { $0 }, nil, "the reader waits while the batch runs")
+        fallback.gate.withLock { $0 = nil }
+        // Enough for both, should the reader have gone to the fallback itself.
+        gate.signal()
+        gate.signal()
+        XCTAssertEqual(done.wait(timeout: .now() + 30), .success)
+        XCTAssertEqual(got.withLock { $0 }, data)
+        XCTAssertEqual(fallback.getCalls.load(ordering: .relaxed), 0, "no second fetch of the blob")
+    }
+
     func testPrefetchNeverCachesCorruptBytesOrThrows() throws {
         let (s, cache, fallback) = try make()
         let (d, data) = blob("will be corrupted")
