@@ -395,19 +395,20 @@ final class TreeRemoteTests: RemoteTestCase {
         XCTAssertEqual(try missingPerBuildGrid([f.digest]), [])
     }
 
-    /// A plain file of a tree is the blob's own inode, so on a writable mount
-    /// open(O_WRONLY|O_TRUNC) of <mount>/tree/<root>/README.txt is taken as a
-    /// rewrite of /sha256/<digest>: other bytes fail only at close() (EIO),
-    /// the same bytes succeed. An executable file of the same tree gets EPERM
-    /// at open, and so should a plain one: the Directory is immutable.
-    func testWritableMountRefusesOpeningAPlainTreeFileForWriting() throws {
+    /// A plain file of a tree is the blob's own inode (one page cache with
+    /// /sha256/<digest>), so on a writable mount open(O_WRONLY|O_TRUNC) of
+    /// <mount>/tree/<root>/README.txt is a rewrite of that blob, with the
+    /// blob's rules: other bytes fail at close() with EIO and change nothing,
+    /// the same bytes are a no-op. An executable (its own inode) is EPERM at
+    /// open. Either way the tree never changes.
+    func testWritableMountTreatsWritingAPlainTreeFileAsRewritingItsBlob() throws {
         let src = try makeSourceTree()
         let root = try uploadDirWithBuildGrid(src)
         let m = try mount(remoteConfig(writable: true))
         let tree = treePath(m, root)
         XCTAssertEqual(attempt("write-trunc", tree + "/bin/README-exec"), "EPERM")
-        XCTAssertEqual(attempt("write-trunc", tree + "/README.txt"), "EPERM", "other bytes")
-        XCTAssertEqual(attempt("write-same", tree + "/README.txt", src + "/README.txt"), "EPERM", "the same bytes")
+        XCTAssertEqual(attempt("write-trunc", tree + "/README.txt"), "EIO", "other bytes: refused at close")
+        XCTAssertEqual(attempt("write-same", tree + "/README.txt", src + "/README.txt"), "OK", "the same bytes: a no-op")
         assertTreeUnchanged(tree, src)
     }
 }
