@@ -159,7 +159,9 @@ struct RunCommand: ParsableCommand {
         let dir = try cleanup.runDirectory() + "/mnt"
         try makeDirectory(dir, what: "temporary mount point")
         cleanup.temporaryMountpoint = dir
-        var args = ["mount", "--foreground", "--temporary", "-o", "ro", "--log-file", MountCommand.defaultLogFile()]
+        // Read-only and short-lived: noopen spares every open of an input file
+        // its round trip to the daemon (access times are refreshed at lookup).
+        var args = ["mount", "--foreground", "--temporary", "-o", "ro,noopen", "--log-file", MountCommand.defaultLogFile()]
         if let config = plan.config { args += ["--config", config] }
         args.append(dir)
         do {
