@@ -93,31 +93,12 @@ public final class PrivateRedis: Sendable {
 
     /// Runs a program (which daemonizes itself) and waits for it to return.
     static func runToCompletion(_ args: [String]) throws -> Int32 {
-        var pid: pid_t = 0
-        let argv = args.map { strdup($0) } + [nil]
-        defer { for a in argv { free(a) } }
-        var fileActions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&fileActions)
-        defer { posix_spawn_file_actions_destroy(&fileActions) }
-        posix_spawn_file_actions_addopen(&fileActions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&fileActions, 1, "/dev/null", O_WRONLY, 0)
-        let rc = posix_spawn(&pid, args[0], &fileActions, nil, argv, environ)
-        guard rc == 0 else {
-            throw Failure(description: "cannot run \(args[0]): \(String(cString: strerror(rc)))")
-        }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 {
-            guard errno == EINTR else { throw Failure(description: "waiting for \(args[0]) failed") }
-        }
-        return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        let pid = try Spawn.quiet(args[0], args, keepStderr: true).get()
+        guard let status = Spawn.wait(pid) else { throw Failure(description: "waiting for \(args[0]) failed") }
+        return status
     }
 
     static func findExecutable(_ name: String) -> String? {
-        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
-        for dir in path.split(separator: ":") + ["/usr/sbin", "/usr/bin"] {
-            let candidate = "\(dir)/\(name)"
-            if access(candidate, X_OK) == 0 { return candidate }
-        }
-        return nil
+        Spawn.findExecutable(name, extraDirectories: ["/usr/sbin", "/usr/bin"])
     }
 }

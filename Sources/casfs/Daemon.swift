@@ -1,3 +1,4 @@
+import CASConfig
 import Foundation
 
 /// Background start of `casfs mount`: the command re-executes itself with
@@ -18,29 +19,19 @@ enum Daemon {
         let (rfd, wfd) = (fds[0], fds[1])
         _ = fcntl(rfd, F_SETFD, FD_CLOEXEC)
 
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
-
         let exe = "/proc/self/exe"
         let argv = [CommandLine.arguments.first ?? "casfs"] + arguments
         var env = ProcessInfo.processInfo.environment
         env[readyEnv] = String(wfd)
-        let cArgs = argv.map { strdup($0) } + [nil]
-        let cEnv = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            cArgs.forEach { free($0) }
-            cEnv.forEach { free($0) }
-        }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, exe, &actions, nil, cArgs, cEnv)
+        let spawned = Spawn.quiet(exe, argv, environment: env)
         close(wfd)
-        guard rc == 0 else {
+        let pid: pid_t
+        switch spawned {
+        case .success(let p):
+            pid = p
+        case .failure(let e):
             close(rfd)
-            throw Failed(description: "could not start the mount daemon: \(String(cString: strerror(rc)))")
+            throw Failed(description: "could not start the mount daemon: \(String(cString: strerror(e.code)))")
         }
 
         var message = Data()

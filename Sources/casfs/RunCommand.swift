@@ -95,7 +95,7 @@ struct RunCommand: ParsableCommand {
             }
             digest = d
         }
-        guard let bwrap = findExecutable("bwrap") else {
+        guard let bwrap = Spawn.findExecutable("bwrap") else {
             throw CLIError("bwrap not found in PATH: install the bubblewrap package (apt-get install bubblewrap)")
         }
         var dirs: [String] = []
@@ -337,12 +337,7 @@ private func spawn(_ exe: String, _ argv: [String]) throws -> pid_t {
 
 /// Waits for `pid`; its exit status, or 128+N for a death by signal N.
 private func waitForExit(_ pid: pid_t) -> Int32 {
-    var status: Int32 = 0
-    while waitpid(pid, &status, 0) < 0 {
-        if errno != EINTR { return RunCommand.ownFailure }
-    }
-    let sig = status & 0x7f
-    return sig == 0 ? (status >> 8) & 0xff : 128 + sig
+    Spawn.wait(pid) ?? RunCommand.ownFailure
 }
 
 /// Waits up to `seconds` for `pid` to exit; false if it is still running.
@@ -359,32 +354,10 @@ private func waitForExit(_ pid: pid_t, seconds: Double) -> Bool {
 
 /// Runs `argv` (looked up in PATH) quietly and returns its exit status.
 private func runQuietly(_ argv: [String]) -> Int32 {
-    guard let exe = findExecutable(argv[0]) else { return 127 }
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
-    let cArgs = argv.map { strdup($0) } + [nil]
-    defer { cArgs.forEach { free($0) } }
-    var pid: pid_t = 0
-    guard posix_spawn(&pid, exe, &actions, nil, cArgs, environ) == 0 else { return 127 }
+    guard let exe = Spawn.findExecutable(argv[0]), case .success(let pid) = Spawn.quiet(exe, argv) else { return 127 }
     return waitForExit(pid)
 }
 
-/// `name` in $PATH, if it is there and executable.
-func findExecutable(_ name: String) -> String? {
-    let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
-    for dir in path.split(separator: ":") where !dir.isEmpty {
-        let candidate = "\(dir)/\(name)"
-        var st = stat()
-        if stat(candidate, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, access(candidate, X_OK) == 0 {
-            return candidate
-        }
-    }
-    return nil
-}
 
 // MARK: cleanup
 
