@@ -248,6 +248,28 @@ final class TreeMountTests: MountTestCase {
         XCTAssertEqual(mustSh("cat \(shq(t + "/l"))"), "props\n")
     }
 
+    func testPutTreeRefusesWhatATreeCannotHold() throws {
+        let m = try mount(try cachedIndexedConfig(writable: false))
+        let bin = try casfsBinary()
+        let fifoTree = tmp + "/with-fifo"
+        mustSh("mkdir -p \(shq(fifoTree + "/sub")) && echo ok > \(shq(fifoTree + "/a")) && mkfifo \(shq(fifoTree + "/sub/pipe"))")
+        var r = sh("\(shq(bin)) put --quiet --tree --config \(shq(m.configPath)) \(shq(fifoTree))")
+        XCTAssertFalse(r.ok)
+        XCTAssertEqual(r.stdout, "", "no root digest is printed")
+        XCTAssertTrue(r.stderr.contains("\(fifoTree)/sub/pipe: a socket, FIFO or device cannot be part of an input root"), r.stderr)
+
+        let badName = tmp + "/bad-name"
+        mustSh("mkdir -p \(shq(badName)) && touch \(shq(badName))/$(printf 'x\\377y')")
+        r = sh("\(shq(bin)) put --quiet --tree --config \(shq(m.configPath)) \(shq(badName))")
+        XCTAssertFalse(r.ok)
+        XCTAssertEqual(r.stdout, "")
+        XCTAssertTrue(r.stderr.contains("is not valid UTF-8"), r.stderr)
+
+        r = sh("\(shq(bin)) put --quiet --tree --config \(shq(m.configPath)) \(shq(fifoTree + "/a"))")
+        XCTAssertFalse(r.ok)
+        XCTAssertTrue(r.stderr.contains("not a directory"), r.stderr)
+    }
+
     // MARK: a large tree
 
     func testTenThousandFileTree() throws {
