@@ -16,14 +16,17 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.9.2"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
         .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // Digests, the Storage protocol, blob sources and errors. No backends.
         .target(name: "CASCore", dependencies: [
             .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         // Thin C surfaces.
         .systemLibrary(name: "CHiredis", path: "Sources/CHiredis"),
+        .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
         .systemLibrary(name: "CFuse", path: "Sources/CFuse", pkgConfig: "fuse3"),
         // A pooled, pipelining Redis client over hiredis.
         .target(name: "Redis", dependencies: [
@@ -32,7 +35,7 @@ let package = Package(
         ]),
         // Backends and decorators, one per file, and the Redis index.
         .target(name: "CASStorage", dependencies: [
-            "CASCore", "Redis",
+            "CASCore", "Redis", "CLinux",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Generated REAPI / ByteStream messages (Protos/, scripts/generate-protos).
@@ -61,13 +64,17 @@ let package = Package(
             "CASCore", "CASStorage", "Redis", "RemoteCAS",
             .product(name: "Yams", package: "Yams"),
         ]),
-        // The FUSE low-level driver: translates kernel requests to Storage calls.
+        // The FUSE kernel protocol: ABI, request decoding, reply encoding, the
+        // request loop, notifications, passthrough. No storage knowledge;
+        // libfuse is used only to mount and unmount.
+        .target(name: "FuseKernel", dependencies: ["CFuse", "CLinux"]),
+        // The filesystem: one view per top-level directory over the protocol module.
         .target(name: "CASFuse", dependencies: [
-            "CFuse", "CASCore", "CASTree",
+            "FuseKernel", "CASCore", "CASTree", "CLinux",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "casfs", dependencies: [
-            "CASCore", "CASStorage", "CASConfig", "CASFuse", "CASTree", "Redis",
+            "CASCore", "CASStorage", "CASConfig", "CASFuse", "CASTree", "Redis", "CLinux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

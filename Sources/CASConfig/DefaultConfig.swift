@@ -17,42 +17,47 @@ public enum DefaultConfig {
         return home + "/.local/share/casfs"
     }
 
+    /// Creates the data directory private to its user (0700), or makes an
+    /// existing one so.
+    public static func prepareDataDirectory(_ dir: String) throws {
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o700])
+        if chmod(dir, 0o700) != 0 {
+            throw StorageError.posix("chmod 0700 \(dir)")
+        }
+    }
+
     /// The private Redis of a data directory.
     public static func privateRedis(dataDirectory: String) -> PrivateRedis {
         PrivateRedis(directory: dataDirectory + "/redis")
     }
 
-    /// Builds the default stack over an already running private Redis. When the
-    /// index is empty but the disk store holds blobs (the Redis data was lost),
-    /// the index is rebuilt from the disk first.
-    public static func make(dataDirectory: String, redis: PrivateRedis) throws -> CasfsConfig {
-        let disk = try DiskStorage(root: dataDirectory)
-        let pool = RedisPool(redis.config)
-        let index = try RedisIndex(redis: pool, storage: disk)
-        let rebuilt = try rebuildIfEmpty(index: index, disk: disk)
-        if rebuilt > 0 {
-            log.notice("the index was empty: re-indexed \(rebuilt) blobs found in \(dataDirectory)")
-        }
-        let storage = WithCacheStorage(cache: MemoryStorage(maxBytes: memoryCacheBytes), fallback: index)
+    /// The default stack as a specification.
+    public static func spec(dataDirectory: String, redis: PrivateRedis) -> ConfigSpec {
+        var redisSpec = RedisSpec(id: 1)
+        redisSpec.unixSocket = redis.socketPath
+        redisSpec.connectTimeout = redis.config.connectTimeout
+        redisSpec.commandTimeout = redis.config.commandTimeout
+        let disk = StorageNode(id: 2, path: "storage.fallback.storage", kind: .disk(path: dataDirectory))
+        let index = StorageNode(id: 3, path: "storage.fallback", kind: .redisIndex(storage: disk, redis: redisSpec, prefix: nil))
+        let memory = StorageNode(id: 4, path: "storage.cache", kind: .memory(size: memoryCacheBytes))
+        let top = StorageNode(id: 5, path: "storage", kind: .withCache(WithCacheSpec(cache: memory, fallback: index)))
         var mount = MountOptions()
         mount.writable = true
-        return CasfsConfig(storage: storage, index: index, mount: mount)
+        return ConfigSpec(storage: top, mount: mount, source: "zero-config default")
     }
 
-    /// Re-indexes every blob of `disk` when the index holds none. Returns how many were added.
-    @discardableResult
-    public static func rebuildIfEmpty(index: RedisIndex, disk: DiskStorage) throws -> Int {
-        guard try index.blobCount() <= 0 else { return 0 }
-        var batch: [Digest] = []
-        var added = 0
-        try disk.forEachBlob { d in
-            batch.append(d)
-            if batch.count == 1000 {
-                added += try index.addToIndex(batch)
-                batch.removeAll(keepingCapacity: true)
+    /// Builds the default stack over an already running private Redis. When
+    /// the index is empty but the disk store holds blobs (the Redis data was
+    /// lost), the index is rebuilt from the disk first.
+    public static func make(dataDirectory: String, redis: PrivateRedis, metrics: Metrics = Metrics()) throws -> StorageStack {
+        let stack = try StackBuilder(metrics: metrics, exclusiveRedis: [1]).build(spec(dataDirectory: dataDirectory, redis: redis))
+        if let index = stack.index, try index.blobCount() <= 0 {
+            let report = try index.reconcile()
+            if report.added > 0 {
+                log.notice("the index was empty: re-indexed \(report.added) blobs found in \(dataDirectory)")
             }
         }
-        if !batch.isEmpty { added += try index.addToIndex(batch) }
-        return added
+        return stack
     }
 }

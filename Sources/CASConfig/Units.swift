@@ -14,10 +14,17 @@ public func parseByteSize(_ text: String) -> Int64? {
         s.removeLast()
     }
     guard !s.isEmpty, s.allSatisfy({ $0.isASCII && ($0.isNumber || $0 == ".") }) else { return nil }
-    if multiplier == 1 { return Int64(s) }
-    guard let v = Double(s), v >= 0, v * multiplier < 0x1p62 else { return nil }
+    if multiplier == 1 { return Int64(s).flatMap { $0 < maxByteSize ? $0 : nil } }
+    guard let v = Double(s), v >= 0, v * multiplier < Double(maxByteSize) else { return nil }
     return Int64(v * multiplier)
 }
+
+/// The largest size a configuration may give (4 EiB): sums of a few such
+/// sizes still fit in 64 bits.
+public let maxByteSize: Int64 = 1 << 62
+
+/// The longest duration a configuration may give (about 30 years).
+public let maxDuration: Double = 1e9
 
 /// Parses a duration: plain seconds, or a number with `s`, `m`, `h` or `d`
 /// (`90s`, `15m`, `2h`, `7d`, `0.5s`). Returns seconds.
@@ -30,5 +37,6 @@ public func parseDuration(_ text: String) -> Double? {
         s.removeLast()
     }
     guard !s.isEmpty, s.allSatisfy({ $0.isASCII && ($0.isNumber || $0 == ".") }), let v = Double(s) else { return nil }
-    return v * multiplier
+    let seconds = v * multiplier
+    return seconds.isFinite && seconds <= maxDuration ? seconds : nil
 }

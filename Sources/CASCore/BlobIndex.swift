@@ -12,4 +12,11 @@ public protocol BlobIndex: Sendable {
     func totalSize() throws -> Int64
     /// Number of indexed blobs.
     func blobCount() throws -> Int64
+    /// The blob count as of at most `maxAge` seconds ago without waiting for
+    /// it to be computed (nil until known).
+    func recentBlobCount(maxAge: Double) -> Int64?
+}
+
+extension BlobIndex {
+    public func recentBlobCount(maxAge: Double) -> Int64? { try? blobCount() }
 }

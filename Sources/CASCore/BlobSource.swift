@@ -6,6 +6,29 @@ public protocol BlobSource: Sendable {
     var size: Int64 { get }
     /// Up to `length` bytes from `offset`; fewer only at the end of the blob.
     func read(offset: Int64, length: Int) throws -> Data
+    /// Reads up to `buffer.count` bytes at `offset` into `buffer`; fewer only
+    /// at the end of the blob. Returns how many.
+    func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int
+    /// True when these bytes are known to hash to the blob's digest: casfs
+    /// wrote or verified them, and (for a file) nothing changed it since.
+    var isVerified: Bool { get }
+    /// A descriptor of a local file that holds exactly the blob's bytes, when
+    /// the source is one (the kernel can then read it directly).
+    var fileDescriptor: Int32? { get }
+    /// The digest of these bytes, when casfs computed it while they were written.
+    var computedDigest: Digest? { get }
+}
+
+extension BlobSource {
+    public var isVerified: Bool { false }
+    public var fileDescriptor: Int32? { nil }
+    public var computedDigest: Digest? { nil }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
+        let data = try read(offset: offset, length: buffer.count)
+        data.copyBytes(to: buffer)
+        return data.count
+    }
 }
 
 /// Chunk size used when streaming sources (copying, hashing).
@@ -47,7 +70,7 @@ extension BlobSource {
         guard size == digest.size else {
             throw StorageError.sizeMismatch(expected: digest, actualSize: size)
         }
-        let actual = try computeDigest()
+        let actual = try computedDigest ?? computeDigest()
         guard actual == digest else { throw StorageError.digestMismatch(expected: digest, actual: actual) }
     }
 }
@@ -55,7 +78,12 @@ extension BlobSource {
 /// A blob held in memory.
 public struct DataSource: BlobSource {
     public let data: Data
-    public init(_ data: Data) { self.data = data }
+    public let isVerified: Bool
+    /// `verified`: the bytes are known to match the digest they are served for.
+    public init(_ data: Data, verified: Bool = false) {
+        self.data = data
+        self.isVerified = verified
+    }
     public var size: Int64 { Int64(data.count) }
     public func read(offset: Int64, length: Int) throws -> Data {
         guard offset >= 0, length >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
@@ -70,6 +98,9 @@ public struct DataSource: BlobSource {
 public final class FileSource: BlobSource {
     public let fd: Int32
     public let size: Int64
+    public let isVerified: Bool
+    public let computedDigest: Digest?
+    public var fileDescriptor: Int32? { fd }
 
     /// Opens `path` read-only. Throws `io(ENOENT)` when absent.
     public convenience init(path: String) throws {
@@ -84,10 +115,13 @@ public final class FileSource: BlobSource {
         self.init(fd: fd, size: Int64(st.st_size))
     }
 
-    /// Takes ownership of `fd`.
-    public init(fd: Int32, size: Int64) {
+    /// Takes ownership of `fd`. `verified`: its bytes are known to match the
+    /// digest it is served for; `computedDigest`: what they hash to, when known.
+    public init(fd: Int32, size: Int64, verified: Bool = false, computedDigest: Digest? = nil) {
         self.fd = fd
         self.size = size
+        self.isVerified = verified
+        self.computedDigest = computedDigest
     }
 
     deinit { close(fd) }
@@ -102,6 +136,31 @@ public final class FileSource: BlobSource {
         }
         if got < n { data.removeSubrange(got..<n) }
         return data
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
+        guard offset >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
+        let n = Int(max(0, min(Int64(buffer.count), size - offset)))
+        if n == 0 { return 0 }
+        return try preadFully(fd, buffer.baseAddress!, n, offset)
+    }
+}
+
+/// A blob read range by range through a closure (a remote blob, say), with
+/// nothing held: each read asks again.
+public struct RangeSource: BlobSource {
+    public let size: Int64
+    private let reader: @Sendable (Int64, Int) throws -> Data
+
+    public init(size: Int64, reader: @escaping @Sendable (_ offset: Int64, _ length: Int) throws -> Data) {
+        self.size = size
+        self.reader = reader
+    }
+
+    public func read(offset: Int64, length: Int) throws -> Data {
+        guard offset >= 0, length >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
+        guard offset < size, length > 0 else { return Data() }
+        return try reader(offset, Int(min(Int64(length), size - offset)))
     }
 }
 

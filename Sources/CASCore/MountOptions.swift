@@ -26,8 +26,3 @@ public struct MountOptions: Sendable, Equatable {
 
     public init() {}
 }
-
-/// Counters a storage piece can report (cache hits, fallback fetches, ...).
-public protocol StatisticsReporting: Sendable {
-    func statistics() -> [String: Int64]
-}

@@ -3,6 +3,10 @@ import Foundation
 /// The storage operations of a CAS, with BuildGrid's StorageABC semantics.
 /// Implementations are thread-safe and synchronous: callers are FUSE worker
 /// threads and command-line tools, not async tasks.
+///
+/// Below the write-checking decorator, `commitWrite` and `bulkUpdateBlobs`
+/// receive bytes that casfs has verified against their digests; what a
+/// storage returns may only be trusted where the source says `isVerified`.
 public protocol Storage: Sendable {
     /// Brings the storage up (pools, connections, writer threads).
     func start() throws
@@ -11,8 +15,12 @@ public protocol Storage: Sendable {
 
     /// True if present. Must not refresh access time.
     func hasBlob(_ digest: Digest) throws -> Bool
-    /// The blob, or nil if absent.
+    /// The whole blob, or nil if absent (a remote blob is fetched whole).
     func getBlob(_ digest: Digest) throws -> BlobSource?
+    /// A handle for reading ranges of the blob, or nil if absent. Cheap to
+    /// get (nothing is fetched for a remote blob); it keeps the bytes
+    /// readable while held where the storage can (an open file, memory).
+    func openBlob(_ digest: Digest) throws -> BlobSource?
     /// Up to `length` bytes at `offset`, or nil if the blob is absent.
     func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data?
     /// Removes the blob if present.
@@ -22,14 +30,25 @@ public protocol Storage: Sendable {
 
     /// Deletes many; returns the hashes that could not be deleted.
     func bulkDelete(_ digests: [Digest]) -> [String]
-    /// The subset of `digests` not present.
+    /// The subset of `digests` not present; refreshes the access time of the others.
     func missingBlobs(_ digests: [Digest]) throws -> [Digest]
     /// Stores many; one status per blob, in order (nil means success).
     func bulkUpdateBlobs(_ blobs: [(Digest, Data)]) -> [StorageError?]
     /// The blobs present among `digests`.
     func bulkReadBlobs(_ digests: [Digest]) throws -> [Digest: Data]
-    /// A hint that these blobs are about to be read (say, the files of a
-    /// directory being listed). Returns at once; may do nothing.
+
+    /// True when a write of `digest` can be skipped because the blob is
+    /// present (its access time is refreshed, as `missingBlobs` does). Only
+    /// what a write itself would touch is consulted: a storage that defers
+    /// writes to a slower one answers without waiting for it.
+    func skipsWrite(_ digest: Digest) throws -> Bool
+    /// `source`'s bytes were verified against `digest`: a storage that can
+    /// keep a proof of it (tied to its file) does, so it is not checked again.
+    func recordVerified(_ digest: Digest, _ source: BlobSource)
+    /// Brings these blobs into the fastest layer of the storage (a cache)
+    /// and returns when done. A storage without layers does nothing.
+    func warm(_ digests: [Digest])
+    /// A hint that these blobs are about to be read. Returns at once.
     func prefetch(_ digests: [Digest])
 }
 
@@ -37,10 +56,18 @@ extension Storage {
     public func start() throws {}
     public func stop() throws {}
     public func prefetch(_ digests: [Digest]) {}
+    public func warm(_ digests: [Digest]) {}
+    public func recordVerified(_ digest: Digest, _ source: BlobSource) {}
+
+    public func openBlob(_ digest: Digest) throws -> BlobSource? { try getBlob(digest) }
 
     public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {
-        guard let src = try getBlob(digest) else { return nil }
+        guard let src = try openBlob(digest) else { return nil }
         return try src.read(offset: offset, length: length)
+    }
+
+    public func skipsWrite(_ digest: Digest) throws -> Bool {
+        try missingBlobs([digest]).isEmpty
     }
 
     public func bulkDelete(_ digests: [Digest]) -> [String] {

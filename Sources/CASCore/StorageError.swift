@@ -16,6 +16,9 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case io(errno: Int32, String)
     /// The operation is not supported by this storage.
     case unsupported(String)
+    /// A source casfs had not checked returned bytes that do not hash to the
+    /// digest. `source` names where they came from (for the log).
+    case corrupt(Digest, source: String)
 
     public var description: String {
         switch self {
@@ -26,6 +29,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .unavailable(let m): return "unavailable: \(m)"
         case .io(let e, let m): return "\(m): \(String(cString: strerror(e)))"
         case .unsupported(let m): return "unsupported: \(m)"
+        case .corrupt(let d, let source): return "corrupt bytes for \(d) from \(source)"
         }
     }
 
@@ -38,6 +42,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .unavailable: return EIO
         case .io(let e, _): return e
         case .unsupported: return ENOTSUP
+        case .corrupt: return EIO
         }
     }
 

@@ -28,19 +28,21 @@ public final class CASFilesystem: Sendable {
     let uid: uid_t
     let gid: gid_t
     let onReady = Mutex<(@Sendable () -> Void)?>(nil)
-    let counters = Counters()
+    let metrics: Metrics
+    let counters: Counters
 
     /// Entries fetched per index page when listing /sha256.
     let listPageSize = 1000
 
-    final class Counters: Sendable {
-        let lookups = Atomic<Int64>(0)
-        let opens = Atomic<Int64>(0)
-        let reads = Atomic<Int64>(0)
-        let readBytes = Atomic<Int64>(0)
-        let commits = Atomic<Int64>(0)
-        let rejectedWrites = Atomic<Int64>(0)
-        let errors = Atomic<Int64>(0)
+    struct Counters: Sendable {
+        let lookups, opens, reads, readBytes, errors: MetricCounter
+        init(_ m: Metrics) {
+            lookups = m.counter(MetricCatalog.fuseRequests, [("op", "lookup")])
+            opens = m.counter(MetricCatalog.fuseRequests, [("op", "open")])
+            reads = m.counter(MetricCatalog.fuseRequests, [("op", "read")])
+            readBytes = m.counter(MetricCatalog.readBytes)
+            errors = m.counter(MetricCatalog.fuseErrors)
+        }
     }
 
     /// - Parameters:
@@ -48,9 +50,17 @@ public final class CASFilesystem: Sendable {
     ///   - recordAccess: called (must not block) on every open of a blob for reading.
     public init(storage: any Storage, index: (any BlobIndex)?, options: MountOptions,
                 stagingDirectory: String, recordAccess: (@Sendable (Digest) -> Void)?,
-                openless: Bool = false) {
+                openless: Bool = false, metrics: Metrics = Metrics()) {
         self.openless = openless && !options.writable
-        self.directories = DirectoryCache(storage: storage, capacity: options.treeCacheBytes)
+        self.metrics = metrics
+        self.counters = Counters(metrics)
+        self.directories = DirectoryCache(storage: storage, capacity: options.treeCacheBytes, metrics: metrics)
+        let inodeGauge = metrics.gauge(MetricCatalog.inodes)
+        let treeGauge = metrics.gauge(MetricCatalog.treeInodes)
+        metrics.onCollect { [inodes, treeNodes] in
+            inodeGauge.set(Int64(inodes.count))
+            treeGauge.set(Int64(treeNodes.count))
+        }
         self.storage = storage
         self.index = index
         self.options = options
@@ -96,7 +106,7 @@ public final class CASFilesystem: Sendable {
         st.st_gid = gid
         st.st_size = Int(digest.size)
         st.st_blksize = 4096
-        st.st_blocks = Int((digest.size + 511) / 512)
+        st.st_blocks = Int(digest.size.blocks(of: 512))
         let t = variant.map { treeTime($0.mtime) } ?? Self.blobTime
         st.st_atim = t
         st.st_mtim = t
@@ -132,7 +142,7 @@ public final class CASFilesystem: Sendable {
 
     func fail(_ req: fuse_req_t?, _ op: String, _ error: Error, _ what: CustomStringConvertible? = nil) {
         let e = StorageError.wrap(error)
-        counters.errors.add(1, ordering: .relaxed)
+        counters.errors.add()
         log.error("\(op)\(what.map { " \($0)" } ?? ""): \(e)")
         fuse_reply_err(req, e.errno)
     }
@@ -143,14 +153,13 @@ public final class CASFilesystem: Sendable {
 
     // MARK: lookup / attributes
 
-    /// True if the digest is present (the empty blob always is).
+    /// True if the digest is present.
     func exists(_ digest: Digest) throws -> Bool {
-        if digest.isEmpty { return true }
-        return try storage.hasBlob(digest)
+        try storage.hasBlob(digest)
     }
 
     func lookup(_ req: fuse_req_t?, parent: UInt64, name nameBytes: [UInt8]) {
-        counters.lookups.add(1, ordering: .relaxed)
+        counters.lookups.add()
         let name = String(decoding: nameBytes, as: UTF8.self)
         switch parent {
         case FixedInode.root:
@@ -264,7 +273,7 @@ public final class CASFilesystem: Sendable {
     }
 
     func open(_ req: fuse_req_t?, ino: UInt64, fi: UnsafeMutablePointer<fuse_file_info>) {
-        counters.opens.add(1, ordering: .relaxed)
+        counters.opens.add()
         guard let file = inodes.file(ino) else { return replyErr(req, isDirectory(ino) ? EISDIR : isKnown(ino) ? ELOOP : ENOENT) }
         let digest = file.digest
         let accmode = fi.pointee.flags & O_ACCMODE
@@ -319,7 +328,7 @@ public final class CASFilesystem: Sendable {
     }
 
     func read(_ req: fuse_req_t?, ino: UInt64, size: Int, offset: Int64, fi: UnsafeMutablePointer<fuse_file_info>?) {
-        counters.reads.add(1, ordering: .relaxed)
+        counters.reads.add()
         if let staging = stagingFile(fi) {
             do {
                 let data = try staging.read(offset: offset, length: size)
@@ -335,10 +344,10 @@ public final class CASFilesystem: Sendable {
         do {
             guard let data = try storage.read(digest, offset: offset, length: length) else {
                 log.error("read \(digest): blob vanished from the storage")
-                counters.errors.add(1, ordering: .relaxed)
+                counters.errors.add()
                 return replyErr(req, EIO)
             }
-            counters.readBytes.add(Int64(data.count), ordering: .relaxed)
+            counters.readBytes.add(Int64(data.count))
             data.withUnsafeBytes { _ = fuse_reply_buf(req, $0.baseAddress, $0.count) }
         } catch {
             fail(req, "read", error, "\(digest) @\(offset)+\(length)")
@@ -366,15 +375,7 @@ public final class CASFilesystem: Sendable {
     }
 
     func finish(_ staging: StagingFile) -> Int32 {
-        let (rc, ran) = staging.finish(storage: storage) { log.error("\($0)") }
-        if ran {
-            if rc == 0 {
-                counters.commits.add(1, ordering: .relaxed)
-            } else {
-                counters.rejectedWrites.add(1, ordering: .relaxed)
-            }
-        }
-        return rc
+        staging.finish(storage: storage) { log.error("\($0)") }.result
     }
 
     func release(_ req: fuse_req_t?, fi: UnsafeMutablePointer<fuse_file_info>?) {
@@ -392,6 +393,7 @@ public final class CASFilesystem: Sendable {
         guard options.writable else { return replyErr(req, EROFS) }
         guard parent == FixedInode.sha256 else { return replyErr(req, isDirectory(parent) ? EPERM : ENOTDIR) }
         guard let digest = Digest(parsing: name) else { return replyErr(req, ENOENT) }
+        // The empty blob exists in every store: it cannot be removed.
         if digest.isEmpty { return replyErr(req, EPERM) }
         do {
             guard try storage.hasBlob(digest) else { return replyErr(req, ENOENT) }
@@ -456,24 +458,14 @@ public final class CASFilesystem: Sendable {
         }
     }
 
-    /// The storage's counters and the driver's own, as one JSON object.
+    /// Every metric of the mount, as one JSON object (`name{labels}` → value).
     public func statisticsJSON() -> String {
-        var stats: [String: Int64] = [:]
-        if let s = storage as? any StatisticsReporting { stats = s.statistics() }
-        if let s = index as? any StatisticsReporting, (index as AnyObject) !== (storage as AnyObject) {
-            for (k, v) in s.statistics() where stats[k] == nil { stats["index_" + k] = v }
-        }
-        stats["fuse_lookups"] = counters.lookups.load(ordering: .relaxed)
-        stats["fuse_opens"] = counters.opens.load(ordering: .relaxed)
-        stats["fuse_reads"] = counters.reads.load(ordering: .relaxed)
-        stats["fuse_read_bytes"] = counters.readBytes.load(ordering: .relaxed)
-        stats["fuse_commits"] = counters.commits.load(ordering: .relaxed)
-        stats["fuse_rejected_writes"] = counters.rejectedWrites.load(ordering: .relaxed)
-        stats["fuse_errors"] = counters.errors.load(ordering: .relaxed)
-        stats["fuse_inodes"] = Int64(inodes.count)
-        stats["fuse_tree_inodes"] = Int64(treeNodes.count)
-        for (k, v) in directories.statistics() { stats[k] = v }
-        let body = stats.keys.sorted().map { "\"\($0)\":\(stats[$0]!)" }.joined(separator: ",")
+        let snap = metrics.snapshot()
+        let body = snap.keys.sorted().map { k -> String in
+            let v = snap[k]!
+            let num = v == v.rounded() && abs(v) < 1e15 ? String(Int64(v)) : String(v)
+            return "\(jsonString(k)):\(num)"
+        }.joined(separator: ",")
         return "{\(body)}"
     }
 
@@ -494,10 +486,12 @@ public final class CASFilesystem: Sendable {
         }
         if let index {
             do {
+                // Outside values (a shared Redis's counter): clamped, never trapping.
                 let total = try index.totalSize()
-                let count = try index.blobCount()
-                sv.f_blocks = fsblkcnt_t(max(0, (total + 4095) / 4096)) + sv.f_bfree
-                sv.f_files = fsfilcnt_t(max(0, count))
+                let used = UInt64(total.blocks(of: 4096))
+                let (blocks, o) = used.addingReportingOverflow(UInt64(sv.f_bfree))
+                sv.f_blocks = fsblkcnt_t(o ? UInt64.max : blocks)
+                sv.f_files = fsfilcnt_t(max(0, index.recentBlobCount(maxAge: 30) ?? 0))
             } catch {
                 return fail(req, "statfs", error)
             }
@@ -647,4 +641,18 @@ public final class CASFilesystem: Sendable {
         }
         fuse_reply_buf(req, buf, used)
     }
+}
+
+/// `s` as a JSON string literal.
+func jsonString(_ s: String) -> String {
+    var out = "\""
+    for u in s.unicodeScalars {
+        switch u {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        default:
+            if u.value < 0x20 { out += String(format: "\\u%04x", u.value) } else { out.unicodeScalars.append(u) }
+        }
+    }
+    return out + "\""
 }

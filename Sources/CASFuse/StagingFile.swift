@@ -84,17 +84,16 @@ final class StagingFile: Sendable {
 
     private func verifyAndCommit(storage: any Storage, log: (String) -> Void) -> Int32 {
         let size = currentSize()
-        guard size == digest.size else { return reject("\(size) bytes written", log: log) }
         do {
             let dup = Foundation.dup(fd)
             guard dup >= 0 else { throw StorageError.posix("dup") }
-            let source = FileSource(fd: dup, size: size)
-            let actual = try source.computeDigest()
-            guard actual == digest else { return reject("content is \(actual)", log: log) }
-            if digest.isEmpty { return 0 }
-            if try storage.hasBlob(digest) { return 0 }
-            try storage.commitWrite(digest, source)
+            // The storage checks the bytes against the name before storing them.
+            try storage.commitWrite(digest, FileSource(fd: dup, size: size))
             return 0
+        } catch StorageError.digestMismatch(_, let actual) {
+            return reject("content is \(actual)", log: log)
+        } catch StorageError.sizeMismatch {
+            return reject("\(size) bytes written", log: log)
         } catch {
             let e = StorageError.wrap(error)
             log("commit of \(digest) failed: \(e)")

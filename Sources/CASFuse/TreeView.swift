@@ -47,7 +47,7 @@ extension CASFilesystem {
                 replyNegative(req)
                 return nil
             case .invalid(let e):
-                counters.errors.add(1, ordering: .relaxed)
+                counters.errors.add()
                 log.error("\(op): tree \(digest): \(e)")
                 replyErr(req, EIO)
                 return nil
@@ -67,7 +67,7 @@ extension CASFilesystem {
     func replyTreeNode(_ req: fuse_req_t?, _ node: TreeInodes.Node) {
         guard let ino = treeNodes.remember(node) else {
             log.error("tree inode collision at \(String(decoding: node.name, as: UTF8.self)) under \(node.parent)")
-            counters.errors.add(1, ordering: .relaxed)
+            counters.errors.add()
             return replyErr(req, EIO)
         }
         var e = entry(ino: ino, attr: treeNodeAttr(ino, node), timeout: options.entryTimeout)

@@ -31,12 +31,16 @@ public final class AccessTimeBatcher: Sendable {
     private let flushLock = Mutex(())
     private let wake = DispatchSemaphore(value: 0)
     private let done = DispatchSemaphore(value: 0)
-    private let flushes = Atomic<Int64>(0)
-    private let touched = Atomic<Int64>(0)
-    private let failures = Atomic<Int64>(0)
+    private let flushes: MetricCounter
+    private let touched: MetricCounter
+    private let failures: MetricCounter
 
-    public init(index: any BlobIndex, flushInterval: Double = 1, refreshAfter: Double = 60, maxPending: Int = 100_000) {
+    public init(index: any BlobIndex, flushInterval: Double = 1, refreshAfter: Double = 60, maxPending: Int = 100_000,
+                metrics: MetricScope = .standalone("index")) {
         self.index = index
+        flushes = metrics.counter(MetricCatalog.accessFlushes)
+        touched = metrics.counter(MetricCatalog.accessTouched)
+        failures = metrics.counter(MetricCatalog.accessFailures)
         self.flushInterval = flushInterval
         self.refreshAfter = refreshAfter
         self.maxPending = maxPending
@@ -47,7 +51,6 @@ public final class AccessTimeBatcher: Sendable {
 
     /// Notes that `digest` was accessed. Cheap, never blocks on I/O.
     public func record(_ digest: Digest) {
-        if digest.isEmpty { return }
         let now = DispatchTime.now().uptimeNanoseconds
         let window = UInt64(refreshAfter * 1e9)
         state.withLock { s in
@@ -106,10 +109,10 @@ public final class AccessTimeBatcher: Sendable {
                 return s.failing
             }
             if recovered { accessLog.info("access-time refresh works again") }
-            flushes.add(1, ordering: .relaxed)
-            touched.add(Int64(batch.count), ordering: .relaxed)
+            flushes.add()
+            touched.add(batch.count)
         } catch {
-            failures.add(1, ordering: .relaxed)
+            failures.add()
             let first = state.withLock { s -> Bool in
                 // Keep them for the next flush, within the bound.
                 for d in batch where s.pending.count < maxPending && s.pendingSet.insert(d).inserted {
@@ -134,14 +137,5 @@ public final class AccessTimeBatcher: Sendable {
             s.lastPrune = now
             s.lastTouched = s.lastTouched.filter { now &- $0.value < window }
         }
-    }
-
-    /// Flush count, digests refreshed, failed flushes.
-    public func statistics() -> [String: Int64] {
-        [
-            "access_time_flushes": flushes.load(ordering: .relaxed),
-            "access_time_touched": touched.load(ordering: .relaxed),
-            "access_time_failures": failures.load(ordering: .relaxed),
-        ]
     }
 }

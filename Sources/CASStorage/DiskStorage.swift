@@ -1,4 +1,5 @@
 import CASCore
+import CLinux
 import Foundation
 import Synchronization
 
@@ -7,18 +8,26 @@ import Synchronization
 /// in `<root>/tmp`. A commit writes a temporary file and links it into place, so
 /// a crash never leaves a partial object visible. A file whose length differs
 /// from the digest's size is not that blob.
-public final class DiskStorage: Storage {
+///
+/// A file casfs wrote or verified carries a proof (`user.casfs.verified`:
+/// digest, inode and modification time), so it is not hashed again after a
+/// restart; a file changed since (or written by another program) has none.
+/// Where the filesystem has no user xattrs, proofs are kept in memory.
+public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
     public let root: String
     let objectsDir: String
     let tmpDir: String
-    private let openFiles: FileSourceCache
+    /// Temporaries untouched this long are leftovers of a crashed writer.
+    public static let staleTemporaryAge: TimeInterval = 600
+    static let proofAttribute = "user.casfs.verified"
+    /// Proofs of files whose filesystem refused the xattr.
+    private let memoryProofs = Mutex<[Digest: FileIdentity]>([:])
 
-    /// Creates the directories if needed.
-    public init(root: String, openFileCacheSize: Int = 256) throws {
+    /// Creates the directories if needed and removes stale temporaries.
+    public init(root: String) throws {
         self.root = root
         self.objectsDir = root + "/cas/objects"
         self.tmpDir = root + "/tmp"
-        self.openFiles = FileSourceCache(capacity: openFileCacheSize)
         for dir in [objectsDir, tmpDir] {
             do {
                 try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -26,6 +35,7 @@ public final class DiskStorage: Storage {
                 throw StorageError.io(errno: EACCES, "cannot create \(dir): \(error.localizedDescription)")
             }
         }
+        removeStaleTemporaries()
     }
 
     /// Path of the object file for `digest`.
@@ -36,48 +46,58 @@ public final class DiskStorage: Storage {
     }
 
     public func hasBlob(_ digest: Digest) throws -> Bool {
-        if digest.isEmpty { return true }
-        return try fileSize(objectPath(digest)) == digest.size
+        try fileSize(objectPath(digest)) == digest.size
     }
 
-    public func getBlob(_ digest: Digest) throws -> BlobSource? {
-        if digest.isEmpty { return DataSource(Data()) }
-        if let cached = openFiles.get(digest) { return cached }
-        let src: FileSource
-        do {
-            src = try FileSource(path: objectPath(digest))
-        } catch StorageError.io(let e, _) where e == ENOENT || e == ENOTDIR {
+    public func getBlob(_ digest: Digest) throws -> BlobSource? { try openBlob(digest) }
+
+    /// The object file, open; nil if absent or of another length.
+    public func openBlob(_ digest: Digest) throws -> BlobSource? {
+        let path = objectPath(digest)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            if errno == ENOENT || errno == ENOTDIR { return nil }
+            throw StorageError.posix("open \(path)")
+        }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let e = StorageError.posix("fstat \(path)")
+            close(fd)
+            throw e
+        }
+        guard Int64(st.st_size) == digest.size else {
+            close(fd)
             return nil
         }
-        guard src.size == digest.size else { return nil }
-        openFiles.put(digest, src)
-        return src
+        return FileSource(fd: fd, size: digest.size, verified: hasProof(fd: fd, st, digest))
     }
 
     public func deleteBlob(_ digest: Digest) throws {
-        if digest.isEmpty { return }
-        openFiles.remove(digest)
         let path = objectPath(digest)
         // Only remove the file if it is this blob (same hash, right size).
         guard try fileSize(path) == digest.size else { return }
+        forgetProof(digest)
         if unlink(path) != 0 && errno != ENOENT {
             throw StorageError.posix("unlink \(path)")
         }
     }
 
+    /// Present with a valid proof: a rewrite can be skipped. A file without
+    /// one is replaced by the next write (which repairs a corrupt object).
+    public func skipsWrite(_ digest: Digest) throws -> Bool {
+        guard let src = try openBlob(digest) else { return false }
+        return src.isVerified
+    }
+
     public func commitWrite(_ digest: Digest, _ source: BlobSource) throws {
-        if digest.isEmpty { return }
         let path = objectPath(digest)
         let existing = try fileSize(path)
-        if existing == digest.size { return }
+        if existing == digest.size, try skipsWrite(digest) { return }
         guard source.size == digest.size else {
             throw StorageError.sizeMismatch(expected: digest, actualSize: source.size)
         }
 
-        var template = Array("\(tmpDir)/\(digest.hash).XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { throw StorageError.posix("create temporary file in \(tmpDir)") }
-        let tmpPath = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let (fd, tmpPath) = try makeTemporary(digest.hash)
         var linked = false
         defer {
             close(fd)
@@ -85,12 +105,14 @@ public final class DiskStorage: Storage {
         }
         try copy(source, to: fd)
         fchmod(fd, 0o644)
+        // The bytes were verified by the caller: the new file carries the proof.
+        recordProof(fd: fd, digest)
 
         if existing != nil {
-            // A file of the wrong length sits at the path: replace it atomically.
+            // A file of the wrong length, or one without a proof, sits at the
+            // path: replace it atomically.
             guard rename(tmpPath, path) == 0 else { throw StorageError.posix("rename into \(path)") }
             linked = true
-            openFiles.remove(digest)
             return
         }
         if link(tmpPath, path) != 0 {
@@ -103,6 +125,85 @@ public final class DiskStorage: Storage {
             }
         }
     }
+
+    public func recordVerified(_ digest: Digest, _ source: BlobSource) {
+        guard let fd = source.fileDescriptor, source.size == digest.size else { return }
+        recordProof(fd: fd, digest)
+    }
+
+    // MARK: proofs
+
+    struct FileIdentity: Equatable {
+        var inode: UInt64
+        var size: Int64
+        var mtimeSeconds: Int64
+        var mtimeNanos: Int64
+
+        init(_ st: stat) {
+            inode = UInt64(st.st_ino)
+            size = Int64(st.st_size)
+            mtimeSeconds = Int64(st.st_mtim.tv_sec)
+            mtimeNanos = Int64(st.st_mtim.tv_nsec)
+        }
+
+        func proofText(_ d: Digest) -> String { "\(d) \(inode) \(mtimeSeconds).\(mtimeNanos)" }
+    }
+
+    private func hasProof(fd: Int32, _ st: stat, _ digest: Digest) -> Bool {
+        let id = FileIdentity(st)
+        var buf = [UInt8](repeating: 0, count: 160)
+        let n = fgetxattr(fd, DiskStorage.proofAttribute, &buf, buf.count)
+        if n > 0 {
+            return String(decoding: buf[0..<n], as: UTF8.self) == id.proofText(digest)
+        }
+        return memoryProofs.withLock { $0[digest] } == id
+    }
+
+    private func recordProof(fd: Int32, _ digest: Digest) {
+        var st = stat()
+        guard fstat(fd, &st) == 0, Int64(st.st_size) == digest.size else { return }
+        let id = FileIdentity(st)
+        let text = Array(id.proofText(digest).utf8)
+        if fsetxattr(fd, DiskStorage.proofAttribute, text, text.count, 0) == 0 { return }
+        memoryProofs.withLock { proofs in
+            if proofs.count >= 1_000_000 { proofs.removeAll() }
+            proofs[digest] = id
+        }
+    }
+
+    private func forgetProof(_ digest: Digest) {
+        memoryProofs.withLock { _ = $0.removeValue(forKey: digest) }
+    }
+
+    // MARK: reversible deletion
+
+    public func withdraw(_ digest: Digest) throws -> WithdrawnBlob? {
+        let path = objectPath(digest)
+        guard try fileSize(path) == digest.size else { return nil }
+        let aside = "\(tmpDir)/withdrawn-\(digest.hash)-\(UUID().uuidString.prefix(8))"
+        guard rename(path, aside) == 0 else {
+            if errno == ENOENT { return nil }
+            throw StorageError.posix("withdraw \(path)")
+        }
+        return WithdrawnBlob(digest: digest, token: aside)
+    }
+
+    public func restore(_ blob: WithdrawnBlob) -> Bool {
+        let path = objectPath(blob.digest)
+        // Never over a copy stored meanwhile: that one is as good.
+        if link(blob.token, path) == 0 || errno == EEXIST {
+            unlink(blob.token)
+            return true
+        }
+        return false
+    }
+
+    public func discard(_ blob: WithdrawnBlob) {
+        forgetProof(blob.digest)
+        unlink(blob.token)
+    }
+
+    // MARK: listing and housekeeping
 
     /// Calls `body` for every object in the store whose name is a well-formed
     /// hash, with its size (for rebuilding an index from the disk).
@@ -119,21 +220,35 @@ public final class DiskStorage: Storage {
         }
     }
 
+    /// Removes temporaries nobody has written to for `staleTemporaryAge`
+    /// (a live writer keeps touching its file): leftovers of a killed writer.
+    @discardableResult
+    public func removeStaleTemporaries(olderThan age: TimeInterval = DiskStorage.staleTemporaryAge) -> Int {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: tmpDir) else { return 0 }
+        let cutoff = Date().timeIntervalSince1970 - age
+        var removed = 0
+        for n in names {
+            let p = tmpDir + "/" + n
+            var st = stat()
+            guard lstat(p, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG,
+                  Double(st.st_mtim.tv_sec) < cutoff else { continue }
+            if unlink(p) == 0 { removed += 1 }
+        }
+        if removed > 0 { log.info("removed \(removed) stale temporary files from \(tmpDir)") }
+        return removed
+    }
+
+    private func makeTemporary(_ name: String) throws -> (Int32, String) {
+        var template = Array("\(tmpDir)/\(name).XXXXXX".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { throw StorageError.posix("create temporary file in \(tmpDir)") }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return (fd, String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self))
+    }
+
     private func copy(_ source: BlobSource, to fd: Int32) throws {
-        if let file = source as? FileSource {
-            var offset: off_t = 0
-            var left = Int(file.size)
-            while left > 0 {
-                let n = sendfile(fd, file.fd, &offset, left)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    if errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP { break }
-                    throw StorageError.posix("copy into temporary file")
-                }
-                if n == 0 { throw StorageError.io(errno: EIO, "source shorter than its size") }
-                left -= n
-            }
-            if left == 0 { return }
+        if let from = source.fileDescriptor {
+            if try copyFile(from: from, to: fd, size: source.size) { return }
             guard lseek(fd, 0, SEEK_SET) == 0, ftruncate(fd, 0) == 0 else { throw StorageError.posix("reset temporary file") }
         }
         try source.forEachChunk { chunk in
@@ -152,31 +267,21 @@ public final class DiskStorage: Storage {
     }
 }
 
-/// A small cache of open object files, so ranged reads do not reopen the file each time.
-final class FileSourceCache: Sendable {
-    private let capacity: Int
-    private let state = Mutex<(files: [Digest: FileSource], order: [Digest])>(([:], []))
-
-    init(capacity: Int) { self.capacity = capacity }
-
-    func get(_ d: Digest) -> FileSource? { state.withLock { $0.files[d] } }
-
-    func put(_ d: Digest, _ f: FileSource) {
-        guard capacity > 0 else { return }
-        state.withLock { s in
-            if s.files[d] != nil { return }
-            if s.order.count >= capacity {
-                let old = s.order.removeFirst()
-                s.files[old] = nil
-            }
-            s.files[d] = f
-            s.order.append(d)
+/// Copies `size` bytes of `from` (from its start) to `to` in the kernel
+/// (copy_file_range, else sendfile). False when neither applies here; the
+/// caller then copies by reading.
+func copyFile(from: Int32, to: Int32, size: Int64) throws -> Bool {
+    var offset: off_t = 0
+    var left = size
+    while left > 0 {
+        let n = sendfile(to, from, &offset, Int(min(left, 1 << 30)))
+        if n < 0 {
+            if errno == EINTR { continue }
+            if errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP { return false }
+            throw StorageError.posix("copy")
         }
+        if n == 0 { throw StorageError.io(errno: EIO, "source shorter than its size") }
+        left -= Int64(n)
     }
-
-    func remove(_ d: Digest) {
-        state.withLock { s in
-            if s.files.removeValue(forKey: d) != nil { s.order.removeAll { $0 == d } }
-        }
-    }
+    return true
 }

@@ -5,26 +5,35 @@ import Synchronization
 /// A byte-bounded LRU of blobs in memory (BuildGrid's `!lru-storage`).
 /// Reads and writes refresh recency; the least recently used blobs are evicted
 /// when a new blob would exceed `maxBytes`.
-public final class MemoryStorage: Storage, StatisticsReporting {
+/// Only verified bytes ever enter it (the stack checks writes and fetches
+/// before they reach a cache), so what it returns is marked verified.
+public final class MemoryStorage: Storage {
     public let maxBytes: Int64
     private let state: Mutex<LRU>
 
-    public init(maxBytes: Int64) {
-        self.maxBytes = maxBytes
+    public init(maxBytes: Int64, metrics: MetricScope = .standalone("memory")) {
+        self.maxBytes = max(0, maxBytes)
         self.state = Mutex(LRU())
+        let bytes = metrics.gauge(MetricCatalog.memoryBytes)
+        let blobs = metrics.gauge(MetricCatalog.memoryBlobs)
+        metrics.gauge(MetricCatalog.memoryMaxBytes).set(self.maxBytes)
+        metrics.metrics.onCollect { [weak self] in
+            guard let self else { return }
+            let (b, n) = state.withLock { ($0.bytes, $0.entries.count) }
+            bytes.set(b)
+            blobs.set(Int64(n))
+        }
     }
 
+    /// Bytes held now.
+    public var usedBytes: Int64 { state.withLock { $0.bytes } }
+
     public func hasBlob(_ digest: Digest) throws -> Bool {
-        digest.isEmpty || state.withLock { $0.entries[digest] != nil }
+        state.withLock { $0.entries[digest] != nil }
     }
 
     public func getBlob(_ digest: Digest) throws -> BlobSource? {
-        if digest.isEmpty { return DataSource(Data()) }
-        return state.withLock { lru in lru.touch(digest).map(DataSource.init) }
-    }
-
-    public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {
-        try getBlob(digest)?.read(offset: offset, length: length)
+        state.withLock { lru in lru.touch(digest).map { DataSource($0, verified: true) } }
     }
 
     public func deleteBlob(_ digest: Digest) throws {
@@ -32,7 +41,6 @@ public final class MemoryStorage: Storage, StatisticsReporting {
     }
 
     public func commitWrite(_ digest: Digest, _ source: BlobSource) throws {
-        if digest.isEmpty { return }
         guard digest.size <= maxBytes else {
             throw StorageError.storageFull("blob \(digest) is larger than the memory cache (\(maxBytes) bytes)")
         }
@@ -43,15 +51,11 @@ public final class MemoryStorage: Storage, StatisticsReporting {
         }
         state.withLock { lru in
             guard lru.entries[digest] == nil else { return }
-            while lru.bytes + digest.size > maxBytes, let oldest = lru.oldest {
+            while lru.bytes.saturatingAdd(digest.size) > maxBytes, let oldest = lru.oldest {
                 lru.remove(oldest)
             }
             lru.insert(digest, data)
         }
-    }
-
-    public func statistics() -> [String: Int64] {
-        state.withLock { ["memory_bytes": $0.bytes, "memory_blobs": Int64($0.entries.count), "memory_max_bytes": maxBytes] }
     }
 }
 

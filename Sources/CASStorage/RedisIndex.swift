@@ -4,7 +4,7 @@ import Logging
 import Redis
 import Synchronization
 
-private let indexLog = Logger(label: "casfs.redis-index")
+let indexLog = Logger(label: "casfs.redis-index")
 
 /// An index of blobs in Redis in front of a storage, key-compatible with
 /// BuildGrid's RedisIndex so both can share one Redis and one disk store.
@@ -15,12 +15,17 @@ private let indexLog = Logger(label: "casfs.redis-index")
 /// Nothing else is stored: the least-recently-used order is read from the
 /// keys' remaining TTLs in milliseconds (PTTL), so blobs written by a BuildGrid
 /// server are ordered and aged like casfs's own.
-public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
+///
+/// Index and store agree: bytes are stored before their key is set, keys are
+/// removed before their bytes, and a delete that meets a concurrent re-add of
+/// the same blob keeps (or restores) the bytes, so no key ever names bytes
+/// that are gone and no acknowledged write is lost.
+public final class RedisIndex: Storage, BlobIndex {
     /// BuildGrid's default key prefix. It cannot be configured explicitly.
     public static let defaultPrefix = "A"
     /// Lifetime of an index entry after its last access: 365 days.
     public static let ttlSeconds: Int64 = 31_536_000
-    /// SCAN page size used by `deleteNBytes` and `leastRecentDigests`.
+    /// SCAN page size used by cleanup and listing.
     public static let scanCount = 1000
 
     public let redis: RedisPool
@@ -28,20 +33,25 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
     public let prefix: String
     /// The key of the total size counter.
     public let totalSizeKey: String
+    /// The Redis holds this index and nothing else (casfs's private Redis):
+    /// the blob count is then DBSIZE, not a walk of the keys.
+    public let exclusive: Bool
 
-    private let keyHead: [UInt8]
-    private let matchPattern: String
-    private let ttlArgument = RedisArgument.string(String(RedisIndex.ttlSeconds))
-    private let deleteCursor = Mutex<UInt64>(0)
+    let keyHead: [UInt8]
+    let matchPattern: String
+    let ttlArgument = RedisArgument.string(String(RedisIndex.ttlSeconds))
+    let deleteCursor = Mutex<UInt64>(0)
+    let countCache = Mutex<(value: Int64?, at: Date, refreshing: Bool)>((nil, .distantPast, false))
+    let counters: Counters
 
-    private let orphansRemoved = Atomic<Int64>(0)
-    private let blobsEvicted = Atomic<Int64>(0)
-    private let bytesEvicted = Atomic<Int64>(0)
-    private let blobsIndexed = Atomic<Int64>(0)
+    struct Counters: Sendable {
+        let orphans, evictedBlobs, evictedBytes, added, races, redisErrors: MetricCounter
+    }
 
     /// `prefix` nil (or empty) means BuildGrid's default `A`; an explicit `A` is
     /// rejected as BuildGrid does, because `A` is reserved for the default.
-    public init(redis: RedisPool, storage: any Storage, prefix: String? = nil) throws {
+    public init(redis: RedisPool, storage: any Storage, prefix: String? = nil, exclusive: Bool = false,
+                metrics: MetricScope = .standalone("index")) throws {
         let p: String
         if let prefix, !prefix.isEmpty {
             guard prefix != RedisIndex.defaultPrefix else {
@@ -54,10 +64,18 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         self.redis = redis
         self.storage = storage
         self.prefix = p
+        self.exclusive = exclusive
         self.totalSizeKey = p == RedisIndex.defaultPrefix ? "total_size" : p + ":total_size"
         self.keyHead = Array((p + ":").utf8)
         self.matchPattern = RedisIndex.globEscaped(p) + ":*"
-        assert(RedisIndex.ttlText.description == String(RedisIndex.ttlSeconds))
+        counters = Counters(orphans: metrics.counter(MetricCatalog.indexOrphans),
+                            evictedBlobs: metrics.counter(MetricCatalog.indexEvictedBlobs),
+                            evictedBytes: metrics.counter(MetricCatalog.indexEvictedBytes),
+                            added: metrics.counter(MetricCatalog.indexAdded),
+                            races: metrics.counter(MetricCatalog.indexRaces),
+                            redisErrors: metrics.counter(MetricCatalog.redisErrors))
+        let connections = metrics.gauge(MetricCatalog.redisConnections)
+        metrics.metrics.onCollect { [redis] in connections.set(Int64(redis.openConnections)) }
     }
 
     // MARK: - Keys
@@ -68,7 +86,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
     /// One command per digest, `verb <key> extra...`, streamed to Redis in
     /// one pipeline (see `RedisPool.pipeline(count:encode:)`). The constant
     /// parts are encoded once; each command is a few appends.
-    private func runPerKey(_ digests: [Digest], _ verb: StaticString, _ extra: [StaticString] = []) throws -> [RedisReply] {
+    func runPerKey(_ digests: [Digest], _ verb: StaticString, _ extra: [StaticString] = []) throws -> [RedisReply] {
         if digests.isEmpty { return [] }
         var head = RedisCommands()
         head.begin(argumentCount: 2 + extra.count)
@@ -87,21 +105,18 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
             let replies = try digests.withUnsafeBufferPointer { ds in
                 try redis.pipeline(count: ds.count) { batch, i in
                     batch.appendCommand { bytes in
-                        RedisIndex.encodeKeyCommand(ds[i], head: headBytes, keyHead: keyHead, tail: tailBytes, into: &bytes)
+                        bytes.append(contentsOf: headBytes)
+                        RedisIndex.encodeKeyArgument(ds[i], keyHead: keyHead, into: &bytes)
+                        bytes.append(contentsOf: tailBytes)
                     }
                 }
             }
             for r in replies { if case .error(let m) = r { throw RedisError.server(m) } }
             return replies
         } catch let e as RedisError {
+            counters.redisErrors.add()
             throw StorageError.unavailable("redis index (\(redis.config.endpoint)): \(e)")
         }
-    }
-
-    private static func encodeKeyCommand(_ d: Digest, head: [UInt8], keyHead: [UInt8], tail: [UInt8], into bytes: inout [UInt8]) {
-        bytes.append(contentsOf: head)
-        encodeKeyArgument(d, keyHead: keyHead, into: &bytes)
-        bytes.append(contentsOf: tail)
     }
 
     /// `$<n>\r\n<prefix>:<hash>_<size>\r\n`
@@ -119,9 +134,9 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         bytes.append(13); bytes.append(10)
     }
 
-    private static let ttlText: StaticString = "31536000"
+    static let ttlText: StaticString = "31536000"
 
-    private func keyArgument(_ d: Digest) -> RedisArgument {
+    func keyArgument(_ d: Digest) -> RedisArgument {
         var b = [UInt8]()
         b.reserveCapacity(keyHead.count + 86)
         b.append(contentsOf: keyHead)
@@ -132,7 +147,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
     }
 
     /// The digest named by a key under this prefix, or nil for anything else
-    /// (the counter, other prefixes, malformed names).
+    /// (the counter, other prefixes, malformed names, sizes out of range).
     func digest(fromKey k: [UInt8]) -> Digest? {
         guard k.count > keyHead.count, k.starts(with: keyHead) else { return nil }
         return Digest(parsing: String(decoding: k[keyHead.count...], as: UTF8.self))
@@ -149,47 +164,127 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
 
     // MARK: - Redis calls
 
-    private func run(_ commands: [[RedisArgument]]) throws -> [RedisReply] {
+    func run(_ commands: [[RedisArgument]]) throws -> [RedisReply] {
         do {
             let replies = try redis.pipeline(commands)
             for r in replies { if case .error(let m) = r { throw RedisError.server(m) } }
             return replies
         } catch let e as RedisError {
+            counters.redisErrors.add()
             throw StorageError.unavailable("redis index (\(redis.config.endpoint)): \(e)")
         }
     }
 
-    private func run(_ args: [RedisArgument]) throws -> RedisReply {
+    func run(_ args: [RedisArgument]) throws -> RedisReply {
         try run([args])[0]
     }
 
     /// Removes index entries (DEL each, pipelined), then lowers the total by the
     /// sizes of the keys that were actually removed. Returns the removed digests.
-    private func deleteFromIndex(_ digests: [Digest]) throws -> [Digest] {
+    func deleteFromIndex(_ digests: [Digest]) throws -> [Digest] {
         if digests.isEmpty { return [] }
         let replies = try runPerKey(digests, "DEL")
         var removed: [Digest] = []
-        var bytes: Int64 = 0
-        for (d, r) in zip(digests, replies) where (try? r.integerValue()) ?? 0 > 0 {
-            removed.append(d)
-            bytes += d.size
-        }
-        if bytes > 0 { _ = try run(["DECRBY", .string(totalSizeKey), .integer(bytes)]) }
+        for (d, r) in zip(digests, replies) where (try? r.integerValue()) ?? 0 > 0 { removed.append(d) }
+        try lowerTotal(by: removed)
+        adjustCount(-removed.count)
         return removed
     }
 
+    /// DECRBY the summed sizes (in steps that each fit in a Redis integer).
+    func lowerTotal(by digests: [Digest]) throws {
+        for part in RedisIndex.sizeSums(digests) where part > 0 {
+            _ = try run(["DECRBY", .string(totalSizeKey), .integer(part)])
+        }
+    }
+
+    func raiseTotal(by digests: [Digest]) throws {
+        for part in RedisIndex.sizeSums(digests) where part > 0 {
+            _ = try run(["INCRBY", .string(totalSizeKey), .integer(part)])
+        }
+    }
+
+    /// The sizes of `digests` summed into as few Int64 parts as fit (sizes
+    /// come from names and may be anything up to Int64.max).
+    static func sizeSums(_ digests: [Digest]) -> [Int64] {
+        var parts: [Int64] = []
+        var sum: Int64 = 0
+        for d in digests {
+            if let s = sum.checkedAdd(d.size) {
+                sum = s
+            } else {
+                parts.append(sum)
+                sum = d.size
+            }
+        }
+        parts.append(sum)
+        return parts
+    }
+
     /// Drops index entries whose bytes the storage does not have. Failures are logged.
-    private func dropOrphans(_ digests: [Digest]) {
+    func dropOrphans(_ digests: [Digest]) {
         if digests.isEmpty { return }
         do {
             let removed = try deleteFromIndex(digests)
-            if !removed.isEmpty { orphansRemoved.add(Int64(removed.count), ordering: .relaxed) }
+            counters.orphans.add(removed.count)
             for d in removed {
                 indexLog.warning("blob was indexed but not in storage; removed from the index", metadata: ["digest": "\(d)"])
             }
         } catch {
             indexLog.error("could not remove index entries of blobs missing from storage: \(error)")
         }
+    }
+
+    /// Deletes the bytes of blobs whose keys this call removed. With a store
+    /// that can withdraw blobs, a blob indexed again meanwhile (a racing
+    /// write was acknowledged) is restored; otherwise its key is removed again,
+    /// so no key names bytes that are gone. Returns the hashes that failed.
+    func removeBytes(_ digests: [Digest]) -> [String] {
+        if digests.isEmpty { return [] }
+        guard let reversible = storage as? ReversibleDeletion else {
+            let failed = storage.bulkDelete(digests)
+            let failedSet = Set(failed)
+            do {
+                let readded = try deleteFromIndex(digests.filter { !failedSet.contains($0.hash) })
+                if !readded.isEmpty {
+                    counters.races.add(readded.count)
+                    indexLog.warning("\(readded.count) blobs were indexed again while being deleted; their keys were removed again")
+                }
+            } catch {
+                indexLog.error("could not re-check index entries after a delete: \(error)")
+            }
+            return failed
+        }
+        var withdrawn: [WithdrawnBlob] = []
+        var failed: [String] = []
+        for d in digests {
+            do {
+                if let w = try reversible.withdraw(d) { withdrawn.append(w) }
+            } catch {
+                indexLog.error("deleting \(d) failed: \(error)")
+                failed.append(d.hash)
+            }
+        }
+        let indexed: [Bool]
+        do {
+            indexed = try runPerKey(withdrawn.map(\.digest), "EXISTS").map { ((try? $0.integerValue()) ?? 0) > 0 }
+        } catch {
+            // Cannot tell whether a writer re-added them: keep the bytes.
+            indexLog.error("could not check for concurrent writes after a delete; restoring \(withdrawn.count) blobs: \(error)")
+            indexed = Array(repeating: true, count: withdrawn.count)
+        }
+        for (w, back) in zip(withdrawn, indexed) {
+            if back {
+                counters.races.add()
+                if !reversible.restore(w) {
+                    indexLog.error("could not restore \(w.digest) after a racing write")
+                    failed.append(w.digest.hash)
+                }
+            } else {
+                reversible.discard(w)
+            }
+        }
+        return failed
     }
 
     // MARK: - Storage
@@ -199,83 +294,92 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
 
     /// EXISTS: the index is authoritative. Does not refresh the access time.
     public func hasBlob(_ digest: Digest) throws -> Bool {
-        if digest.isEmpty { return true }
-        return try run(["EXISTS", keyArgument(digest)]).integerValue() > 0
+        try run(["EXISTS", keyArgument(digest)]).integerValue() > 0
     }
 
     public func getBlob(_ digest: Digest) throws -> BlobSource? {
-        if digest.isEmpty { return DataSource(Data()) }
         if let src = try storage.getBlob(digest) { return src }
         dropOrphans([digest])
         return nil
     }
 
-    public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {
-        if digest.isEmpty { return Data() }
-        if let data = try storage.read(digest, offset: offset, length: length) { return data }
+    public func openBlob(_ digest: Digest) throws -> BlobSource? {
+        if let src = try storage.openBlob(digest) { return src }
         dropOrphans([digest])
         return nil
     }
 
-    /// Storage first, then SET NX EX; the total grows only when the key is new.
+    public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {
+        try openBlob(digest)?.read(offset: offset, length: length)
+    }
+
+    /// Storage first, then SET NX EX (the total grows only when the key is
+    /// new); then, if a racing delete took the bytes meanwhile, store them again.
     public func commitWrite(_ digest: Digest, _ source: BlobSource) throws {
-        if digest.isEmpty { return }
         try storage.commitWrite(digest, source)
-        let r = try run(["SET", keyArgument(digest), "1", "EX", ttlArgument, "NX"])
-        if !r.isNull {
-            _ = try run(["INCRBY", .string(totalSizeKey), .integer(digest.size)])
-            blobsIndexed.add(1, ordering: .relaxed)
+        try addToIndex([digest])
+        if try !storage.hasBlob(digest) {
+            try storage.commitWrite(digest, source)
+            try addToIndex([digest])
         }
     }
 
-    /// DEL; only if that removed a key, delete the bytes, then DEL and DECRBY
-    /// again in one pipeline, so that a racing re-add can leak storage but never
-    /// leave an index entry without bytes.
+    /// Present in the index (refreshed) and in the storage (which decides
+    /// whether its copy can be trusted).
+    public func skipsWrite(_ digest: Digest) throws -> Bool {
+        guard try missingBlobs([digest]).isEmpty else { return false }
+        return try storage.skipsWrite(digest)
+    }
+
+    public func recordVerified(_ digest: Digest, _ source: BlobSource) {
+        storage.recordVerified(digest, source)
+    }
+
+    /// DEL; only if that removed a key, delete the bytes (see `removeBytes`).
     public func deleteBlob(_ digest: Digest) throws {
-        if digest.isEmpty { return }
         guard try run(["DEL", keyArgument(digest)]).integerValue() > 0 else { return }
-        try storage.deleteBlob(digest)
-        _ = try run([["DEL", keyArgument(digest)], ["DECRBY", .string(totalSizeKey), .integer(digest.size)]])
+        adjustCount(-1)
+        try lowerTotal(by: [digest])
+        if let failed = removeBytes([digest]).first {
+            throw StorageError.io(errno: EIO, "could not delete the bytes of \(failed)")
+        }
     }
 
     /// Removes from the index, then from storage those that were indexed.
     /// Returns the hashes whose removal failed.
     public func bulkDelete(_ digests: [Digest]) -> [String] {
         do {
-            return try bulkDeleteReporting(digests).failed
+            return removeBytes(try deleteFromIndex(digests))
         } catch {
             indexLog.error("bulk delete failed: \(error)")
-            return digests.filter { !$0.isEmpty }.map(\.hash)
+            return digests.map(\.hash)
         }
     }
 
-    private func bulkDeleteReporting(_ digests: [Digest]) throws -> (removed: [Digest], failed: [String]) {
-        let removed = try deleteFromIndex(digests.filter { !$0.isEmpty })
-        let failed = storage.bulkDelete(removed)
-        return (removed, failed)
-    }
-
     /// EXPIRE every digest asked (one pipeline); those where nothing was
-    /// refreshed are missing. The empty blob is never missing.
+    /// refreshed are missing.
     public func missingBlobs(_ digests: [Digest]) throws -> [Digest] {
-        let asked = digests.contains(where: \.isEmpty) ? digests.filter { !$0.isEmpty } : digests
-        if asked.isEmpty { return [] }
-        let replies = try runPerKey(asked, "EXPIRE", [RedisIndex.ttlText])
+        if digests.isEmpty { return [] }
+        let replies = try runPerKey(digests, "EXPIRE", [RedisIndex.ttlText])
         var missing: [Digest] = []
-        for (d, r) in zip(asked, replies) {
+        for (d, r) in zip(digests, replies) {
             if case .integer(1) = r { continue }
             missing.append(d)
         }
         return missing
     }
 
-    /// Missing blobs first; only those are stored, and those stored are indexed.
-    /// Blobs already present are OK without being written.
+    /// Missing blobs first (and indexed ones whose bytes are gone); only those
+    /// are stored, and those stored are indexed. Blobs already present are
+    /// OK without being written.
     public func bulkUpdateBlobs(_ blobs: [(Digest, Data)]) -> [StorageError?] {
         var statuses = [StorageError?](repeating: nil, count: blobs.count)
-        let missing: Set<Digest>
+        var missing: Set<Digest>
         do {
-            missing = Set(try missingBlobs(blobs.map(\.0)))
+            let digests = blobs.map(\.0)
+            missing = Set(try missingBlobs(digests))
+            let indexed = digests.filter { !missing.contains($0) }
+            if !indexed.isEmpty { missing.formUnion(try storage.missingBlobs(indexed)) }
         } catch {
             return blobs.map { _ in StorageError.wrap(error) }
         }
@@ -290,7 +394,16 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         }
         if stored.isEmpty { return statuses }
         do {
-            _ = try addToIndex(stored.map { blobs[$0].0 })
+            try addToIndex(stored.map { blobs[$0].0 })
+            // A racing delete may have taken bytes after they were stored.
+            let gone = Set(try storage.missingBlobs(stored.map { blobs[$0].0 }))
+            if !gone.isEmpty {
+                let again = stored.filter { gone.contains(blobs[$0].0) }
+                for (k, status) in storage.bulkUpdateBlobs(again.map { blobs[$0] }).enumerated() where k < again.count {
+                    statuses[again[k]] = status
+                }
+                try addToIndex(again.map { blobs[$0].0 })
+            }
         } catch {
             for i in stored { statuses[i] = StorageError.wrap(error) }
         }
@@ -298,152 +411,31 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
     }
 
     /// Indexes digests whose bytes the storage holds: SET NX EX for each (one
-    /// streamed pipeline), then one INCRBY with the sizes of those that were
-    /// new. Returns how many were new. Also rebuilds a lost index from a disk store.
+    /// streamed pipeline), then INCRBY with the sizes of those that were new.
+    /// Returns how many were new.
     @discardableResult
     public func addToIndex(_ digests: [Digest]) throws -> Int {
-        let digests = digests.filter { !$0.isEmpty }
         if digests.isEmpty { return 0 }
         let replies = try runPerKey(digests, "SET", ["1", "EX", RedisIndex.ttlText, "NX"])
-        var added: Int64 = 0
-        var count = 0
-        for (d, r) in zip(digests, replies) where !r.isNull {
-            added += d.size
-            count += 1
+        var added: [Digest] = []
+        for (d, r) in zip(digests, replies) where !r.isNull { added.append(d) }
+        if !added.isEmpty {
+            try raiseTotal(by: added)
+            counters.added.add(added.count)
+            adjustCount(added.count)
         }
-        if count > 0 {
-            _ = try run(["INCRBY", .string(totalSizeKey), .integer(added)])
-            blobsIndexed.add(Int64(count), ordering: .relaxed)
-        }
-        return count
+        return added.count
     }
 
     /// Reads the storage; indexed digests it lacks are removed from the index.
     public func bulkReadBlobs(_ digests: [Digest]) throws -> [Digest: Data] {
-        let asked = digests.filter { !$0.isEmpty }
-        var out = asked.isEmpty ? [:] : try storage.bulkReadBlobs(asked)
+        if digests.isEmpty { return [:] }
+        let out = try storage.bulkReadBlobs(digests)
         var absent: [Digest] = []
         var seen = Set<Digest>()
-        for d in asked where out[d] == nil && seen.insert(d).inserted { absent.append(d) }
+        for d in digests where out[d] == nil && seen.insert(d).inserted { absent.append(d) }
         dropOrphans(absent)
-        if digests.contains(where: \.isEmpty) { out[Digest.empty] = Data() }
         return out
-    }
-
-    // MARK: - Cleanup
-
-    /// Deletes blobs last accessed at or before `protectBlobsAfter` (default:
-    /// now), or larger than `largeBlobThreshold` and last accessed at or before
-    /// `largeBlobLifetime`, until about `n` bytes are gone. Walks the keys with
-    /// SCAN, resuming where the previous call stopped. Returns the bytes deleted
-    /// (with `dryRun`, the bytes that would have been deleted; nothing changes);
-    /// `onDelete` is told each digest deleted (or that would be).
-    public func deleteNBytes(
-        _ n: Int64, dryRun: Bool = false, protectBlobsAfter: Date? = nil,
-        largeBlobThreshold: Int64? = nil, largeBlobLifetime: Date? = nil,
-        onDelete: ((Digest) -> Void)? = nil
-    ) throws -> Int64 {
-        // One reference time for the whole call, as BuildGrid does: with the
-        // default protection every blob accessed before the call is eligible.
-        let now = Date()
-        let threshold = protectBlobsAfter ?? now
-        var remaining = n
-        var deletedBytes: Int64 = 0
-        var seen = Set<Digest>()
-        while remaining > 0 {
-            let previous = deleteCursor.withLock { $0 }
-            let (next, keys) = try scanPage(cursor: previous, count: RedisIndex.scanCount)
-            var cursor = next
-            let page = keys.compactMap { digest(fromKey: $0) }
-            let ttls = try runPerKey(page, "PTTL")
-            var candidates: [Digest] = []
-            var protectedBytes: Int64 = 0
-            for (d, r) in zip(page, ttls) {
-                guard let pttl = try? r.integerValue(), pttl != -2 else { continue }  // gone meanwhile
-                guard seen.insert(d).inserted else { continue }
-                if remaining <= 0 {
-                    cursor = previous  // the rest of this page is looked at next time
-                    break
-                }
-                let lastAccess = RedisIndex.lastAccess(pttl: pttl, now: now)
-                let large = largeBlobThreshold.map { d.size > $0 } ?? false
-                if lastAccess <= threshold || (large && largeBlobLifetime.map { lastAccess <= $0 } ?? false) {
-                    remaining -= d.size
-                    candidates.append(d)
-                } else {
-                    protectedBytes += d.size
-                }
-            }
-            deleteCursor.withLock { $0 = cursor }
-            if !candidates.isEmpty {
-                if dryRun {
-                    deletedBytes += candidates.reduce(0) { $0 + $1.size }
-                    if let onDelete { candidates.forEach(onDelete) }
-                } else {
-                    let (removed, failed) = try bulkDeleteReporting(candidates)
-                    let failedSet = Set(failed)
-                    var bytes: Int64 = 0
-                    var count: Int64 = 0
-                    for d in removed where !failedSet.contains(d.hash) {
-                        onDelete?(d)
-                        bytes += d.size
-                        count += 1
-                    }
-                    deletedBytes += bytes
-                    blobsEvicted.add(count, ordering: .relaxed)
-                    bytesEvicted.add(bytes, ordering: .relaxed)
-                    indexLog.debug("deleted \(count) blobs (\(bytes) bytes)")
-                }
-            } else if protectedBytes > 0 {
-                indexLog.info("all blobs of this page were accessed after the protection time", metadata: ["bytes": "\(protectedBytes)"])
-            }
-            if cursor == 0 { break }
-        }
-        return deletedBytes
-    }
-
-    /// Last access implied by a PTTL reply: now − (lifetime − TTL left).
-    /// A key without expiry (-1) counts as accessed a whole lifetime ago, as in BuildGrid.
-    static func lastAccess(pttl: Int64, now: Date) -> Date {
-        let left = pttl < 0 ? 0 : Double(pttl) / 1000
-        return now.addingTimeInterval(-(Double(ttlSeconds) - left))
-    }
-
-    /// Up to `limit` digests, least recently accessed first (by the TTL each key
-    /// has left, in milliseconds). Walks every key of the prefix.
-    public func leastRecentDigests(limit: Int) throws -> [Digest] {
-        guard limit > 0 else { return [] }
-        var best: [(expiry: Int64, digest: Digest)] = []
-        var cursor: UInt64 = 0
-        var seen = Set<Digest>()
-        let order: ((expiry: Int64, digest: Digest), (expiry: Int64, digest: Digest)) -> Bool = {
-            $0.expiry == $1.expiry ? $0.digest < $1.digest : $0.expiry < $1.expiry
-        }
-        repeat {
-            let (next, keys) = try scanPage(cursor: cursor, count: RedisIndex.scanCount)
-            cursor = next
-            let page = keys.compactMap { digest(fromKey: $0) }
-            let ttls = try runPerKey(page, "PTTL")
-            let nowMs = Int64(Date().timeIntervalSince1970 * 1000)
-            for (d, r) in zip(page, ttls) {
-                guard let pttl = try? r.integerValue(), pttl != -2, seen.insert(d).inserted else { continue }
-                best.append((pttl == -1 ? Int64.min : nowMs + pttl, d))
-            }
-            if best.count > 2 * limit + RedisIndex.scanCount {
-                best.sort(by: order)
-                best.removeLast(best.count - limit)
-            }
-        } while cursor != 0
-        best.sort(by: order)
-        return best.prefix(limit).map(\.digest)
-    }
-
-    private func scanPage(cursor: UInt64, count: Int) throws -> (UInt64, [[UInt8]]) {
-        let r = try run(["SCAN", .string(String(cursor)), "MATCH", .string(matchPattern), "COUNT", .integer(Int64(count))])
-        guard case .array(let parts) = r, parts.count == 2,
-              let c = parts[0].string.flatMap({ UInt64($0) }), case .array(let items) = parts[1]
-        else { throw StorageError.unavailable("redis index: malformed SCAN reply \(r)") }
-        return (c, items.compactMap(\.bytes))
     }
 
     // MARK: - Totals
@@ -454,10 +446,60 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         return r.isNull ? 0 : try r.integerValue()
     }
 
-    /// Keys in the database, not counting the total size counter.
+    /// Blobs under this prefix: DBSIZE on a Redis that holds only this index,
+    /// else a walk of the prefix's keys (other prefixes, BuildGrid's other
+    /// keys and the counter are not counted).
     public func blobCount() throws -> Int64 {
-        let r = try run([["DBSIZE"], ["EXISTS", .string(totalSizeKey)]])
-        return max(0, try r[0].integerValue() - r[1].integerValue())
+        if exclusive {
+            let r = try run([["DBSIZE"], ["EXISTS", .string(totalSizeKey)]])
+            return max(0, try r[0].integerValue().saturatingSubtract(r[1].integerValue()))
+        }
+        var cursor: UInt64 = 0
+        var n: Int64 = 0
+        repeat {
+            let (next, keys) = try scanPage(cursor: cursor, count: 10_000)
+            for k in keys where digest(fromKey: k) != nil { n += 1 }
+            cursor = next
+        } while cursor != 0
+        return n
+    }
+
+    /// The blob count without a walk of the keys each time: the last walk's
+    /// count (refreshed in the background when older than `maxAge`, so other
+    /// writers' changes show within that), kept current with this process's
+    /// own adds and deletes. The first call walks the keys.
+    public func recentBlobCount(maxAge: Double = 30) -> Int64? {
+        if exclusive { return try? blobCount() }
+        let (value, stale) = countCache.withLock { c -> (Int64?, Bool) in
+            let stale = Date().timeIntervalSince(c.at) > maxAge && !c.refreshing
+            if stale { c.refreshing = true }
+            return (c.value, stale)
+        }
+        if value == nil {
+            let n = try? blobCount()
+            countCache.withLock { c in
+                if let n { c.value = n }
+                c.at = Date()
+                c.refreshing = false
+            }
+            return n
+        }
+        if stale {
+            DispatchQueue.global(qos: .utility).async { [self] in
+                let n = try? blobCount()
+                countCache.withLock { c in
+                    if let n { c.value = n }
+                    c.at = Date()
+                    c.refreshing = false
+                }
+            }
+        }
+        return value
+    }
+
+    func adjustCount(_ delta: Int) {
+        guard delta != 0 else { return }
+        countCache.withLock { c in c.value = c.value.map { max(0, $0.saturatingAdd(Int64(delta))) } }
     }
 
     public func getTotalSize() throws -> Int64 { try totalSize() }
@@ -467,9 +509,7 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
 
     /// Refreshes the access time (EXPIRE) of each digest, in one pipeline.
     public func touch(_ digests: [Digest]) throws {
-        let asked = digests.filter { !$0.isEmpty }
-        if asked.isEmpty { return }
-        _ = try runPerKey(asked, "EXPIRE", [RedisIndex.ttlText])
+        _ = try runPerKey(digests, "EXPIRE", [RedisIndex.ttlText])
     }
 
     /// One SCAN page of indexed digests.
@@ -478,13 +518,11 @@ public final class RedisIndex: Storage, BlobIndex, StatisticsReporting {
         return (next, keys.compactMap { digest(fromKey: $0) })
     }
 
-    public func statistics() -> [String: Int64] {
-        [
-            "redis_index_orphans_removed": orphansRemoved.load(ordering: .relaxed),
-            "redis_index_blobs_evicted": blobsEvicted.load(ordering: .relaxed),
-            "redis_index_bytes_evicted": bytesEvicted.load(ordering: .relaxed),
-            "redis_index_blobs_indexed": blobsIndexed.load(ordering: .relaxed),
-            "redis_connections_open": Int64(redis.openConnections),
-        ]
+    func scanPage(cursor: UInt64, count: Int) throws -> (UInt64, [[UInt8]]) {
+        let r = try run(["SCAN", .string(String(cursor)), "MATCH", .string(matchPattern), "COUNT", .integer(Int64(count))])
+        guard case .array(let parts) = r, parts.count == 2,
+              let c = parts[0].string.flatMap({ UInt64($0) }), case .array(let items) = parts[1]
+        else { throw StorageError.unavailable("redis index: malformed SCAN reply \(r)") }
+        return (c, items.compactMap(\.bytes))
     }
 }

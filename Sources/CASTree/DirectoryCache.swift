@@ -30,16 +30,26 @@ public final class DirectoryCache: Sendable {
         var slots: [Digest: Slot] = [:]
         var bytes: Int64 = 0
         var clock: UInt64 = 0
-        var hits: Int64 = 0
-        var loads: Int64 = 0
     }
 
     private let state = Mutex(State())
+    private let hits: MetricCounter
+    private let loads: MetricCounter
 
     /// - Parameter capacity: bytes of Directory blobs to keep parsed.
-    public init(storage: any Storage, capacity: Int64 = 32 << 20) {
+    public init(storage: any Storage, capacity: Int64 = 32 << 20, metrics: Metrics = Metrics()) {
         self.storage = storage
         self.capacity = capacity
+        hits = metrics.counter(MetricCatalog.treeHits)
+        loads = metrics.counter(MetricCatalog.treeLoads)
+        let cached = metrics.gauge(MetricCatalog.treeCached)
+        let bytes = metrics.gauge(MetricCatalog.treeCachedBytes)
+        metrics.onCollect { [weak self] in
+            guard let self else { return }
+            let (n, b) = state.withLock { ($0.slots.count, $0.bytes) }
+            cached.set(Int64(n))
+            bytes.set(b)
+        }
     }
 
     /// The Directory with this digest. Storage errors are thrown.
@@ -49,16 +59,14 @@ public final class DirectoryCache: Sendable {
             s.clock += 1
             slot.stamp = s.clock
             s.slots[digest] = slot
-            s.hits += 1
             return slot.load
         }) {
+            hits.add()
             return hit
         }
         let result: DirectoryLoad
         if digest.size > TreeDirectory.maxBlobSize {
             result = .invalid(.tooLarge(digest.size))
-        } else if digest.isEmpty {
-            result = .directory(try! TreeDirectory(parsing: Data()))
         } else {
             guard let source = try storage.getBlob(digest) else { return .absent }
             let bytes = try source.readAll()
@@ -79,8 +87,8 @@ public final class DirectoryCache: Sendable {
         // A parsed entry costs more than its bytes; count a floor per entry.
         var cost = max(digest.size, 64)
         if case .directory(let d) = load { cost += Int64(d.entries.count) * 64 }
+        loads.add()
         state.withLock { s in
-            s.loads += 1
             if let old = s.slots[digest] { s.bytes -= old.cost }
             s.clock += 1
             s.slots[digest] = Slot(load: load, cost: cost, stamp: s.clock)
@@ -107,11 +115,4 @@ public final class DirectoryCache: Sendable {
     }
 
     public var count: Int { state.withLock { $0.slots.count } }
-
-    public func statistics() -> [String: Int64] {
-        state.withLock { s in
-            ["tree_directories_cached": Int64(s.slots.count), "tree_directory_bytes": s.bytes,
-             "tree_directory_hits": s.hits, "tree_directory_loads": s.loads]
-        }
-    }
 }

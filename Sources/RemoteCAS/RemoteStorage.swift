@@ -220,9 +220,20 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         }
         if fitsInBatch(digest.size) {
             let found = try batchRead([digest])
-            return found[digest].map(DataSource.init)
+            return found[digest].map { DataSource($0) }
         }
         return try streamToFile(digest)
+    }
+
+    /// Ranged ByteStream reads as the blob is read; nothing is fetched ahead.
+    public func openBlob(_ digest: Digest) throws -> BlobSource? {
+        guard try hasBlob(digest) else { return nil }
+        return RangeSource(size: digest.size) { [self] offset, length in
+            guard let data = try read(digest, offset: offset, length: length) else {
+                throw StorageError.io(errno: EIO, "\(digest) vanished from \(endpoint)")
+            }
+            return data
+        }
     }
 
     public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {

@@ -3,16 +3,27 @@ import CASConfig
 import CASCore
 import CASStorage
 import Foundation
+import Synchronization
 
-/// BuildGrid's janitor: above the high watermark, delete least recently used
-/// blobs down to the low watermark, sparing those accessed recently.
+/// BuildGrid's janitor, least recently used first: above the high watermark,
+/// delete blobs down to the low watermark, sparing those accessed recently.
 struct CleanupCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cleanup",
-        abstract: "Delete least recently used blobs when the store is above a size.",
+        abstract: "Delete the least recently used blobs when the store is above a size.",
         discussion: """
+            Above --high-watermark, deletes blobs down to --low-watermark, least
+            recently used first: the index is walked once (a blob's last access is
+            read from its key's TTL, which casfs and BuildGrid refresh on use) and
+            only the oldest blobs that cover the bytes to free are kept in memory.
+            A blob read or written while cleanup runs is not deleted. --scan-order
+            deletes in Redis SCAN order instead, as BuildGrid's `bgd cleanup` does
+            with a Redis index.
+
             SIZE is bytes or a number with K, M, G, T (binary: 1K = 1024), optionally
             followed by B or iB. DUR is seconds or a number with s, m, h, d.
+            Output is line-buffered; with --watch, SIGTERM or SIGINT ends the run
+            after the current pass.
             """)
 
     @Option(name: .long, help: "YAML config; without it, the zero-config default store.")
@@ -32,6 +43,9 @@ struct CleanupCommand: ParsableCommand {
 
     @Option(name: .long, help: ArgumentHelp("...are deleted once not accessed for this long.", valueName: "DUR"))
     var largeBlobLifetime: String?
+
+    @Flag(name: .long, help: "Delete in Redis SCAN order, as BuildGrid does, instead of least recently used first.")
+    var scanOrder = false
 
     @Flag(name: .long, help: "Only report what would be deleted.")
     var dryRun = false
@@ -82,14 +96,17 @@ struct CleanupCommand: ParsableCommand {
             printError(error)
             throw ExitCode(2)
         }
+        // Each line reaches a pipe or log as it is printed.
+        lineBufferStdout()
+        CleanupSignals.install()
         do {
             let stack = try OpenStack(configPath: config)
             defer { stack.close() }
             let index = try stack.redisIndex(for: "cleanup")
             repeat {
                 try once(index, p)
-                if let w = p.watch { Thread.sleep(forTimeInterval: w) }
-            } while p.watch != nil
+                if let w = p.watch { CleanupSignals.sleep(w) }
+            } while p.watch != nil && !CleanupSignals.stopped
         } catch {
             printError(error)
             throw ExitCode.failure
@@ -103,15 +120,39 @@ struct CleanupCommand: ParsableCommand {
             return
         }
         let now = Date()
-        let want = total - p.low
-        let deleted = try index.deleteNBytes(
-            want, dryRun: dryRun,
-            protectBlobsAfter: now.addingTimeInterval(-p.protect),
-            largeBlobThreshold: p.largeThreshold,
-            largeBlobLifetime: p.largeLifetime.map { now.addingTimeInterval(-$0) },
-            onDelete: { print("\(dryRun ? "would delete" : "deleted") sha256/\($0)") })
+        let want = total.saturatingSubtract(p.low)
+        let rules = CleanupRules(protectBlobsAfter: now.addingTimeInterval(-p.protect),
+                                 largeBlobThreshold: p.largeThreshold,
+                                 largeBlobLifetime: p.largeLifetime.map { now.addingTimeInterval(-$0) })
         let verb = dryRun ? "would delete" : "deleted"
+        let deleted = try index.deleteNBytes(want, order: scanOrder ? .scan : .leastRecentlyUsed, dryRun: dryRun, rules: rules) {
+            print("\(verb) sha256/\($0)")
+        }
         print("total size \(humanBytes(total)) (\(total) bytes) is above \(humanBytes(p.high)): \(verb) \(humanBytes(deleted)) (\(deleted) bytes) of the \(humanBytes(want)) asked")
-        if !dryRun { print("total size now \(humanBytes(try index.totalSize())) (\(try index.totalSize()) bytes)") }
+        if !dryRun {
+            let now = try index.totalSize()
+            print("total size now \(humanBytes(max(0, now))) (\(now) bytes)\(now < 0 ? "; the counter is below zero: run `casfs reindex`" : "")")
+        }
     }
+}
+
+/// SIGTERM and SIGINT end `cleanup --watch` between passes.
+enum CleanupSignals {
+    static let flag = Atomic<Bool>(false)
+    static var stopped: Bool { flag.load(ordering: .relaxed) }
+
+    static func install() {
+        signal(SIGTERM, cleanupSignalHandler)
+        signal(SIGINT, cleanupSignalHandler)
+    }
+
+    /// Sleeps up to `seconds`, waking early once a signal came.
+    static func sleep(_ seconds: Double) {
+        let end = Date().addingTimeInterval(seconds)
+        while !stopped, Date() < end { usleep(100_000) }
+    }
+}
+
+private func cleanupSignalHandler(_ sig: Int32) {
+    CleanupSignals.flag.store(true, ordering: .relaxed)
 }

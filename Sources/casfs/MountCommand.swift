@@ -132,35 +132,45 @@ struct MountCommand: ParsableCommand {
 
         // The zero-config default starts a private Redis; the mount owns it and stops it at unmount.
         let stack = try OpenStack(configPath: config, keepRedis: true)
-        var cfg = stack.config
-        overrides.apply(to: &cfg.mount)
-        if overrides.noOpen == true && cfg.mount.writable {
+        var mountOptions = stack.stack.mount
+        overrides.apply(to: &mountOptions)
+        if overrides.noOpen == true && mountOptions.writable {
             stack.close()
             throw ValidationError("-o noopen needs a read-only mount (-o ro)")
         }
 
-        do { try cfg.storage.start() } catch {
+        do { try stack.storage.start() } catch {
             stack.close()
             throw error
         }
-        let batcher: AccessTimeBatcher? = cfg.index.map { AccessTimeBatcher(index: $0) }
         var recorder: (@Sendable (Digest) -> Void)?
-        if let batcher {
+        if let batcher = stack.stack.accessTimes {
             recorder = { @Sendable (d: Digest) in batcher.record(d) }
         }
 
-        let fs = CASFilesystem(storage: cfg.storage, index: cfg.index, options: cfg.mount,
+        let fs = CASFilesystem(storage: stack.storage, index: stack.index, options: mountOptions,
                                stagingDirectory: staging, recordAccess: recorder,
-                               openless: overrides.noOpen == true)
+                               openless: overrides.noOpen == true, metrics: stack.metrics)
         // Paths are absolute from here on: do not keep the starting directory busy.
         _ = chdir("/")
         log.info("mounting \(mountpoint) with \(config ?? "the zero-config default in \(DefaultConfig.dataDirectory())")")
-        defer {
-            batcher?.stop()
-            stack.close()
+        if let data = stack.dataDirectory, let index = stack.index {
+            // A partly lost index (Redis data lost under load) is repaired in
+            // the background: blobs on disk it lacks come back.
+            DispatchQueue.global(qos: .utility).async {
+                do {
+                    let r = try index.reconcile()
+                    if r.added > 0 || r.dropped > 0 {
+                        log.notice("reindexed \(data): \(r.added) blobs added, \(r.dropped) entries without bytes dropped")
+                    }
+                } catch {
+                    log.error("reindexing \(data) failed: \(error)")
+                }
+            }
         }
+        defer { stack.close() }
         // A zero-config mount tells other commands (casfs run) where it is.
-        let record = temporary ? nil : stack.mountPointRecorder(mountpoint)
+        let record = stack.mountPointRecorder(temporary ? nil : mountpoint)
         try fs.serve(mountpoint: mountpoint) {
             record?()
             if let ready { Daemon.report(ready, "OK") }

@@ -1,64 +1,93 @@
 import CASConfig
 import CASCore
 import CASStorage
+import CLinux
 import Foundation
 
 /// The storage stack a command works on: the one in `--config`, or the
 /// zero-config default with its private Redis (started here when it is not
 /// already running, and then stopped again by `close()`).
 final class OpenStack {
-    let config: CasfsConfig
+    let stack: StorageStack
     /// Set for the zero-config default.
     let privateRedis: PrivateRedis?
+    /// The zero-config data directory, for the default stack.
+    let dataDirectory: String?
     /// True when this process started the private Redis and so must stop it.
     private let ownsRedis: Bool
     /// The data directory's mount lock, held by a zero-config mount for its lifetime.
     private var mountLock: Int32 = -1
 
+    var storage: any Storage { stack.storage }
+    var index: RedisIndex? { stack.index }
+    var metrics: Metrics { stack.metrics }
+
     /// Opens the stack. `keepRedis`: the caller takes over the private Redis
     /// (the mount, which stops it at unmount) whether or not it was running.
-    init(configPath: String?, keepRedis: Bool = false) throws {
+    init(configPath: String?, keepRedis: Bool = false, metrics: Metrics = Metrics()) throws {
         if let configPath {
-            config = try CasfsConfig.load(path: configPath)
+            stack = try CasfsConfig.load(path: configPath, metrics: metrics)
             privateRedis = nil
+            dataDirectory = nil
             ownsRedis = false
             return
         }
         let data = DefaultConfig.dataDirectory()
+        try DefaultConfig.prepareDataDirectory(data)
         let redis = DefaultConfig.privateRedis(dataDirectory: data)
         if keepRedis {
             // One zero-config mount per data directory: it owns the private Redis.
-            try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
-            mountLock = Foundation.open(data + "/mount.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-            guard mountLock >= 0, flock(mountLock, LOCK_EX | LOCK_NB) == 0 else {
-                if mountLock >= 0 { Foundation.close(mountLock) }
-                throw CLIError("another casfs mount already serves the zero-config store in \(data)")
-            }
+            mountLock = try OpenStack.takeMountLock(data)
         }
         var started = false
-        if !redis.isRunning() {
-            try redis.start()
-            started = true
-        }
         do {
-            config = try DefaultConfig.make(dataDirectory: data, redis: redis)
+            if !redis.isRunning() {
+                try redis.start()
+                started = true
+            }
+            stack = try DefaultConfig.make(dataDirectory: data, redis: redis, metrics: metrics)
         } catch {
             if started { redis.stop() }
             if mountLock >= 0 { Foundation.close(mountLock) }
             throw error
         }
         privateRedis = redis
+        dataDirectory = data
         ownsRedis = started || keepRedis
     }
 
+    /// Takes the data directory's mount lock. A mount that is going away (its
+    /// daemon still flushing after the unmount) holds it for a moment: wait
+    /// for it rather than fail.
+    private static func takeMountLock(_ data: String) throws -> Int32 {
+        let fd = Foundation.open(data + "/mount.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw CLIError("cannot open \(data)/mount.lock: \(String(cString: strerror(errno)))") }
+        let deadline = Date().addingTimeInterval(15)
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            // A serving mount records itself in the lock file; one that is
+            // starting or going away (its daemon still flushing after the
+            // unmount) has cleared it: wait for that one.
+            var buf = [UInt8](repeating: 0, count: 4096)
+            let n = pread(fd, &buf, buf.count, 0)
+            if n > 0 || Date() >= deadline {
+                Foundation.close(fd)
+                let at = runningZeroConfigMount(dataDirectory: data).map { ", at \($0)" } ?? ""
+                throw CLIError("another casfs mount already serves the zero-config store in \(data)\(at)")
+            }
+            usleep(50_000)
+        }
+        return fd
+    }
+
     /// For a zero-config mount: writes `mountpoint` into the mount lock it
-    /// holds, where `runningZeroConfigMount` finds it. Nil for other stacks.
-    func mountPointRecorder(_ mountpoint: String) -> (@Sendable () -> Void)? {
+    /// holds, where `runningZeroConfigMount` finds it (a temporary mount
+    /// writes `-`: it serves, but is not for others to use). Nil for other stacks.
+    func mountPointRecorder(_ mountpoint: String?) -> (@Sendable () -> Void)? {
         guard mountLock >= 0 else { return nil }
         let fd = mountLock
         return {
             _ = ftruncate(fd, 0)
-            let bytes = Array((mountpoint + "\n").utf8)
+            let bytes = Array(((mountpoint ?? "-") + "\n").utf8)
             _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
         }
     }
@@ -86,7 +115,7 @@ final class OpenStack {
 
     /// The Redis index of the stack, or an error naming what is missing.
     func redisIndex(for command: String) throws -> RedisIndex {
-        guard let index = config.index as? RedisIndex else {
+        guard let index else {
             throw CLIError("\(command) needs a !redis-index in the configuration")
         }
         return index
@@ -94,7 +123,7 @@ final class OpenStack {
 
     /// Stops the storage (draining deferred writes) and the private Redis if this process owns it.
     func close() {
-        do { try config.storage.stop() } catch {
+        do { try stack.stop() } catch {
             FileHandle.standardError.write(Data("casfs: stopping storage: \(error)\n".utf8))
         }
         guard ownsRedis, let redis = privateRedis else { return }
@@ -125,7 +154,7 @@ func printError(_ message: Any) {
 
 /// Formats a byte count for people: `1.5 GiB`.
 func humanBytes(_ n: Int64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
     var v = Double(n)
     var i = 0
     while abs(v) >= 1024 && i < units.count - 1 {
@@ -133,4 +162,10 @@ func humanBytes(_ n: Int64) -> String {
         i += 1
     }
     return i == 0 ? "\(n) B" : String(format: "%.1f %@", v, units[i])
+}
+
+/// Makes standard output line-buffered, so each line reaches a pipe or a log
+/// file as it is printed.
+func lineBufferStdout() {
+    casfs_line_buffer_stdout()
 }

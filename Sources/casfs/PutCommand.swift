@@ -55,7 +55,7 @@ struct PutCommand: ParsableCommand {
             throw ExitCode.failure
         }
         defer { stack.close() }
-        let storage = stack.config.storage
+        let storage = stack.storage
         do { try storage.start() } catch {
             printError(error)
             throw ExitCode.failure
@@ -149,19 +149,24 @@ final class BlobUploader {
     @discardableResult
     func putFile(_ path: String) throws -> Digest {
         do {
-            let src = try FileSource(path: path)
-            if src.size <= Int64(Self.smallFileLimit) {
-                let data = try src.readAll()
-                let digest = Digest.of(data)
-                putData(data, digest, label: path)
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw StorageError.posix("open") }
+            defer { close(fd) }
+            // Read to the end of the file, not to the size stat gives (a
+            // /proc file says 0, a growing file more later).
+            var st = stat()
+            let expected = fstat(fd, &st) == 0 ? Int64(st.st_size) : 0
+            var head = Data()
+            guard try readUpTo(fd, Self.smallFileLimit + 1, into: &head) <= Self.smallFileLimit else {
+                let (digest, staged) = try stage(fd, head: head, path: path, expected: expected)
+                // The store checks the bytes and skips a blob it has.
+                try storage.commitWrite(digest, staged)
+                progress.finish()
+                onStored?(path, digest)
                 return digest
             }
-            let (digest, staged) = try stage(src, path: path)
-            if try storage.missingBlobs([digest]).isEmpty == false {
-                try storage.commitWrite(digest, staged)
-            }
-            progress.finish()
-            onStored?(path, digest)
+            let digest = Digest.of(head)
+            putData(head, digest, label: path)
             return digest
         } catch {
             progress.finish()
@@ -169,6 +174,21 @@ final class BlobUploader {
             failed.append(path)
             throw ExitCode.failure
         }
+    }
+
+    /// Reads up to `limit` bytes (or to the end) into `out`; returns how many.
+    private func readUpTo(_ fd: Int32, _ limit: Int, into out: inout Data) throws -> Int {
+        var buf = [UInt8](repeating: 0, count: 1 << 16)
+        while out.count < limit {
+            let n = read(fd, &buf, min(buf.count, limit - out.count))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw StorageError.posix("read")
+            }
+            if n == 0 { break }
+            out.append(contentsOf: buf[0..<n])
+        }
+        return out.count
     }
 
     /// Queues a blob already in memory.
@@ -206,21 +226,38 @@ final class BlobUploader {
         batchBytes = 0
     }
 
-    /// Copies a large file into an anonymous staging file while hashing it, so the
-    /// input is read once and what is committed cannot change under us.
-    private func stage(_ src: FileSource, path: String) throws -> (Digest, FileSource) {
+    /// Copies a large file (`head` already read, the rest from `fd` to its
+    /// end) into an anonymous staging file while hashing it, so the input is
+    /// read once and what is committed cannot change under us.
+    private func stage(_ fd: Int32, head: Data, path: String, expected: Int64) throws -> (Digest, FileSource) {
         let dir = FileManager.default.temporaryDirectory.path
-        let fd = try openAnonymousFile(in: dir)
-        let staged = FileSource(fd: fd, size: src.size)
+        let out = try openAnonymousFile(in: dir)
         var hasher = DigestHasher()
         var done: Int64 = 0
-        try src.forEachChunk { chunk in
+        func take(_ chunk: UnsafeRawBufferPointer) throws {
             hasher.update(chunk)
-            try chunk.withUnsafeBytes { try writeFully(fd, $0) }
+            try writeFully(out, chunk)
             done += Int64(chunk.count)
-            progress.update(path, done: done, total: src.size)
+            progress.update(path, done: done, total: max(expected, done))
         }
-        return (hasher.finalize(), staged)
+        do {
+            try head.withUnsafeBytes { try take($0) }
+            var buf = [UInt8](repeating: 0, count: streamChunkSize)
+            while true {
+                let n = read(fd, &buf, buf.count)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw StorageError.posix("read")
+                }
+                if n == 0 { break }
+                try buf.withUnsafeBytes { try take(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            }
+        } catch {
+            close(out)
+            throw error
+        }
+        let digest = hasher.finalize()
+        return (digest, FileSource(fd: out, size: done, computedDigest: digest))
     }
 }
 

@@ -2,68 +2,90 @@ import ArgumentParser
 import CASConfig
 import CASCore
 import CASStorage
-import CFuse
+import CLinux
 import Foundation
 
 struct StatCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stat",
-        abstract: "Show the store's total size and blob count (and a mount's cache counters).")
+        abstract: "Show the store's total size and blob count (and a mount's live counters).",
+        discussion: """
+            The blob count is the number of index keys under the configured prefix
+            (other prefixes and other keys in a shared Redis are not counted); the
+            total size is the index's total_size counter. With --mount, the live
+            counters of that mount (the same numbers its metrics endpoint serves)
+            are shown too; a configuration without an index then shows only those.
+            """)
 
     @Option(name: .long, help: "YAML config; without it, the zero-config default store.")
     var config: String?
 
-    @Option(name: .long, help: "A casfs mount point whose live counters (cache hits, fetches) to show.")
+    @Option(name: .long, help: "A casfs mount point whose live counters (cache hits, fetches, queued writes) to show.")
     var mount: String?
 
     @Flag(name: .long, help: "Print JSON.")
     var json = false
 
     func run() throws {
-        var out: [String: Int64] = [:]
+        var store: [String: Int64] = [:]
+        var live: [String: Double] = [:]
         do {
+            if let mount { live = try liveCounters(mount) }
             let stack = try OpenStack(configPath: config)
             defer { stack.close() }
-            guard let index = stack.config.index else {
-                throw CLIError("stat needs a !redis-index in the configuration")
+            if let index = stack.index {
+                store["total_size"] = try index.totalSize()
+                store["blob_count"] = try index.blobCount()
+            } else if mount == nil {
+                throw CLIError("stat needs a !redis-index in the configuration (or --mount to show a mount's counters)")
             }
-            out["total_size"] = try index.totalSize()
-            out["blob_count"] = try index.blobCount()
-            if let mount { out.merge(try liveCounters(mount)) { a, _ in a } }
         } catch {
             printError(error)
             throw ExitCode.failure
         }
         if json {
+            var out: [String: Any] = store
+            if !live.isEmpty { out["mount"] = live }
             let data = try JSONSerialization.data(withJSONObject: out, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
             return
         }
-        print("blobs:       \(out["blob_count"] ?? 0)")
-        print("total size:  \(humanBytes(out["total_size"] ?? 0)) (\(out["total_size"] ?? 0) bytes)")
-        if let hits = out["cache_hits"], let misses = out["cache_misses"] {
-            let rate = hits + misses > 0 ? 100 * Double(hits) / Double(hits + misses) : 0
-            print(String(format: "cache:       %lld hits, %lld misses (%.1f%% hit rate), %lld fallback fetches",
-                         hits, misses, rate, out["fallback_fetches"] ?? 0))
+        if let n = store["blob_count"], let t = store["total_size"] {
+            print("blobs:       \(n)")
+            print("total size:  \(humanBytes(max(0, t))) (\(t) bytes)\(t < 0 ? " — negative: run `casfs reindex`" : "")")
         }
-        if let bytes = out["memory_bytes"], let max = out["memory_max_bytes"] {
-            print("memory:      \(humanBytes(bytes)) of \(humanBytes(max))")
+        guard !live.isEmpty else { return }
+        func sum(_ m: MetricInfo) -> Int64 {
+            Int64(live.filter { $0.key == m.name || $0.key.hasPrefix(m.name + "{") }.values.reduce(0, +))
         }
-        if let cached = out["tree_directories_cached"] {
-            print("trees:       \(cached) Directory messages cached, \(out["tree_directory_hits"] ?? 0) hits, \(out["tree_directory_loads"] ?? 0) loads")
+        let hits = sum(MetricCatalog.cacheHits), misses = sum(MetricCatalog.cacheMisses)
+        let rate = hits + misses > 0 ? 100 * Double(hits) / Double(hits + misses) : 0
+        print(String(format: "cache:       %lld hits, %lld misses (%.1f%% hit rate), %lld fallback fetches",
+                     hits, misses, rate, sum(MetricCatalog.fallbackFetches)))
+        if sum(MetricCatalog.memoryMaxBytes) > 0 {
+            print("memory:      \(humanBytes(sum(MetricCatalog.memoryBytes))) of \(humanBytes(sum(MetricCatalog.memoryMaxBytes)))")
+        }
+        print("reads:       \(humanBytes(sum(MetricCatalog.readBytes))) served, \(sum(MetricCatalog.verifyFailures)) verification failures")
+        let queued = sum(MetricCatalog.deferredQueued)
+        if live.keys.contains(where: { $0.hasPrefix(MetricCatalog.deferredQueued.name) }) {
+            let age = live.first { $0.key.hasPrefix(MetricCatalog.deferredOldestAge.name) }?.value ?? 0
+            print(String(format: "deferred:    %lld writes queued, oldest %.0f s", queued, age))
+        }
+        if sum(MetricCatalog.treeLoads) > 0 {
+            print("trees:       \(sum(MetricCatalog.treeCached)) Directory messages cached, \(sum(MetricCatalog.treeHits)) hits, \(sum(MetricCatalog.treeLoads)) loads")
         }
     }
 
     /// The counters a running mount publishes in its root's `user.casfs.stats` attribute.
-    private func liveCounters(_ mount: String) throws -> [String: Int64] {
+    private func liveCounters(_ mount: String) throws -> [String: Double] {
         let name = "user.casfs.stats"
         let size = getxattr(mount, name, nil, 0)
         guard size > 0 else { throw CLIError("\(mount) is not a casfs mount (no \(name) attribute)") }
-        var buf = [UInt8](repeating: 0, count: size + 4096)
+        var buf = [UInt8](repeating: 0, count: size + 65536)
         let n = getxattr(mount, name, &buf, buf.count)
         guard n > 0, let obj = try? JSONSerialization.jsonObject(with: Data(buf[0..<n])) as? [String: Any] else {
             throw CLIError("cannot read \(name) of \(mount)")
         }
-        return obj.compactMapValues { ($0 as? NSNumber)?.int64Value }
+        return obj.compactMapValues { ($0 as? NSNumber)?.doubleValue }
     }
 }

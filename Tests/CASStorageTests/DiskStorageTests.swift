@@ -84,17 +84,63 @@ final class DiskStorageTests: XCTestCase {
         XCTAssertEqual(try s.read(d, offset: 1 << 20, length: 16), data.subdata(in: (1 << 20)..<((1 << 20) + 16)))
     }
 
-    func testDeleteAndEmptyBlob() throws {
+    func testDelete() throws {
         let s = try DiskStorage(root: tempDir())
         let (d, data) = blob("bye")
         try s.commitWrite(d, DataSource(data))
-        _ = try s.read(d, offset: 0, length: 3) // keeps an open file cached
+        let open = try XCTUnwrap(s.openBlob(d))
         try s.deleteBlob(d)
         XCTAssertFalse(try s.hasBlob(d))
         XCTAssertNil(try s.read(d, offset: 0, length: 3))
+        XCTAssertEqual(try open.readAll(), data, "an open handle stays readable after the delete")
         try s.deleteBlob(d) // absent: fine
-        XCTAssertTrue(try s.hasBlob(.empty))
-        XCTAssertEqual(try s.read(.empty, offset: 0, length: 10), Data())
+    }
+
+    func testWithdrawRestoreAndDiscard() throws {
+        let s = try DiskStorage(root: tempDir())
+        let (d, data) = blob("withdrawn")
+        try s.commitWrite(d, DataSource(data))
+        let w = try XCTUnwrap(s.withdraw(d))
+        XCTAssertFalse(try s.hasBlob(d), "out of sight once withdrawn")
+        XCTAssertTrue(s.restore(w))
+        XCTAssertEqual(try s.getBlob(d)?.readAll(), data)
+        let w2 = try XCTUnwrap(s.withdraw(d))
+        // Stored again meanwhile: restoring keeps the new copy.
+        try s.commitWrite(d, DataSource(data))
+        XCTAssertTrue(s.restore(w2))
+        XCTAssertEqual(try s.getBlob(d)?.readAll(), data)
+        let w3 = try XCTUnwrap(s.withdraw(d))
+        s.discard(w3)
+        XCTAssertFalse(try s.hasBlob(d))
+        XCTAssertNil(try s.withdraw(d))
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: s.root + "/tmp"), [])
+    }
+
+    func testStaleTemporariesAreRemovedAtStart() throws {
+        let root = tempDir()
+        _ = try DiskStorage(root: root)
+        let stale = root + "/tmp/abandoned.XXXXXX"
+        let fresh = root + "/tmp/in-progress.XXXXXX"
+        try Data(count: 1000).write(to: URL(fileURLWithPath: stale))
+        try Data(count: 1000).write(to: URL(fileURLWithPath: fresh))
+        let old = Date().addingTimeInterval(-2 * DiskStorage.staleTemporaryAge)
+        try FileManager.default.setAttributes([.modificationDate: old], ofItemAtPath: stale)
+        _ = try DiskStorage(root: root)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: stale))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: fresh), "a live write's temporary is left alone")
+    }
+
+    func testRewriteReplacesAnObjectWithoutProof() throws {
+        let s = try DiskStorage(root: tempDir())
+        let (d, data) = blob("replace me")
+        let p = s.objectPath(d)
+        try FileManager.default.createDirectory(atPath: (p as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try Data("replace mE".utf8).write(to: URL(fileURLWithPath: p))  // same length, wrong bytes, no proof
+        XCTAssertFalse(try s.skipsWrite(d))
+        try s.commitWrite(d, DataSource(data))
+        XCTAssertEqual(try s.getBlob(d)?.readAll(), data)
+        XCTAssertTrue(try XCTUnwrap(s.openBlob(d)).isVerified)
+        XCTAssertTrue(try s.skipsWrite(d))
     }
 
     func testStorageFullIsAClearError() throws {

@@ -81,6 +81,8 @@ final class InstrumentedStorage: Storage, Sendable {
         try inner.deleteBlob(d)
     }
 
+    func recordVerified(_ d: Digest, _ s: BlobSource) { inner.recordVerified(d, s) }
+
     func commitWrite(_ d: Digest, _ s: BlobSource) throws {
         writeCalls.add(1, ordering: .relaxed)
         if failWrites.load(ordering: .relaxed) { throw StorageError.storageFull("injected write failure") }

@@ -17,13 +17,6 @@ final class MemoryStorageTests: XCTestCase {
         XCTAssertFalse(try m.hasBlob(d))
     }
 
-    func testEmptyBlobAlwaysExists() throws {
-        let m = MemoryStorage(maxBytes: 0)
-        XCTAssertTrue(try m.hasBlob(.empty))
-        XCTAssertEqual(try m.getBlob(.empty)?.size, 0)
-        XCTAssertEqual(try m.missingBlobs([.empty]), [])
-    }
-
     func testSizeIsIdentity() throws {
         let m = MemoryStorage(maxBytes: 1000)
         let (d, data) = blob("hello")
@@ -43,7 +36,7 @@ final class MemoryStorageTests: XCTestCase {
         XCTAssertFalse(try m.hasBlob(blobs[1].0), "least recently used must go first")
         XCTAssertTrue(try m.hasBlob(blobs[2].0))
         XCTAssertTrue(try m.hasBlob(d4))
-        XCTAssertEqual(m.statistics()["memory_bytes"], 30)
+        XCTAssertEqual(m.usedBytes, 30)
     }
 
     func testRejectsBlobLargerThanCapacity() throws {
@@ -81,6 +74,6 @@ final class MemoryStorageTests: XCTestCase {
             try! m.commitWrite(d, DataSource(data))
             if let got = try! m.getBlob(d) { XCTAssertEqual(try! got.readAll(), data) }
         }
-        XCTAssertLessThanOrEqual(m.statistics()["memory_bytes"]!, 5000)
+        XCTAssertLessThanOrEqual(m.usedBytes, 5000)
     }
 }

@@ -32,6 +32,7 @@ final class ConfigTests: XCTestCase {
             storage: *disk
           defer-fallback-writes: yes
           fallback-writer-threads: 4
+          journal: \(dir)/journal
         mount:
           writable: true
           negative-timeout: 2s
@@ -39,15 +40,19 @@ final class ConfigTests: XCTestCase {
           tree-cache-size: 8M
         """
         let c = try CasfsConfig.parse(yaml: yaml)
-        let wc = try XCTUnwrap(c.storage as? WithCacheStorage)
+        let wc = try XCTUnwrap(c.nodes["storage"] as? WithCacheStorage)
         XCTAssertTrue(wc.deferFallbackWrites)
+        XCTAssertEqual(wc.journal?.threads, 4)
+        XCTAssertEqual(wc.journal?.directory, "\(dir)/journal")
         XCTAssertEqual((wc.cache as? MemoryStorage)?.maxBytes, 512 << 20)
-        let index = try XCTUnwrap(wc.fallback as? RedisIndex)
+        XCTAssertTrue(wc.fallback is VerifyingStorage, "bytes from the index's store are checked")
+        let index = try XCTUnwrap(c.nodes["storage.fallback"] as? RedisIndex)
         XCTAssertEqual(index.prefix, "A")
         XCTAssertEqual(index.redis.config.port, 6390)
         XCTAssertEqual(index.redis.config.db, 2)
         XCTAssertEqual((index.storage as? DiskStorage)?.root, "\(dir)/store")
-        XCTAssertTrue(c.index as AnyObject === index, "the index is found inside the stack")
+        XCTAssertTrue(c.index === index, "the index is found inside the stack")
+        XCTAssertTrue(c.storage is WriteCheckingStorage, "writes enter through the checking decorator")
         XCTAssertTrue(c.mount.writable)
         XCTAssertEqual(c.mount.negativeTimeout, 2)
         XCTAssertEqual(c.mount.entryTimeout, 3600)
@@ -64,7 +69,7 @@ final class ConfigTests: XCTestCase {
           cache: *mem
           fallback: *mem
         """
-        let wc = try XCTUnwrap(CasfsConfig.parse(yaml: yaml).storage as? WithCacheStorage)
+        let wc = try XCTUnwrap(CasfsConfig.parse(yaml: yaml).nodes["storage"] as? WithCacheStorage)
         XCTAssertTrue(wc.cache as AnyObject === wc.fallback as AnyObject)
     }
 
@@ -79,7 +84,7 @@ final class ConfigTests: XCTestCase {
             size: 1M
         """
         let c = try CasfsConfig.parse(yaml: yaml)
-        let index = try XCTUnwrap(c.storage as? RedisIndex)
+        let index = try XCTUnwrap(c.nodes["storage"] as? RedisIndex)
         XCTAssertEqual(index.prefix, "casfs")
         XCTAssertEqual(index.totalSizeKey, "casfs:total_size")
         XCTAssertEqual(index.redis.config.unixSocket, "/run/redis.sock")
@@ -90,7 +95,7 @@ final class ConfigTests: XCTestCase {
     func testLoadFromFile() throws {
         let path = dir + "/casfs.yaml"
         try "storage: !disk-storage\n  path: \(dir)/d\n".write(toFile: path, atomically: true, encoding: .utf8)
-        XCTAssertTrue(try CasfsConfig.load(path: path).storage is DiskStorage)
+        XCTAssertTrue(try CasfsConfig.load(path: path).nodes["storage"] is DiskStorage)
         XCTAssertNil(try CasfsConfig.load(path: path).index)
     }
 

@@ -17,8 +17,7 @@ final class RemoteConfigTests: XCTestCase {
                 retries: 5
 
             """)
-        let w = try XCTUnwrap(c.storage as? WithCacheStorage)
-        let r = try XCTUnwrap(w.fallback as? RemoteStorage)
+        let r = try XCTUnwrap(c.nodes["storage.fallback"] as? RemoteStorage)
         XCTAssertEqual(r.endpoint, .init(host: "cas.example", port: 8443, secure: true))
         XCTAssertEqual(r.instanceName, "main")
         XCTAssertEqual(r.requestTimeout, 90)
@@ -32,7 +31,7 @@ final class RemoteConfigTests: XCTestCase {
             ("grpcs://cas.example", .init(host: "cas.example", port: 443, secure: true)),
         ] {
             let c = try CasfsConfig.parse(yaml: "storage: !remote-storage\n  url: \(url)\n")
-            let r = try XCTUnwrap(c.storage as? RemoteStorage)
+            let r = try XCTUnwrap(c.nodes["storage"] as? RemoteStorage)
             XCTAssertEqual(r.endpoint, endpoint)
             XCTAssertEqual(r.instanceName, "")
             XCTAssertEqual(r.retries, 3)

@@ -33,7 +33,7 @@ final class MountBasicsTests: MountTestCase {
         XCTAssertEqual(mustSh("stat -c %i \(shq(m.path(d)))"), ino1)
         // Writing an existing blob again: accepted and verified.
         mustSh("cp \(shq(src)) \(shq(m.path(d)))")
-        XCTAssertEqual(try m.stats()["fuse_rejected_writes"], 0)
+        XCTAssertEqual(try m.stats()["casfs_writes_rejected_total"], 0)
         XCTAssertEqual(mustSh("stat -c %s \(shq(m.path(d)))"), "\(d.size)\n")
         XCTAssertEqual(mustSh("sha256sum < \(shq(m.path(d))) | cut -c1-64"), d.hash + "\n")
         // Stable across remounts.
@@ -63,7 +63,7 @@ final class MountBasicsTests: MountTestCase {
         let objects = mustSh("find \(shq(storeDir + "/cas/objects")) -type f | wc -l")
         XCTAssertEqual(objects.trimmingCharacters(in: .whitespacesAndNewlines), "1")
         XCTAssertEqual(try startRedis().cli("--scan --pattern 'A:*'").split(separator: "\n").map(String.init), ["A:\(d)"])
-        XCTAssertGreaterThanOrEqual(try m.stats()["fuse_rejected_writes"] ?? 0, 3)
+        XCTAssertGreaterThanOrEqual(try m.stats()["casfs_writes_rejected_total"] ?? 0, 3)
         // Nothing left in the staging directory either.
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: m.stagingDir), [])
     }
@@ -76,9 +76,9 @@ final class MountBasicsTests: MountTestCase {
         let m = try mount(config)
         XCTAssertEqual(mustSh("stat -c %s \(shq(m.path(d)))"), "\(d.size)\n")
         XCTAssertEqual(mustSh("ls -l \(shq(m.sha256)) | grep -c \(d.hash)"), "1\n")
-        XCTAssertEqual(try m.stats()["fallback_fetches"], 0, "stat/ls fetched bytes")
+        XCTAssertEqual(try m.stats()["casfs_fallback_fetches_total"], 0, "stat/ls fetched bytes")
         XCTAssertEqual(mustSh("sha256sum < \(shq(m.path(d))) | cut -c1-64"), d.hash + "\n")
-        XCTAssertEqual(try m.stats()["fallback_fetches"], 1)
+        XCTAssertEqual(try m.stats()["casfs_fallback_fetches_total"], 1)
     }
 
     func testListingRemoveAndStatfs() throws {
@@ -213,7 +213,7 @@ final class MountBasicsTests: MountTestCase {
             XCTAssertEqual(mustSh("sha256sum < \(shq(m.path(d))) | cut -c1-64"), d.hash + "\n")
         }
         XCTAssertEqual(mustSh("getfattr -n user.casfs.digest --only-values \(shq(m.path(d)))"), d.description)
-        XCTAssertLessThanOrEqual(try m.stats()["fuse_opens"] ?? 99, 1, "the kernel kept sending OPEN")
+        XCTAssertLessThanOrEqual(try m.stats()["casfs_fuse_requests_total{op=\"open\"}"] ?? 99, 1, "the kernel kept sending OPEN")
         let ttl = { Int(redis.cli("TTL A:\(d)").trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1 }
         XCTAssertTrue(pollUntil(30) { ttl() > 1000 }, "lookup did not refresh the access time")
         XCTAssertTrue(sh("cp /etc/hostname \(shq(m.path(Digest.of(Data("z".utf8)))))").stderr.contains("Read-only file system"))

@@ -29,14 +29,14 @@ final class MountStressTests: MountTestCase {
         let data = randomData(16 << 20, seed: 10)
         let d = try placeInDiskStore(data)
         let m = try mount(cachedDiskConfig())
-        XCTAssertEqual(try m.stats()["fallback_fetches"], 0)
+        XCTAssertEqual(try m.stats()["casfs_fallback_fetches_total"], 0)
         let out = tmp + "/out"
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
         mustSh("for i in $(seq 32); do (sha256sum < \(shq(m.path(d))) | cut -c1-64 > \(shq(out))/$i) & done; wait")
         for i in 1...32 {
             XCTAssertEqual(try String(contentsOfFile: "\(out)/\(i)", encoding: .utf8), d.hash + "\n", "reader \(i)")
         }
-        XCTAssertEqual(try m.stats()["fallback_fetches"], 1)
+        XCTAssertEqual(try m.stats()["casfs_fallback_fetches_total"], 1)
     }
 
     /// kill -9 during 100 concurrent writes: after remount every indexed blob
@@ -120,6 +120,6 @@ final class MountStressTests: MountTestCase {
         _ = FileManager.default.createFile(atPath: stopFile, contents: nil)
         load.waitUntilExit()
         XCTAssertTrue(m.isRunning)
-        XCTAssertTrue(try m.stats()["fuse_errors"] ?? 0 > 0)
+        XCTAssertTrue(try m.stats()["casfs_fuse_errors_total"] ?? 0 > 0)
     }
 }

@@ -123,11 +123,11 @@ final class TreeMountTests: MountTestCase {
         XCTAssertEqual(mustSh("stat \(shq(tree + "/no-such-name")) 2>&1 >/dev/null | grep -c 'No such file'"), "1\n")
         XCTAssertEqual(mustSh("ls -lR \(shq(tree))"), first)
         let after = try m.stats()
-        XCTAssertEqual(after["fuse_lookups"], mid["fuse_lookups"], "negative entries in a tree are cached")
-        XCTAssertEqual(mid["fuse_lookups"]! - before["fuse_lookups"]!, 1, "only the new name was looked up")
-        XCTAssertGreaterThan(after["tree_directories_cached"] ?? 0, 5)
+        XCTAssertEqual(after["casfs_fuse_requests_total{op=\"lookup\"}"], mid["casfs_fuse_requests_total{op=\"lookup\"}"], "negative entries in a tree are cached")
+        XCTAssertEqual(mid["casfs_fuse_requests_total{op=\"lookup\"}"]! - before["casfs_fuse_requests_total{op=\"lookup\"}"]!, 1, "only the new name was looked up")
+        XCTAssertGreaterThan(after["casfs_tree_directories_cached"] ?? 0, 5)
         // Listing the directories hinted the storage to fetch their small files in bulk.
-        XCTAssertGreaterThan(after["prefetched_blobs"] ?? 0, 5)
+        XCTAssertGreaterThan(after["casfs_prefetched_blobs_total"] ?? 0, 5)
     }
 
     // MARK: malformed trees

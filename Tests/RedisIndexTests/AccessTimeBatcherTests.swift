@@ -29,7 +29,6 @@ final class AccessTimeBatcherTests: XCTestCase {
         let a = blob("a").0, b = blob("b").0
         for _ in 0..<100 { batcher.record(a) }
         batcher.record(b)
-        batcher.record(.empty)
         XCTAssertEqual(index.all, [], "record does no I/O")
         batcher.flush()
         XCTAssertEqual(index.all, [[a, b]])
@@ -66,13 +65,14 @@ final class AccessTimeBatcherTests: XCTestCase {
     func testErrorsAreNotThrownAndPendingDigestsAreRetried() throws {
         let index = RecordingIndex()
         index.failing.store(true, ordering: .relaxed)
-        let batcher = AccessTimeBatcher(index: index, flushInterval: 3600, refreshAfter: 3600)
+        let metrics = MetricScope.standalone("index")
+        let batcher = AccessTimeBatcher(index: index, flushInterval: 3600, refreshAfter: 3600, metrics: metrics)
         defer { batcher.stop() }
         let a = blob("a").0
         batcher.record(a)
         batcher.flush()
         XCTAssertEqual(index.all, [])
-        XCTAssertEqual(batcher.statistics()["access_time_failures"], 1)
+        XCTAssertEqual(metrics.value(MetricCatalog.accessFailures), 1)
         index.failing.store(false, ordering: .relaxed)
         batcher.flush()
         XCTAssertEqual(index.all, [[a]])

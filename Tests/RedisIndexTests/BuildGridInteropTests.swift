@@ -143,7 +143,7 @@ final class BuildGridInteropTests: XCTestCase {
         try redis.age(index.key(theirsOld.0), by: 7200)
         XCTAssertEqual(try index.leastRecentDigests(limit: 2).sorted(), [mineOld.0, theirsOld.0].sorted())
 
-        let deleted = try index.deleteNBytes(10_000, protectBlobsAfter: Date().addingTimeInterval(-3600))
+        let deleted = try index.deleteNBytes(10_000, rules: CleanupRules(protectBlobsAfter: Date().addingTimeInterval(-3600)))
         XCTAssertEqual(deleted, 400)
         XCTAssertFalse(FileManager.default.fileExists(atPath: try DiskStorage(root: disk.path).objectPath(theirsOld.0)))
         let r = try buildgrid([
@@ -194,7 +194,7 @@ final class BuildGridInteropTests: XCTestCase {
         XCTAssertEqual(other[1] as? Int, 0)
         // casfs ages and deletes BuildGrid's blob under the prefix (the counter key is skipped).
         try redis.age("casfs:\(theirs.0)", by: 7200)
-        XCTAssertEqual(try index.deleteNBytes(1_000, protectBlobsAfter: Date().addingTimeInterval(-3600)), 20)
+        XCTAssertEqual(try index.deleteNBytes(1_000, rules: CleanupRules(protectBlobsAfter: Date().addingTimeInterval(-3600))), 20)
         let after = try buildgrid([["has_blob", "\(theirs.0)"], ["has_blob", "\(mine.0)"], ["total_size"]], prefix: "casfs")
         XCTAssertEqual(after[0] as? Bool, false)
         XCTAssertEqual(after[1] as? Bool, true)

@@ -10,12 +10,14 @@ final class RedisIndexTests: XCTestCase {
     var redis: RedisPool!
     var storage: FakeStorage!
     var index: RedisIndex!
+    var metrics: MetricScope!
 
     override func setUpWithError() throws {
         server = try RedisServer.unixSocket()
         redis = server.pool()
         storage = FakeStorage()
-        index = try RedisIndex(redis: redis, storage: storage)
+        metrics = .standalone("index")
+        index = try RedisIndex(redis: redis, storage: storage, metrics: metrics)
     }
 
     override func tearDown() {
@@ -59,23 +61,6 @@ final class RedisIndexTests: XCTestCase {
         XCTAssertTrue(try index.hasBlob(d))
     }
 
-    func testEmptyBlobAlwaysExistsAndIsNeverIndexed() throws {
-        let e = Digest.empty
-        XCTAssertTrue(try index.hasBlob(e))
-        XCTAssertEqual(try index.missingBlobs([e]), [])
-        XCTAssertEqual(try index.getBlob(e)?.size, 0)
-        XCTAssertEqual(try index.read(e, offset: 0, length: 10), Data())
-        try index.commitWrite(e, DataSource(Data()))
-        let (d, data) = blob("x")
-        XCTAssertEqual(index.bulkUpdateBlobs([(e, Data()), (d, data)]).map { $0 == nil }, [true, true])
-        XCTAssertEqual(try index.bulkReadBlobs([e, d]), [e: Data(), d: data])
-        XCTAssertFalse(try redis.exists(key(e)))
-        XCTAssertEqual(try index.totalSize(), 1)
-        try index.deleteBlob(e)
-        XCTAssertTrue(try index.hasBlob(e))
-        XCTAssertEqual(index.bulkDelete([e]), [])
-    }
-
     func testHasBlobDoesNotRefreshButMissingBlobsDoes() throws {
         let (d, data) = blob("aged")
         try index.commitWrite(d, DataSource(data))
@@ -112,7 +97,7 @@ final class RedisIndexTests: XCTestCase {
         // A second miss does not lower the total again.
         XCTAssertNil(try index.getBlob(d))
         XCTAssertEqual(try index.totalSize(), Int64(keepData.count))
-        XCTAssertEqual(index.statistics()["redis_index_orphans_removed"], 1)
+        XCTAssertEqual(Int64(metrics.value(MetricCatalog.indexOrphans)), 1)
     }
 
     func testRangeReadDropsIndexEntryWhoseBytesAreGone() throws {
@@ -258,18 +243,18 @@ final class RedisIndexTests: XCTestCase {
         let protect = Date().addingTimeInterval(-3600)
 
         // Dry run: reports, changes nothing.
-        XCTAssertEqual(try index.deleteNBytes(10_000, dryRun: true, protectBlobsAfter: protect), 400)
+        XCTAssertEqual(try index.deleteNBytes(10_000, dryRun: true, rules: CleanupRules(protectBlobsAfter: protect)), 400)
         for (d, _) in old { XCTAssertTrue(try index.hasBlob(d)) }
         XCTAssertEqual(try index.totalSize(), 700)
 
-        XCTAssertEqual(try index.deleteNBytes(10_000, protectBlobsAfter: protect), 400)
+        XCTAssertEqual(try index.deleteNBytes(10_000, rules: CleanupRules(protectBlobsAfter: protect)), 400)
         for (d, _) in old {
             XCTAssertFalse(try index.hasBlob(d))
             XCTAssertFalse(storage.contains(d))
         }
         for (d, _) in fresh { XCTAssertTrue(try index.hasBlob(d)) }
         XCTAssertEqual(try index.totalSize(), 300)
-        XCTAssertEqual(try index.deleteNBytes(10_000, protectBlobsAfter: protect), 0)
+        XCTAssertEqual(try index.deleteNBytes(10_000, rules: CleanupRules(protectBlobsAfter: protect)), 0)
     }
 
     func testDeleteNBytesDefaultProtectionIsNow() throws {
@@ -286,12 +271,12 @@ final class RedisIndexTests: XCTestCase {
         for (d, data) in blobs { try index.commitWrite(d, DataSource(data)) }
         for (d, _) in blobs { try redis.age(key(d), by: 7200) }
         let protect = Date().addingTimeInterval(-3600)
-        XCTAssertEqual(try index.deleteNBytes(250, protectBlobsAfter: protect), 300)
+        XCTAssertEqual(try index.deleteNBytes(250, rules: CleanupRules(protectBlobsAfter: protect)), 300)
         XCTAssertEqual(try index.blobCount(), 7)
         XCTAssertEqual(try index.totalSize(), 700)
-        XCTAssertEqual(try index.deleteNBytes(150, protectBlobsAfter: protect), 200)
+        XCTAssertEqual(try index.deleteNBytes(150, rules: CleanupRules(protectBlobsAfter: protect)), 200)
         XCTAssertEqual(try index.blobCount(), 5)
-        XCTAssertEqual(try index.deleteNBytes(10_000, protectBlobsAfter: protect), 500)
+        XCTAssertEqual(try index.deleteNBytes(10_000, rules: CleanupRules(protectBlobsAfter: protect)), 500)
         XCTAssertEqual(try index.blobCount(), 0)
         XCTAssertEqual(try index.totalSize(), 0)
     }
@@ -307,9 +292,9 @@ final class RedisIndexTests: XCTestCase {
         let protect = Date().addingTimeInterval(-3600)
         let lifetime = Date().addingTimeInterval(-600)
         // Without a large-blob rule nothing is old enough.
-        XCTAssertEqual(try index.deleteNBytes(100_000, dryRun: true, protectBlobsAfter: protect), 0)
+        XCTAssertEqual(try index.deleteNBytes(100_000, dryRun: true, rules: CleanupRules(protectBlobsAfter: protect)), 0)
         XCTAssertEqual(
-            try index.deleteNBytes(100_000, protectBlobsAfter: protect, largeBlobThreshold: 1000, largeBlobLifetime: lifetime),
+            try index.deleteNBytes(100_000, rules: CleanupRules(protectBlobsAfter: protect, largeBlobThreshold: 1000, largeBlobLifetime: lifetime)),
             5000)
         XCTAssertFalse(try index.hasBlob(large.0))
         XCTAssertTrue(try index.hasBlob(small.0))
@@ -326,7 +311,7 @@ final class RedisIndexTests: XCTestCase {
         // Age every other blob; the counter key P:total_size is in the same SCAN.
         for (i, (d, _)) in blobs.enumerated() where i % 2 == 0 { try redis.age("P:\(d)", by: 7200) }
         let protect = Date().addingTimeInterval(-3600)
-        XCTAssertEqual(try p.deleteNBytes(1_000, protectBlobsAfter: protect), 30)
+        XCTAssertEqual(try p.deleteNBytes(1_000, rules: CleanupRules(protectBlobsAfter: protect)), 30)
         for (i, (d, _)) in blobs.enumerated() {
             XCTAssertEqual(try p.hasBlob(d), i % 2 == 1, "blob \(i)")
         }
@@ -339,7 +324,7 @@ final class RedisIndexTests: XCTestCase {
         let (d, data) = blob("persistent")
         try index.commitWrite(d, DataSource(data))
         try redis.command("PERSIST", key(d)).checked()
-        XCTAssertEqual(try index.deleteNBytes(1, protectBlobsAfter: Date().addingTimeInterval(-86_400)), d.size)
+        XCTAssertEqual(try index.deleteNBytes(1, rules: CleanupRules(protectBlobsAfter: Date().addingTimeInterval(-86_400))), d.size)
     }
 
     // MARK: LRU order

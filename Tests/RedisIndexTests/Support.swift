@@ -34,11 +34,13 @@ final class FakeStorage: Storage, Sendable {
     func failWrite(_ d: Digest) { state.withLock { _ = $0.failWrites.insert(d) } }
     func failDelete(_ d: Digest) { state.withLock { _ = $0.failDeletes.insert(d) } }
 
-    func hasBlob(_ digest: Digest) throws -> Bool { digest.isEmpty || contains(digest) }
+    func hasBlob(_ digest: Digest) throws -> Bool { contains(digest) }
 
     func getBlob(_ digest: Digest) throws -> BlobSource? {
-        state.withLock { $0.blobs[digest] }.map(DataSource.init)
+        state.withLock { $0.blobs[digest] }.map { DataSource($0, verified: true) }
     }
+
+    func skipsWrite(_ digest: Digest) throws -> Bool { contains(digest) }
 
     func deleteBlob(_ digest: Digest) throws {
         onDelete.withLock { $0 }?(digest)

@@ -163,15 +163,23 @@ public final class CasfsMount: @unchecked Sendable {
         return nil
     }
 
-    /// The storage and driver counters, from the root's `user.casfs.stats` xattr.
+    /// The mount's metrics, from the root's `user.casfs.stats` xattr.
     public func stats() throws -> [String: Int64] {
         let r = runShell("getfattr --only-values -n user.casfs.stats \(shq(mountpoint))")
         guard r.ok, let data = r.stdout.data(using: .utf8),
               let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
             throw MountError("no stats xattr: \(r)")
         }
+        // Every sample under its full key (`name{labels}`), and each metric's
+        // samples summed under its bare name.
         var out: [String: Int64] = [:]
-        for (k, v) in obj { if let n = v as? NSNumber { out[k] = n.int64Value } }
+        for (k, v) in obj {
+            guard let n = v as? NSNumber else { continue }
+            out[k] = n.int64Value
+            if let brace = k.firstIndex(of: "{") {
+                out[String(k[..<brace]), default: 0] += n.int64Value
+            }
+        }
         return out
     }
 

@@ -163,12 +163,13 @@ final class TreeDirectoryTests: XCTestCase {
 
 final class DirectoryCacheTests: XCTestCase {
     func testLoadsAbsentInvalidAndEvicts() throws {
-        let store = MemoryStorage(maxBytes: 1 << 20)
+        let store = EmptyBlobStorage(MemoryStorage(maxBytes: 1 << 20))
+        let metrics = Metrics()
         let good = raw(files: [file("a")])
         let bad = raw(files: [file("b"), file("a")])
         try store.commitWrite(Digest.of(good), DataSource(good))
         try store.commitWrite(Digest.of(bad), DataSource(bad))
-        let cache = DirectoryCache(storage: store, capacity: 4096)
+        let cache = DirectoryCache(storage: store, capacity: 4096, metrics: metrics)
         guard case .directory(let t) = try cache.load(Digest.of(good)) else { return XCTFail() }
         XCTAssertEqual(t.entries.map(\.name), ["a"])
         guard case .invalid(.unsorted("a", after: "b")) = try cache.load(Digest.of(bad)) else { return XCTFail() }
@@ -178,7 +179,7 @@ final class DirectoryCacheTests: XCTestCase {
         // A second load is a hit, even once the blob is gone from the store.
         try store.deleteBlob(Digest.of(good))
         guard case .directory = try cache.load(Digest.of(good)) else { return XCTFail() }
-        XCTAssertEqual(cache.statistics()["tree_directory_hits"], 1)
+        XCTAssertEqual(metrics.total(MetricCatalog.treeHits), 1)
 
         // Many directories: the cache stays within its bound.
         for i in 0..<200 {
@@ -186,8 +187,7 @@ final class DirectoryCacheTests: XCTestCase {
             try store.commitWrite(Digest.of(data), DataSource(data))
             guard case .directory = try cache.load(Digest.of(data)) else { return XCTFail() }
         }
-        let stats = cache.statistics()
-        XCTAssertLessThanOrEqual(stats["tree_directory_bytes"]!, 4096)
+        XCTAssertLessThanOrEqual(metrics.total(MetricCatalog.treeCachedBytes), 4096)
         XCTAssertLessThan(cache.count, 200)
     }
 

@@ -1,9 +1,10 @@
 import Foundation
 import Synchronization
 
-/// A fixed pool of threads running queued jobs in order of submission.
-/// `drain()` waits until the queue is empty and every job has finished.
-final class WriterPool: Sendable {
+/// Background jobs (deferred writes, prefetches) run by a fixed set of
+/// threads in order of submission. `drain()` waits until the queue is empty
+/// and every job has finished.
+final class BackgroundJobs: Sendable {
     typealias Job = @Sendable () -> Void
 
     private struct State {
@@ -48,6 +49,16 @@ final class WriterPool: Sendable {
         drain()
         state.withLock { $0.stopping = true }
         for _ in 0..<size { wake.signal() }
+    }
+
+    /// Drops the jobs not yet started, then stops the threads once the
+    /// running ones finish.
+    func abandon() {
+        state.withLock { s in
+            s.queue.removeAll()
+            s.head = 0
+        }
+        stop()
     }
 
     private func loop() {

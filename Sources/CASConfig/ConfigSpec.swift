@@ -1,0 +1,97 @@
+import CASCore
+import Foundation
+
+/// A configuration file as plain values: what to build, not built yet.
+/// `StackBuilder` makes the live storage stack from it.
+public struct ConfigSpec: Sendable {
+    /// The storage node the mount serves.
+    public var storage: StorageNode
+    public var mount: MountOptions
+    /// The file it came from (for errors).
+    public var source: String
+
+    public init(storage: StorageNode, mount: MountOptions = MountOptions(), source: String = "<config>") {
+        self.storage = storage
+        self.mount = mount
+        self.source = source
+    }
+}
+
+/// One storage node of the configuration. Nodes reached through one YAML
+/// anchor share an `id` and are built once.
+public struct StorageNode: Sendable {
+    public var id: Int
+    /// Where it sits in the file (`storage.fallback`); names its metrics.
+    public var path: String
+    public var kind: Kind
+    /// Its line in the file, when it came from one.
+    public var line: Int?
+    /// The lines of its keys' values, to name the right line in errors
+    /// found while building.
+    public var keyLines: [String: Int] = [:]
+
+    public indirect enum Kind: Sendable {
+        case disk(path: String)
+        case memory(size: Int64)
+        case withCache(WithCacheSpec)
+        case redisIndex(storage: StorageNode, redis: RedisSpec, prefix: String?)
+        case remote(RemoteSpec)
+    }
+
+    public init(id: Int, path: String, kind: Kind, line: Int? = nil) {
+        self.id = id
+        self.path = path
+        self.kind = kind
+        self.line = line
+    }
+}
+
+public struct WithCacheSpec: Sendable {
+    /// BuildGrid's default.
+    public static let defaultWriterThreads = 20
+
+    public var cache: StorageNode
+    public var fallback: StorageNode
+    public var deferFallbackWrites = false
+    public var fallbackWriterThreads = WithCacheSpec.defaultWriterThreads
+    /// Where deferred writes are journaled (required with a cache that is
+    /// not a disk store; else inside the cache's directory).
+    public var journal: String?
+
+    public init(cache: StorageNode, fallback: StorageNode) {
+        self.cache = cache
+        self.fallback = fallback
+    }
+}
+
+/// A `!redis-connection`. Nodes reached through one anchor share an `id`.
+public struct RedisSpec: Sendable {
+    /// BuildGrid's default number of retries after a connection error.
+    public static let defaultRetries = 3
+
+    public var id: Int
+    public var host: String?
+    public var port: Int?
+    public var unixSocket: String?
+    public var password: String?
+    public var db = 0
+    public var connectTimeout: Double?
+    public var commandTimeout: Double?
+    public var maxConnections: Int?
+    public var retries = RedisSpec.defaultRetries
+
+    public init(id: Int) { self.id = id }
+}
+
+/// A `!remote-storage`.
+public struct RemoteSpec: Sendable {
+    public static let defaultRequestTimeout: Double = 60
+    public static let defaultRetries = 3
+
+    public var url: String
+    public var instanceName = ""
+    public var requestTimeout = RemoteSpec.defaultRequestTimeout
+    public var retries = RemoteSpec.defaultRetries
+
+    public init(url: String) { self.url = url }
+}

@@ -1,0 +1,133 @@
+import CASCore
+import CASStorage
+import Foundation
+import Redis
+import RemoteCAS
+
+/// A live storage stack, built from a `ConfigSpec`.
+public struct StorageStack: Sendable {
+    /// The top of the stack: what the mount and the commands use.
+    public var storage: any Storage
+    /// The index found in the stack (for listing, totals, access times).
+    public var index: RedisIndex?
+    /// Refreshes access times of read blobs in the index (nil without one).
+    public var accessTimes: AccessTimeBatcher?
+    public var metrics: Metrics
+    public var mount: MountOptions
+    /// Each configured node as built (before any verifying decorator), by
+    /// its place in the file (`storage.fallback`).
+    public var nodes: [String: any Storage]
+
+    /// Stops the access-time recorder (flushing it), then the storage.
+    public func stop() throws {
+        accessTimes?.stop()
+        try storage.stop()
+    }
+}
+
+/// Makes live objects from a `ConfigSpec`. The stack it builds, top down:
+/// - `WriteCheckingStorage`: every write is checked against its digest;
+/// - `EmptyBlobStorage`: the empty blob, answered once for all below;
+/// - `PrefetchingStorage` (with `tree-prefetch`): bulk hints for trees;
+/// - the configured nodes, with a `VerifyingStorage` put around each node
+///   whose bytes casfs has not checked: every `!disk-storage` and
+///   `!remote-storage`, and every `!redis-index` (in place of its store).
+public final class StackBuilder {
+    public let metrics: Metrics
+    private var built: [Int: any Storage] = [:]
+    private var nodes: [String: any Storage] = [:]
+    private var pools: [Int: RedisPool] = [:]
+    private var indexes: [RedisIndex] = []
+    /// Index nodes whose Redis holds nothing else (casfs's private Redis).
+    private let exclusiveRedis: Set<Int>
+    private var source = "<config>"
+
+    public init(metrics: Metrics = Metrics(), exclusiveRedis: Set<Int> = []) {
+        self.metrics = metrics
+        self.exclusiveRedis = exclusiveRedis
+    }
+
+    public func build(_ spec: ConfigSpec, withAccessTimes: Bool = true) throws -> StorageStack {
+        source = spec.source
+        var storage = try node(spec.storage, verified: false)
+        if spec.mount.treePrefetch { storage = PrefetchingStorage(storage) }
+        storage = WriteCheckingStorage(EmptyBlobStorage(storage), metrics: MetricScope(metrics, node: "storage"))
+        let index = indexes.first
+        let batcher = withAccessTimes ? index.map {
+            AccessTimeBatcher(index: $0, metrics: MetricScope(metrics, node: spec.storage.path))
+        } : nil
+        return StorageStack(storage: storage, index: index, accessTimes: batcher, metrics: metrics, mount: spec.mount,
+                            nodes: nodes)
+    }
+
+    /// Builds a node once (aliases share it). `verified`: a node above
+    /// already checks what this one returns.
+    private func node(_ n: StorageNode, verified: Bool) throws -> any Storage {
+        if let s = built[n.id] { return s }
+        let scope = MetricScope(metrics, node: n.path)
+        let s: any Storage
+        switch n.kind {
+        case .disk(let path):
+            let disk = try located(n, "path") { try DiskStorage(root: path) }
+            nodes[n.path] = disk
+            s = verified ? disk : VerifyingStorage(disk, sourceName: "\(n.path) (disk \(path))", metrics: scope)
+        case .memory(let size):
+            s = MemoryStorage(maxBytes: size, metrics: scope)
+            nodes[n.path] = s
+        case .withCache(let w):
+            let cache = try node(w.cache, verified: false)
+            let fallback = try node(w.fallback, verified: false)
+            var journal: DeferredWriteJournal?
+            if w.deferFallbackWrites {
+                var dir = w.journal
+                if dir == nil, case .disk(let cachePath) = w.cache.kind { dir = cachePath + "/casfs-journal" }
+                guard let dir else { throw ConfigError(source: source, line: n.line, key: n.path, message: "defer-fallback-writes needs `journal:`") }
+                journal = try located(n, "journal") {
+                    try DeferredWriteJournal(directory: dir, threads: w.fallbackWriterThreads, metrics: scope)
+                }
+            }
+            s = WithCacheStorage(cache: cache, fallback: fallback, journal: journal, metrics: scope)
+            nodes[n.path] = s
+        case .redisIndex(let inner, let redisSpec, let prefix):
+            let store = try node(inner, verified: true)
+            let index = try located(n, "prefix") {
+                try RedisIndex(redis: pool(redisSpec), storage: store, prefix: prefix,
+                               exclusive: exclusiveRedis.contains(redisSpec.id), metrics: scope)
+            }
+            indexes.append(index)
+            nodes[n.path] = index
+            s = verified ? index : VerifyingStorage(index, sourceName: "\(n.path) (redis index over \(inner.path))", metrics: scope)
+        case .remote(let r):
+            let remote = try located(n, "url") {
+                try RemoteStorage(url: r.url, instanceName: r.instanceName, requestTimeout: r.requestTimeout, retries: r.retries)
+            }
+            nodes[n.path] = remote
+            s = verified ? remote : VerifyingStorage(remote, sourceName: "\(n.path) (remote \(r.url))", metrics: scope)
+        }
+        built[n.id] = s
+        return s
+    }
+
+    private func pool(_ r: RedisSpec) -> RedisPool {
+        if let p = pools[r.id] { return p }
+        var c = RedisConfig()
+        if let h = r.host { c.host = h }
+        if let p = r.port { c.port = p }
+        c.unixSocket = r.unixSocket
+        c.password = r.password
+        c.db = r.db
+        if let t = r.connectTimeout { c.connectTimeout = t }
+        if let t = r.commandTimeout { c.commandTimeout = t }
+        if let n = r.maxConnections { c.maxConnections = n }
+        let p = RedisPool(c)
+        pools[r.id] = p
+        return p
+    }
+
+    /// Runs `make`, turning its failure into an error naming the node's key.
+    private func located<T>(_ n: StorageNode, _ key: String, _ make: () throws -> T) throws -> T {
+        do { return try make() } catch let e as ConfigError { throw e } catch {
+            throw ConfigError(source: source, line: n.keyLines[key] ?? n.line, key: "\(n.path).\(key)", message: "\(error)")
+        }
+    }
+}

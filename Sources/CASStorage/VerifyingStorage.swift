@@ -1,0 +1,250 @@
+import CASCore
+import Foundation
+import Synchronization
+
+/// Checks bytes that come from a source casfs has not checked (a fallback, a
+/// remote CAS, a store file casfs did not write or that changed since)
+/// against their digest, so that no reader finishes with wrong bytes.
+///
+/// - A source that is already verified (a store file with a valid proof,
+///   memory) passes through untouched: verification is paid once.
+/// - Blobs up to `wholeCheckLimit` are hashed in full before the first byte
+///   is served. Larger ones stream: bytes read in order from the start are
+///   hashed as they pass; a read that reaches the end, or that jumps ahead,
+///   returns only after the whole blob verified.
+/// - Bytes that do not match are an error (`StorageError.corrupt`, EIO),
+///   logged with the digest and the source, counted, and repaired: the blob
+///   is deleted from the storage below (and so from its index), so the next
+///   reader gets ENOENT or, through a cache's fallback, the right bytes.
+/// - A verified file gets its proof recorded by the storage that holds it.
+public final class VerifyingStorage: StorageDecorator {
+    public let inner: any Storage
+    /// Names the source in logs and errors (e.g. `storage.fallback`).
+    public let sourceName: String
+    public let wholeCheckLimit: Int64
+    /// How far past the hashed prefix a read may start and still count as
+    /// part of an in-order stream. Bytes in the gap are read and hashed but
+    /// served unverified, so it is 0 by default: any read that does not
+    /// continue the hashed prefix waits for the whole check.
+    public let streamWindow: Int64
+
+    private let streams = Mutex<[Digest: WeakStreamCheck]>([:])
+    /// Blobs of sources that cannot hold a proof (a remote), verified in full
+    /// by this process: their ranged reads are trusted.
+    private let verifiedRemotely = RecentSet<Digest>(capacity: 4096)
+    let counters: Counters
+
+    struct Counters: Sendable {
+        let verifications, verifiedBytes, failures, repairs: MetricCounter
+    }
+
+    public init(_ inner: any Storage, sourceName: String, wholeCheckLimit: Int64 = 64 << 20,
+                streamWindow: Int64 = 0, metrics: MetricScope = .standalone("verifying")) {
+        self.inner = inner
+        self.sourceName = sourceName
+        self.wholeCheckLimit = wholeCheckLimit
+        self.streamWindow = max(0, streamWindow)
+        counters = Counters(verifications: metrics.counter(MetricCatalog.verifications),
+                            verifiedBytes: metrics.counter(MetricCatalog.verifiedBytes),
+                            failures: metrics.counter(MetricCatalog.verifyFailures),
+                            repairs: metrics.counter(MetricCatalog.repairs))
+    }
+
+    public func getBlob(_ d: Digest) throws -> BlobSource? {
+        guard let src = try inner.getBlob(d) else { return nil }
+        if trusted(d, src) { return src }
+        return try checkWhole(d, src)
+    }
+
+    public func openBlob(_ d: Digest) throws -> BlobSource? {
+        guard let src = try inner.openBlob(d) else { return nil }
+        if trusted(d, src) { return src }
+        if d.size <= wholeCheckLimit { return try checkWhole(d, src) }
+        return StreamCheckedSource(digest: d, source: src, check: streamCheck(d), owner: self)
+    }
+
+    public func read(_ d: Digest, offset: Int64, length: Int) throws -> Data? {
+        try openBlob(d)?.read(offset: offset, length: length)
+    }
+
+    public func bulkReadBlobs(_ ds: [Digest]) throws -> [Digest: Data] {
+        var found = try inner.bulkReadBlobs(ds)
+        for (d, data) in found {
+            counters.verifications.add()
+            counters.verifiedBytes.add(Int64(data.count))
+            let actual = Digest.of(data)
+            if actual != d {
+                found[d] = nil
+                failed(d, "bulk read returned \(actual)")
+            }
+        }
+        return found
+    }
+
+    private func trusted(_ d: Digest, _ src: BlobSource) -> Bool {
+        src.isVerified || (src.fileDescriptor == nil && verifiedRemotely.contains(d))
+    }
+
+    /// Hashes all of `src`; returns it marked verified, or throws `corrupt`.
+    func checkWhole(_ d: Digest, _ src: BlobSource) throws -> BlobSource {
+        counters.verifications.add()
+        guard src.size == d.size else { throw failed(d, "\(src.size) bytes") }
+        var h = DigestHasher()
+        var buf = [UInt8](repeating: 0, count: Int(min(d.size, Int64(streamChunkSize))))
+        var offset: Int64 = 0
+        while offset < d.size {
+            let n = try buf.withUnsafeMutableBytes { try src.read(into: $0, offset: offset) }
+            guard n > 0 else { throw failed(d, "ended after \(offset) bytes") }
+            buf.withUnsafeBytes { h.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            offset += Int64(n)
+        }
+        counters.verifiedBytes.add(d.size)
+        let actual = h.finalize()
+        guard actual == d else { throw failed(d, "content is \(actual)") }
+        verified(d, src)
+        return VerifiedSource(src)
+    }
+
+    func verified(_ d: Digest, _ src: BlobSource) {
+        if src.fileDescriptor == nil { verifiedRemotely.insert(d) }
+        inner.recordVerified(d, src)
+    }
+
+    /// Logs, counts and repairs a mismatch; returns the error to throw.
+    @discardableResult
+    func failed(_ d: Digest, _ what: String) -> StorageError {
+        counters.failures.add()
+        verifiedRemotely.remove(d)
+        var repaired = "not removed"
+        do {
+            try inner.deleteBlob(d)
+            counters.repairs.add()
+            repaired = "removed"
+        } catch {
+            repaired = "could not be removed: \(error)"
+        }
+        log.error("corrupt blob \(d) from \(sourceName): \(what); \(repaired)")
+        return .corrupt(d, source: sourceName)
+    }
+
+    private func streamCheck(_ d: Digest) -> StreamCheck {
+        streams.withLock { map in
+            if let c = map[d]?.check { return c }
+            if map.count > 1024 { map = map.filter { $0.value.check != nil } }
+            let c = StreamCheck(size: d.size)
+            map[d] = WeakStreamCheck(check: c)
+            return c
+        }
+    }
+}
+
+/// A source whose bytes were just verified.
+struct VerifiedSource: BlobSource {
+    let inner: BlobSource
+    init(_ inner: BlobSource) { self.inner = inner }
+    var size: Int64 { inner.size }
+    var isVerified: Bool { true }
+    var fileDescriptor: Int32? { inner.fileDescriptor }
+    func read(offset: Int64, length: Int) throws -> Data { try inner.read(offset: offset, length: length) }
+    func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
+        try inner.read(into: buffer, offset: offset)
+    }
+}
+
+struct WeakStreamCheck {
+    weak var check: StreamCheck?
+}
+
+/// How far one large blob has been hashed, shared by every reader of it.
+final class StreamCheck: @unchecked Sendable {
+    enum Outcome { case pending, verified, corrupt(StorageError) }
+    let lock = NSLock()
+    // Guarded by `lock`.
+    var hasher = DigestHasher()
+    var hashedEnd: Int64 = 0
+    var outcome = Outcome.pending
+    let size: Int64
+
+    init(size: Int64) { self.size = size }
+}
+
+/// Reads of a large unverified blob: in-order reads are hashed as they pass;
+/// the read that reaches the end (or jumps ahead) waits for the whole check.
+final class StreamCheckedSource: BlobSource, @unchecked Sendable {
+    let digest: Digest
+    let source: BlobSource
+    let check: StreamCheck
+    let owner: VerifyingStorage
+
+    init(digest: Digest, source: BlobSource, check: StreamCheck, owner: VerifyingStorage) {
+        self.digest = digest
+        self.source = source
+        self.check = check
+        self.owner = owner
+    }
+
+    var size: Int64 { digest.size }
+    var fileDescriptor: Int32? { nil }  // not handed to the kernel unverified
+
+    func read(offset: Int64, length: Int) throws -> Data {
+        var data = Data(count: max(0, Int(min(Int64(length), max(0, size - offset)))))
+        let n = try data.withUnsafeMutableBytes { try read(into: $0, offset: offset) }
+        if n < data.count { data.removeSubrange(n...) }
+        return data
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
+        guard offset >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
+        guard offset < size, buffer.count > 0 else { return 0 }
+        let end = offset.saturatingAdd(Int64(buffer.count)) >= size ? size : offset + Int64(buffer.count)
+        check.lock.lock()
+        defer { check.lock.unlock() }
+        switch check.outcome {
+        case .verified: return try source.read(into: buffer, offset: offset)
+        case .corrupt(let e): throw e
+        case .pending: break
+        }
+        if end < size && offset == check.hashedEnd {
+            // The next bytes of an in-order stream: read once, hash, serve.
+            let n = try source.read(into: buffer, offset: offset)
+            guard n == Int(end - offset) else { throw fail("short read at \(offset)") }
+            check.hasher.update(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+            check.hashedEnd = end
+            owner.counters.verifiedBytes.add(Int64(n))
+            return n
+        }
+        if end < size && offset <= check.hashedEnd.saturatingAdd(owner.streamWindow) {
+            try extend(to: end)
+            return try source.read(into: buffer, offset: offset)
+        }
+        // The end of the blob, or a jump: the whole blob is checked first.
+        try extend(to: size)
+        let actual = check.hasher.finalize()
+        owner.counters.verifications.add()
+        guard actual == digest else { throw fail("content is \(actual)") }
+        check.outcome = .verified
+        owner.verified(digest, source)
+        return try source.read(into: buffer, offset: offset)
+    }
+
+    /// Hashes from the hashed prefix up to `end` (lock held).
+    private func extend(to end: Int64) throws {
+        var buf = [UInt8](repeating: 0, count: 4 << 20)
+        while check.hashedEnd < end {
+            let want = Int(min(Int64(buf.count), end - check.hashedEnd))
+            let n = try buf.withUnsafeMutableBytes {
+                try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<want]), offset: check.hashedEnd)
+            }
+            guard n == want else { throw fail("short read at \(check.hashedEnd)") }
+            buf.withUnsafeBytes { check.hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            check.hashedEnd += Int64(n)
+            owner.counters.verifiedBytes.add(Int64(n))
+        }
+    }
+
+    private func fail(_ what: String) -> StorageError {
+        let e = owner.failed(digest, what)
+        check.outcome = .corrupt(e)
+        return e
+    }
+}
