@@ -12,16 +12,19 @@ struct RunCommand: ParsableCommand {
             The input root <mount>/tree/<hash>_<size> is bound read-only at \(Sandbox.input)
             and is the working directory; \(Sandbox.output) is writable (--output, else a
             scratch directory removed after the run); the whole mount is read-only at
-            \(Sandbox.cas). The host's top-level directories are read-only, /tmp is
-            private, and there is no network unless --network. The environment names
-            the paths: CASFS_INPUT_ROOT, CASFS_OUTPUT, CASFS_MOUNT.
+            \(Sandbox.cas). Besides these the command sees only /usr, /etc (without what
+            others may not read) and /bin, /sbin, /lib* read-only, a private /tmp, /dev
+            and /proc of its own, and what --bind and --ro-bind add. It has no
+            capabilities and no network but a private loopback unless --network. The
+            environment names the paths: CASFS_INPUT_ROOT, CASFS_OUTPUT, CASFS_MOUNT.
 
             Without --mount, a running zero-config mount is used if there is one;
             otherwise the store (zero-config or --config) is mounted read-only on a
             temporary directory for the run and unmounted afterwards.
 
             Exits with the command's status (128+N when it dies from signal N);
-            casfs run's own errors exit \(RunCommand.ownFailure).
+            casfs run's own errors, a sandbox that cannot be built without
+            privileges, and a command that cannot be started exit \(RunCommand.ownFailure).
             """)
 
     @Option(name: .long, help: ArgumentHelp("The REAPI Directory digest of the input root.", valueName: "hash_size"))
@@ -36,7 +39,13 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Host directory bound writable at \(Sandbox.output) (created if missing). Default: a scratch directory removed after the run.", valueName: "dir"))
     var output: String?
 
-    @Option(name: .long, help: ArgumentHelp("Host directory bound writable at the same path (created if missing). Repeatable.", valueName: "path"))
+    @Option(name: .long, help: ArgumentHelp("Host path SRC shown writable at DST (default: SRC). Repeatable.", valueName: "SRC[:DST]"))
+    var bind: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Host path SRC shown read-only at DST (default: SRC). Repeatable.", valueName: "SRC[:DST]"))
+    var roBind: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Host directory (created if missing) shown writable at the same path: --bind PATH. Repeatable.", valueName: "path"))
     var writableDir: [String] = []
 
     @Option(name: .long, help: ArgumentHelp("Working directory inside (default: \(Sandbox.input), or \(Sandbox.output) without --input-root).", valueName: "dir"))
@@ -75,7 +84,10 @@ struct RunCommand: ParsableCommand {
     struct Plan {
         var inputRoot: Digest?
         var bwrap: String
+        /// Directories to create before the run (--writable-dir).
         var writableDirs: [String]
+        /// Shallowest destination first, so that a bind inside another one is mounted after it.
+        var binds: [SandboxBind]
         var output: String?
         var config: String?
         var chdir: String
@@ -99,19 +111,34 @@ struct RunCommand: ParsableCommand {
             throw CLIError("bwrap not found in PATH: install the bubblewrap package (apt-get install bubblewrap)")
         }
         var dirs: [String] = []
+        var binds: [SandboxBind] = []
         for w in writableDir {
-            let path = absolute(w)
-            if path == "/" || Sandbox.reserved.contains(where: { path == $0 || path.hasPrefix($0 + "/") }) {
-                throw CLIError("--writable-dir \(w): \(path) would hide the sandbox's \(Sandbox.reserved.joined(separator: ", ")) or /")
-            }
+            let path = URL(fileURLWithPath: absolute(w)).standardizedFileURL.path
+            let inside = try SandboxBind.checkedDestination(path, spec: w, option: "--writable-dir")
             dirs.append(path)
+            binds.append(SandboxBind(source: path, destination: inside, writable: true))
         }
+        for (specs, option, writable) in [(bind, "--bind", true), (roBind, "--ro-bind", false)] {
+            for spec in specs {
+                let b = try SandboxBind.parse(spec, option: option, writable: writable)
+                try b.checkSource(option: option)
+                binds.append(b)
+            }
+        }
+        var seen: Set<String> = []
+        for b in binds where !seen.insert(b.destination).inserted {
+            throw CLIError("two binds at \(b.destination): give each path inside once")
+        }
+        binds = binds.enumerated().sorted {
+            let (l, r) = ($0.element.destination.split(separator: "/").count, $1.element.destination.split(separator: "/").count)
+            return l != r ? l < r : $0.offset < $1.offset
+        }.map(\.element)
         if let config, !FileManager.default.isReadableFile(atPath: config) {
             throw CLIError("--config \(config): no such readable file")
         }
         let cwd = chdir ?? (digest != nil ? Sandbox.input : Sandbox.output)
         guard cwd.hasPrefix("/") else { throw CLIError("--chdir \(cwd): give an absolute path inside the sandbox") }
-        return Plan(inputRoot: digest, bwrap: bwrap, writableDirs: dirs, output: output.map(absolute),
+        return Plan(inputRoot: digest, bwrap: bwrap, writableDirs: dirs, binds: binds, output: output.map(absolute),
                     config: config.map(absolute), chdir: cwd)
     }
 
@@ -137,10 +164,17 @@ struct RunCommand: ParsableCommand {
         for w in plan.writableDirs { try makeDirectory(w, what: "--writable-dir") }
         try SignalForwarding.checkInterrupted()
 
-        let args = Sandbox.bwrapArguments(mount: mountpoint, inputRoot: inputPath, outputDir: output,
-                                          writableDirs: plan.writableDirs, chdir: plan.chdir,
-                                          network: network, command: command)
-        return try spawnAndWait(plan.bwrap, args)
+        let layout = Sandbox.Layout(mount: mountpoint, inputRoot: inputPath, output: output, binds: plan.binds,
+                                    chdir: plan.chdir, network: network)
+        let args = Sandbox.bwrapArguments(layout)
+        do {
+            defer { SignalForwarding.child.store(0, ordering: .sequentiallyConsistent) }
+            try SandboxCheck.run(bwrap: plan.bwrap, arguments: args) { pid in
+                SignalForwarding.child.store(pid, ordering: .sequentiallyConsistent)
+            }
+        }
+        try SignalForwarding.checkInterrupted()
+        return try runCommand(plan.bwrap, args)
     }
 
     /// The mount to use: --mount, a running zero-config mount, or a temporary one.
@@ -209,74 +243,31 @@ struct RunCommand: ParsableCommand {
         }
     }
 
-    /// Runs bwrap, forwarding SIGINT/SIGTERM/SIGHUP to it, and returns the
-    /// command's exit status (128+N for a death by signal N).
-    private func spawnAndWait(_ exe: String, _ args: [String]) throws -> Int32 {
-        let pid = try spawn(exe, [exe] + args)
+    /// Runs the command in the sandbox, forwarding SIGINT/SIGTERM/SIGHUP to
+    /// bwrap, and returns its exit status (128+N for a death by signal N).
+    /// bwrap reports the status on a pipe only once the command has started:
+    /// without that report, bwrap failed (and said why on stderr).
+    private func runCommand(_ bwrap: String, _ args: [String]) throws -> Int32 {
+        let report = try ChildOutputPipe()
+        let statusFD: Int32 = 3
+        let argv = [bwrap] + args + ["--json-status-fd", "\(statusFD)", "--"] + command
+        let pid = try SandboxProcess.start(bwrap, argv, redirect: [statusFD: report.writeEnd])
+        report.closeWriteEnd()
         SignalForwarding.child.store(pid, ordering: .sequentiallyConsistent)
         // A signal that came before the pid was known is passed on now.
         let early = SignalForwarding.received.load(ordering: .sequentiallyConsistent)
         if early != 0 { kill(pid, early) }
-        let status = waitForExit(pid)
+        let end = SandboxProcess.wait(pid)
         SignalForwarding.child.store(0, ordering: .sequentiallyConsistent)
-        return status
-    }
-}
-
-// MARK: the sandbox
-
-/// Fixed paths inside the sandbox and the bwrap command line.
-enum Sandbox {
-    static let input = "/input"
-    static let output = "/out"
-    static let cas = "/cas"
-    static var reserved: [String] { [input, output, cas] }
-    /// Host top-level entries that the sandbox gets fresh, or not at all.
-    static var notFromHost: Set<String> {
-        Set(["proc", "dev", "tmp", "sys", "lost+found"] + reserved.map { String($0.dropFirst()) })
-    }
-
-    /// bwrap's arguments. `mount`, `inputRoot` (`<mount>/tree/<digest>`),
-    /// `outputDir` and `writableDirs` are host paths.
-    static func bwrapArguments(mount: String, inputRoot: String?, outputDir: String, writableDirs: [String],
-                               chdir: String, network: Bool, command: [String]) -> [String] {
-        // The host's top-level directories, read-only, on a fresh root that has room for our own.
-        var a = ["--tmpfs", "/"]
-        let names = ((try? FileManager.default.contentsOfDirectory(atPath: "/")) ?? []).sorted()
-        let skipped = notFromHost
-        for name in names where !skipped.contains(name) {
-            let path = "/" + name
-            var st = stat()
-            guard lstat(path, &st) == 0 else { continue }
-            switch st.st_mode & S_IFMT {
-            case S_IFLNK:
-                if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: path) {
-                    a += ["--symlink", target, path]
-                }
-            case S_IFDIR:
-                a += ["--ro-bind", path, path]
-            default:
-                continue
-            }
+        switch end {
+        case .signaled(let sig):
+            return 128 + sig
+        case .exited(let code):
+            let status = String(decoding: report.readAll(untilEndOfFile: false), as: UTF8.self)
+            return status.contains("\"exit-code\"") ? code : RunCommand.ownFailure
+        case nil:
+            return RunCommand.ownFailure
         }
-        a += ["--ro-bind", "/sys", "/sys", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        a += ["--dir", cas, "--ro-bind", mount, cas]
-        if let inputRoot { a += ["--dir", input, "--ro-bind", inputRoot, input] }
-        a += ["--dir", output, "--bind", outputDir, output]
-        for w in writableDirs { a += ["--bind", w, w] }
-        a += ["--remount-ro", "/"]
-        a += ["--unshare-pid", "--unshare-ipc", "--unshare-uts"]
-        if !network { a += ["--unshare-net"] }
-        a += ["--die-with-parent", "--new-session"]
-        if inputRoot != nil {
-            a += ["--setenv", "CASFS_INPUT_ROOT", input]
-        } else {
-            a += ["--unsetenv", "CASFS_INPUT_ROOT"]
-        }
-        a += ["--setenv", "CASFS_OUTPUT", output, "--setenv", "CASFS_MOUNT", cas]
-        a += ["--setenv", "PWD", chdir, "--chdir", chdir]
-        a += ["--"] + command
-        return a
     }
 }
 
@@ -310,29 +301,6 @@ private func runSignalHandler(_ sig: Int32) {
     SignalForwarding.received.store(sig, ordering: .sequentiallyConsistent)
     let pid = SignalForwarding.child.load(ordering: .sequentiallyConsistent)
     if pid > 0 { kill(pid, sig) }
-}
-
-/// Starts `argv` with posix_spawn: inherited stdio and environment, default
-/// signal dispositions and an empty signal mask.
-private func spawn(_ exe: String, _ argv: [String]) throws -> pid_t {
-    var attr = posix_spawnattr_t()
-    posix_spawnattr_init(&attr)
-    defer { posix_spawnattr_destroy(&attr) }
-    var none = sigset_t()
-    sigemptyset(&none)
-    posix_spawnattr_setsigmask(&attr, &none)
-    var defaults = sigset_t()
-    sigemptyset(&defaults)
-    for s in SignalForwarding.signals + [SIGPIPE, SIGQUIT] { sigaddset(&defaults, s) }
-    posix_spawnattr_setsigdefault(&attr, &defaults)
-    posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-
-    let cArgs = argv.map { strdup($0) } + [nil]
-    defer { cArgs.forEach { free($0) } }
-    var pid: pid_t = 0
-    let rc = posix_spawn(&pid, exe, nil, &attr, cArgs, environ)
-    guard rc == 0 else { throw CLIError("cannot start \(exe): \(String(cString: strerror(rc)))") }
-    return pid
 }
 
 /// Waits for `pid`; its exit status, or 128+N for a death by signal N.

@@ -106,7 +106,8 @@ final class HelperTests: XCTestCase {
         XCTAssertTrue(sh("umount \(shq(mnt))").ok)
     }
 
-    /// The sandbox sees the mount read-only at /cas, has no network, and can write only its output dir.
+    /// The sandbox sees the mount read-only at /cas, has no network, sees host paths only when bound, and
+    /// can write only its output dir.
     func testSandboxReadsInputsAndCannotWriteThem() throws {
         guard sh("command -v bwrap").ok else { return XCTFail("bubblewrap is not installed (apt-get install bubblewrap)") }
         let d = try put("an input of a build step\n")
@@ -128,6 +129,16 @@ final class HelperTests: XCTestCase {
         let build = sh("\(sandbox) --writable-dir \(shq(out)) -- sh -c 'tr a-z A-Z < /cas/sha256/\(d) > \(out)/result'")
         XCTAssertTrue(build.ok, "\(build)")
         XCTAssertEqual(try String(contentsOfFile: out + "/result", encoding: .utf8), "AN INPUT OF A BUILD STEP\n")
+        // Host paths are there only when bound: --ro-bind read-only, --bind writable.
+        XCTAssertEqual(sh("\(sandbox) -- sh -c \(shq("test -e \(dir) || echo hidden"))").stdout, "hidden\n")
+        let shown = dir + "/shown"
+        try FileManager.default.createDirectory(atPath: shown, withIntermediateDirectories: true)
+        try "shown read-only\n".write(toFile: shown + "/file", atomically: true, encoding: .utf8)
+        let binds = sh("\(sandbox) --ro-bind \(shq(shown)):/shown --bind \(shq(out)):/results -- sh -c "
+            + "'cp /shown/file /results/copy && ! touch /shown/new 2>/dev/null'")
+        XCTAssertTrue(binds.ok, "\(binds)")
+        XCTAssertEqual(try String(contentsOfFile: out + "/copy", encoding: .utf8), "shown read-only\n")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: shown + "/new"), "written through --ro-bind")
         let net = sh("\(sandbox) -- sh -c 'tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d \" \"'")
         XCTAssertEqual(net.stdout, "lo\n", "only loopback inside: \(net)")
         XCTAssertEqual(sh("\(sandbox) --chdir /cas/sha256 -- pwd").stdout, "/cas/sha256\n")

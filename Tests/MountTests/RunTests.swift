@@ -191,7 +191,9 @@ final class RunTests: MountTestCase {
                         "echo x >> sub/data.txt", "echo x > /cas/sha256/\(Digest.of(Data("x\n".utf8)))"] {
             let r = run("--mount \(shq(m.mountpoint)) --input-root \(root) -- sh -c \(shq(attempt))")
             XCTAssertNotEqual(r.status, 0, "\(attempt) succeeded inside")
-            XCTAssertTrue(r.stderr.contains("Read-only file system"), "\(attempt): \(r.stderr)")
+            // EACCES where the mode forbids the write before the read-only mount is consulted.
+            XCTAssertTrue(r.stderr.contains("Read-only file system") || r.stderr.contains("Permission denied"),
+                          "\(attempt): \(r.stderr)")
         }
         XCTAssertEqual(mustSh("ls \(shq(m.sha256))"), before)
         XCTAssertEqual(mustSh("cat \(shq(m.mountpoint))/tree/\(root)/greeting.txt"), "hello from the input root\n")
@@ -210,7 +212,9 @@ final class RunTests: MountTestCase {
         XCTAssertEqual(closed.stdout, "lo\n")
         let open = run("--network --mount \(shq(m.mountpoint)) --input-root \(root) -- sh -c \(shq(list))")
         XCTAssertEqual(open.status, 0, "\(open)")
-        XCTAssertEqual(open.stdout, mustSh(list), "--network shares the host's interfaces")
+        let host = mustSh(list)
+        XCTAssertTrue(host.split(separator: "\n").contains { $0 != "lo" }, "the host has no interface but lo: --network cannot be told apart")
+        XCTAssertEqual(open.stdout, host, "--network shares the host's interfaces")
     }
 
     /// Without --mount, the zero-config store is mounted read-only for the run
@@ -222,7 +226,9 @@ final class RunTests: MountTestCase {
         let redisPidFile = xdg + "/casfs/redis/redis.pid"
         let out = tmp + "/out"
         let show = "./build.sh && cat \(redisPidFile) && grep -c ' /cas .* - fuse' /proc/self/mountinfo && ls \(runTmp)"
-        let r = run("--input-root \(root) --output \(shq(out)) -- sh -c \(shq(show))")
+        // The sandbox sees host paths only when they are bound in.
+        let seen = "--ro-bind \(shq(xdg)) --ro-bind \(shq(runTmp))"
+        let r = run("--input-root \(root) --output \(shq(out)) \(seen) -- sh -c \(shq(show))")
         XCTAssertEqual(r.status, 0, "\(r)")
         let lines = r.stdout.split(separator: "\n")
         XCTAssertEqual(lines.count, 3, "\(r)")
@@ -275,7 +281,7 @@ final class RunTests: MountTestCase {
         mustSh("cp \(shq(blobs))/* \(shq(mp))/sha256/")
         let out = tmp + "/out"
         // Nothing is created in TMPDIR: no temporary mount, no scratch output.
-        let r = run("--input-root \(root) --output \(shq(out)) -- sh -c \(shq("./build.sh && ls -A \(runTmp) && echo listed"))")
+        let r = run("--input-root \(root) --output \(shq(out)) --ro-bind \(shq(runTmp)) -- sh -c \(shq("./build.sh && ls -A \(runTmp) && echo listed"))")
         XCTAssertEqual(r.status, 0, "\(r)")
         XCTAssertEqual(r.stdout, "listed\n")
         XCTAssertEqual(try String(contentsOfFile: out + "/result", encoding: .utf8), expected)
@@ -328,5 +334,247 @@ final class RunTests: MountTestCase {
         assertOneLineError(run("--input-root \(plain) \(o) -- true"), "is not a REAPI Directory")
         XCTAssertFalse(FileManager.default.fileExists(atPath: neverOut), "--output was created for a failed run")
         XCTAssertTrue(pollUntil(10) { !self.sh("pgrep -f -- \(shq(self.xdg))").ok }, "a process of the store still runs")
+    }
+
+    // MARK: least privilege
+
+    /// The capability sets and no_new_privs of the process inside.
+    func testCommandHasNoCapabilities() throws {
+        let (m, root) = try mountWithInputRoot()
+        let fields = "grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs):' /proc/self/status"
+        // The test runs as root with capabilities: else this would prove nothing.
+        XCTAssertEqual(getuid(), 0, "the sandbox tests run as root")
+        XCTAssertFalse(mustSh(fields).contains("CapEff:\t0000000000000000"), "the host process has no capabilities to lose")
+        let r = run("--mount \(shq(m.mountpoint)) --input-root \(root) -- \(fields)")
+        XCTAssertEqual(r.status, 0, "\(r)")
+        let zero = "0000000000000000"
+        XCTAssertEqual(r.stdout, "CapInh:\t\(zero)\nCapPrm:\t\(zero)\nCapEff:\t\(zero)\nCapBnd:\t\(zero)\nCapAmb:\t\(zero)\nNoNewPrivs:\t1\n")
+        // Same uid as the caller, without its power.
+        XCTAssertEqual(run("--mount \(shq(m.mountpoint)) -- id -u").stdout, "0\n")
+    }
+
+    /// Nothing can be remounted writable, also not from a new user or mount
+    /// namespace; the host file behind a read-only bind stays as it was.
+    func testCannotRemountOrRegainCapabilities() throws {
+        let (m, root) = try mountWithInputRoot()
+        let data = tmp + "/hostdata"
+        try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
+        try "host\n".write(toFile: data + "/file", atomically: true, encoding: .utf8)
+        let write = "echo changed > /data/file"
+        let attempts = [
+            "mount -o remount,rw /",
+            "mount -o remount,rw /usr",
+            "mount -o remount,bind,rw /usr",
+            "mount -o remount,bind,rw /data && \(write)",
+            "mount -o remount,bind,rw /cas",
+            "umount /data && \(write)",
+            "mount --bind /tmp /data && \(write)",
+            "unshare -r sh -c \(shq("mount -o remount,bind,rw /data && \(write)"))",
+            "unshare -m sh -c \(shq("mount -o remount,bind,rw /data && \(write)"))",
+            "unshare -U sh -c \(shq("unshare -m mount -o remount,bind,rw /data && \(write)"))",
+            "unshare -Urm sh -c \(shq("umount -l /data; \(write)"))",
+        ]
+        for attempt in attempts {
+            let r = run("--mount \(shq(m.mountpoint)) --input-root \(root) --ro-bind \(shq(data)):/data -- sh -c "
+                + shq("\(attempt); s=$?; grep ' /data ' /proc/self/mountinfo; exit $s"))
+            XCTAssertNotEqual(r.status, 0, "succeeded inside: \(attempt): \(r)")
+            XCTAssertTrue(r.stdout.contains(" ro,") || r.stdout.contains(" ro "), "/data is not read-only after \(attempt): \(r)")
+            XCTAssertEqual(try String(contentsOfFile: data + "/file", encoding: .utf8), "host\n", "the host file changed: \(attempt)")
+        }
+        // The same write does change the file through --bind: the attempts could have shown a change.
+        let rw = run("--mount \(shq(m.mountpoint)) --bind \(shq(data)):/data -- sh -c \(shq(write))")
+        XCTAssertEqual(rw.status, 0, "\(rw)")
+        XCTAssertEqual(try String(contentsOfFile: data + "/file", encoding: .utf8), "changed\n")
+    }
+
+    /// Connects to the unix socket argv[1], sends argv[2] if given, prints
+    /// the first line of the reply.
+    static let connect = #"""
+        import socket, sys
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(20)
+        s.connect(sys.argv[1])
+        if len(sys.argv) > 2:
+            s.sendall(sys.argv[2].encode() + b"\r\n")
+        print(s.recv(100).decode().splitlines()[0])
+        """#
+
+    /// Shell text that reports whether `path` exists inside and whether a
+    /// connect to it succeeds (with /usr/bin/python3, the system's).
+    func probeSocket(_ path: String, send: String? = nil) -> String {
+        let message = send.map { " " + shq($0) } ?? ""
+        return "if [ -e \(shq(path)) ]; then echo exists; else echo absent; fi; "
+            + "/usr/bin/python3 -c \(shq(Self.connect)) \(shq(path))\(message) && echo connected || echo refused"
+    }
+
+    /// A unix socket listening on the host under /var/tmp is neither visible
+    /// nor reachable inside, with or without --network; bound in, it is.
+    func testHostUnixSocketIsNotReachable() throws {
+        let (m, root) = try mountWithInputRoot()
+        XCTAssertTrue(tmp.hasPrefix("/var/tmp/"), "the test directory is not under /var/tmp: \(tmp)")
+        let dir = tmp + "/sockets"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let socket = dir + "/host.sock"
+        let server = try startLoggedProcess("/usr/bin/python3", ["-c", """
+            import socket, sys
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(sys.argv[1])
+            s.listen(8)
+            while True:
+                c, _ = s.accept()
+                c.sendall(b"hello from the host\\n")
+                c.close()
+            """, socket], log: tmp + "/socket-server.log")
+        defer { server.terminate(); server.waitUntilExit() }
+        XCTAssertTrue(pollUntil(20) { self.sh("test -S \(shq(socket))").ok }, "the host socket never appeared")
+        XCTAssertEqual(mustSh(probeSocket(socket)), "exists\nhello from the host\nconnected\n", "the host itself cannot connect")
+
+        for network in ["", "--network "] {
+            let r = run("\(network)--mount \(shq(m.mountpoint)) --input-root \(root) -- sh -c \(shq(probeSocket(socket)))")
+            XCTAssertEqual(r.status, 0, "\(r)")
+            XCTAssertEqual(r.stdout, "absent\nrefused\n", "\(network)reached the host socket: \(r)")
+        }
+        // A read-only bind does not stop connect(): that is why nothing is shown unasked.
+        let bound = run("--mount \(shq(m.mountpoint)) --ro-bind \(shq(dir)):/sockets -- sh -c \(shq(probeSocket("/sockets/host.sock")))")
+        XCTAssertEqual(bound.stdout, "exists\nhello from the host\nconnected\n", "\(bound)")
+    }
+
+    /// The private Redis of a running zero-config mount (its socket in the
+    /// data directory) is out of reach of a run on that mount.
+    func testZeroConfigRedisSocketIsNotVisible() throws {
+        let mp = tmp + "/zc"
+        try FileManager.default.createDirectory(atPath: mp, withIntermediateDirectories: true)
+        mustSh("XDG_DATA_HOME=\(shq(xdg)) \(shq(casfs)) mount \(shq(mp))")
+        let redisDir = xdg + "/casfs/redis"
+        let socket = redisDir + "/redis.sock"
+        XCTAssertTrue(sh("test -S \(shq(socket))").ok, "the zero-config mount has no Redis socket at \(socket)")
+        XCTAssertEqual(mustSh(probeSocket(socket, send: "PING")), "exists\n+PONG\nconnected\n", "the host cannot reach its Redis")
+
+        for network in ["", "--network "] {
+            // No --mount: the running zero-config mount is the one used.
+            let r = run("\(network)-- sh -c \(shq("grep -c ' /cas .* - fuse' /proc/self/mountinfo; [ -e \(shq(xdg)) ] && echo data-visible; " + probeSocket(socket, send: "PING")))")
+            XCTAssertEqual(r.status, 0, "\(r)")
+            XCTAssertEqual(r.stdout, "1\nabsent\nrefused\n", "\(network)reached the mount's Redis: \(r)")
+        }
+        let bound = run("--ro-bind \(shq(redisDir)):/redis -- sh -c \(shq(probeSocket("/redis/redis.sock", send: "PING")))")
+        XCTAssertEqual(bound.stdout, "exists\n+PONG\nconnected\n", "\(bound)")
+        mustSh("fusermount3 -u \(shq(mp))")
+        XCTAssertTrue(pollUntil(10) { !self.sh("pgrep -f -- \(shq(self.xdg))").ok }, "the mount's Redis still runs")
+    }
+
+    /// The root holds exactly the system, the sandbox's own paths and
+    /// nothing else of the host.
+    func testSandboxSeesOnlyTheSystem() throws {
+        let (m, root) = try mountWithInputRoot()
+        let mp = shq(m.mountpoint)
+        var expected: Set<String> = ["usr", "etc", "dev", "proc", "tmp", "cas", "input", "out"]
+        for name in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] where sh("test -e /\(name) || test -L /\(name)").ok {
+            expected.insert(name)
+        }
+        for hostDir in ["/run", "/var", "/home", "/root"] {
+            XCTAssertTrue(sh("test -d \(hostDir)").ok, "the host has no \(hostDir): the test cannot show it is hidden")
+        }
+        let top = run("--mount \(mp) --input-root \(root) -- ls -A /")
+        XCTAssertEqual(top.status, 0, "\(top)")
+        XCTAssertEqual(Set(top.stdout.split(separator: "\n").map(String.init)), expected, "\(top)")
+        let hidden = ["/run", "/var", "/home", "/root", "/srv", "/mnt", "/opt", "/media", "/sys", "/boot", tmp, xdg, "/dev/fuse"]
+        let look = hidden.map { "[ -e \(shq($0)) ] && echo \(shq($0))" }.joined(separator: "; ") + "; true"
+        XCTAssertEqual(run("--mount \(mp) -- sh -c \(shq(look))").stdout, "", "host paths visible inside")
+
+        // The system's programs work; /etc without what only root may read.
+        let sum = run("--mount \(mp) -- sh -c 'printf abc | /usr/bin/sha256sum'")
+        XCTAssertEqual(sum.stdout, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  -\n", "\(sum)")
+        XCTAssertTrue(run("--mount \(mp) -- grep -q '^root:' /etc/passwd").ok)
+        XCTAssertTrue(FileManager.default.isReadableFile(atPath: "/etc/shadow"), "the host's root cannot read /etc/shadow")
+        let shadow = run("--mount \(mp) -- cat /etc/shadow")
+        XCTAssertNotEqual(shadow.status, 0, "/etc/shadow is readable inside: \(shadow)")
+        XCTAssertEqual(shadow.stdout, "")
+
+        // A private, writable /tmp: the host's is not seen, nothing written reaches it.
+        let name = "casfs-run-test-\(UUID().uuidString)"
+        FileManager.default.createFile(atPath: "/tmp/\(name)-host", contents: Data())
+        defer { unlink("/tmp/\(name)-host") }
+        let t = run("--mount \(mp) -- sh -c \(shq("ls -A /tmp; echo inside > /tmp/\(name) && cat /tmp/\(name)"))")
+        XCTAssertEqual(t.status, 0, "\(t)")
+        XCTAssertEqual(t.stdout, "inside\n")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "/tmp/\(name)"), "a file of the sandbox's /tmp is on the host")
+
+        // /proc shows the sandbox's processes only: bwrap's init, the shell, and what it runs.
+        let procs = run("--mount \(mp) -- sh -c 'for p in /proc/[0-9]*; do cat $p/comm; done'")
+        XCTAssertEqual(procs.status, 0, "\(procs)")
+        let names = procs.stdout.split(separator: "\n").map(String.init)
+        XCTAssertTrue(names.contains("bwrap") && names.contains("sh"), "\(procs)")
+        XCTAssertTrue(Set(names).isSubset(of: ["bwrap", "sh", "cat"]), "other processes in /proc: \(procs)")
+        XCTAssertTrue(names.count <= 4, "\(procs)")
+    }
+
+    /// --bind shows a host path writable, --ro-bind read-only, at the path
+    /// given or at their own; bad binds are one-line errors.
+    func testBindAndReadOnlyBind() throws {
+        let (m, root) = try mountWithInputRoot()
+        let mp = shq(m.mountpoint)
+        let rw = tmp + "/rw", ro = tmp + "/ro"
+        for d in [rw, ro] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        try "read me\n".write(toFile: ro + "/file", atomically: true, encoding: .utf8)
+
+        let script = "echo made > /work/rw/made && cat /data/ro/file /data/ro-file && echo x > /data/ro/file"
+        let r = run("--mount \(mp) --input-root \(root) --bind \(shq(rw)):/work/rw --ro-bind \(shq(ro)):/data/ro "
+            + "--ro-bind \(shq(ro + "/file")):/data/ro-file -- sh -c \(shq(script))")
+        XCTAssertNotEqual(r.status, 0, "a write through --ro-bind succeeded: \(r)")
+        XCTAssertEqual(r.stdout, "read me\nread me\n", "\(r)")
+        XCTAssertTrue(r.stderr.contains("Read-only file system"), r.stderr)
+        XCTAssertEqual(try String(contentsOfFile: rw + "/made", encoding: .utf8), "made\n")
+        XCTAssertEqual(try String(contentsOfFile: ro + "/file", encoding: .utf8), "read me\n")
+
+        // Without :DST, at the host path; a bind nested in another, whatever the order given.
+        let same = run("--mount \(mp) --ro-bind \(shq(ro)):\(shq(rw))/inner --bind \(shq(rw)) -- sh -c "
+            + shq("cat \(rw)/made \(rw)/inner/file && echo again > \(rw)/made"))
+        XCTAssertEqual(same.status, 0, "\(same)")
+        XCTAssertEqual(same.stdout, "made\nread me\n")
+        XCTAssertEqual(try String(contentsOfFile: rw + "/made", encoding: .utf8), "again\n")
+        try? FileManager.default.removeItem(atPath: rw + "/inner")
+
+        let o = "--mount \(mp) --output \(shq(tmp + "/never-created"))"
+        assertOneLineError(run("\(o) --bind \(shq(tmp + "/absent")) -- true"), "--bind")
+        assertOneLineError(run("\(o) --ro-bind \(shq(ro)):relative -- true"), "not absolute")
+        assertOneLineError(run("\(o) --bind \(shq(rw)):/out/x -- true"), "would hide")
+        assertOneLineError(run("\(o) --ro-bind \(shq(ro)):/x/../cas -- true"), "..")
+        assertOneLineError(run("\(o) --ro-bind \(shq(ro)):/ -- true"), "would hide")
+        assertOneLineError(run("\(o) --ro-bind \(shq(ro)):/x --bind \(shq(rw)):/x/ -- true"), "two binds at /x")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: tmp + "/never-created"))
+    }
+
+    /// Where bwrap may not create the namespaces, the command does not run
+    /// and casfs run exits 125 with one line.
+    func testFailsClosedWithoutNamespaces() throws {
+        let (m, root) = try mountWithInputRoot()
+        let out = tmp + "/closed-out"
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        // A user namespace that allows no further user namespace.
+        let inside = "echo 0 > /proc/sys/user/max_user_namespaces && ! unshare -U true 2>/dev/null || exit 99; "
+            + "exec env TMPDIR=\(shq(runTmp)) \(shq(casfs)) run --mount \(shq(m.mountpoint)) --input-root \(root) "
+            + "--output \(shq(out)) -- touch /out/ran"
+        let r = sh("unshare -U -r sh -c \(shq(inside))")
+        XCTAssertNotEqual(r.status, 99, "cannot forbid user namespaces for the test: \(r)")
+        XCTAssertEqual(r.status, 125, "\(r)")
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        XCTAssertTrue(r.stderr.hasPrefix("casfs: cannot set up the sandbox"), r.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out + "/ran"), "the command ran")
+        // The same run, allowed its namespaces, runs the command.
+        let ok = run("--mount \(shq(m.mountpoint)) --input-root \(root) --output \(shq(out)) -- touch /out/ran")
+        XCTAssertEqual(ok.status, 0, "\(ok)")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: out + "/ran"))
+    }
+
+    /// Descriptors the caller left open do not reach the command.
+    func testOnlyStandardDescriptorsReachTheCommand() throws {
+        let (m, _) = try mountWithInputRoot()
+        let secret = tmp + "/hostdata-fd"
+        try "behind a descriptor\n".write(toFile: secret, atomically: true, encoding: .utf8)
+        let r = sh("cd \(shq(tmp)) && exec 7<\(shq(secret)) && TMPDIR=\(shq(runTmp)) \(shq(casfs)) run --mount \(shq(m.mountpoint)) -- sh -c 'ls /proc/self/fd; cat <&7'")
+        XCTAssertTrue(sh("exec 7<\(shq(secret)) && cat <&7").stdout == "behind a descriptor\n", "the shell cannot pass descriptor 7")
+        XCTAssertNotEqual(r.status, 0, "\(r)")
+        XCTAssertEqual(r.stdout, "0\n1\n2\n3\n", "\(r)")  // 3: ls's own directory descriptor
+        XCTAssertFalse(r.stdout.contains("behind a descriptor"))
     }
 }
