@@ -12,19 +12,28 @@ import Foundation
 /// end of stream, protocol) marks the connection broken; the pool then drops it.
 final class RedisConnection: @unchecked Sendable {
     private let ctx: UnsafeMutablePointer<redisContext>
+    /// Where this connection goes.
+    let endpoint: RedisEndpoint
     /// Set once an I/O or protocol error leaves the context unusable.
     private(set) var broken = false
+    /// Set when the context failed on a malformed reply (not worth a retry).
+    private(set) var protocolFailure = false
+    /// Seconds allowed for each socket read or write.
+    private let commandTimeout: Double
 
-    /// Connects (TCP or unix socket) within `connectTimeout`, sets the command
-    /// timeout on the socket, then sends AUTH and SELECT as configured.
-    init(_ config: RedisConfig) throws {
-        let endpoint = config.endpoint
+    /// Connects to `endpoint` within `connectTimeout`, sets the command
+    /// timeout on the socket, then, when `authenticate`, sends AUTH and SELECT
+    /// as configured (a sentinel gets neither).
+    init(_ endpoint: RedisEndpoint, _ config: RedisConfig, authenticate: Bool = true) throws {
+        self.endpoint = endpoint
         let connectTV = timeval(seconds: config.connectTimeout)
         let made: UnsafeMutablePointer<redisContext>?
-        if let path = config.unixSocket {
+        switch endpoint {
+        case .unix(let path):
             made = redisConnectUnixWithTimeout(path, connectTV)
-        } else {
-            made = redisConnectWithTimeout(config.host, Int32(config.port), connectTV)
+        case .tcp(let a):
+            guard (1...65535).contains(a.port) else { throw RedisError.connectionFailed("\(endpoint): not a port number") }
+            made = redisConnectWithTimeout(a.host, Int32(a.port), connectTV)
         }
         guard let made else { throw RedisError.connectionFailed("\(endpoint): cannot allocate a hiredis context") }
         if made.pointee.err != 0 {
@@ -37,22 +46,55 @@ final class RedisConnection: @unchecked Sendable {
         let fd = ctx.pointee.fd
         let fdFlags = fcntl(fd, F_GETFD)
         if fdFlags >= 0 { _ = fcntl(fd, F_SETFD, fdFlags | FD_CLOEXEC) }
-        var commandTV = timeval(seconds: config.commandTimeout)
-        if commandTV.tv_sec == 0 && commandTV.tv_usec == 0 { commandTV.tv_usec = 1000 }  // 0 would mean "no timeout"
-        guard redisSetTimeout(ctx, commandTV) == REDIS_OK else {
+        commandTimeout = config.commandTimeout
+        guard setTimeout(commandTimeout) else {
             throw RedisError.connectionFailed("\(endpoint): cannot set the command timeout: \(RedisConnection.errorText(ctx))")
         }
-        if config.unixSocket == nil { _ = redisEnableKeepAlive(ctx) }
+        if case .tcp = endpoint { _ = redisEnableKeepAlive(ctx) }
+        guard authenticate else { return }
         if let password = config.password {
-            try handshake([Array("AUTH".utf8), Array(password.utf8)], endpoint, what: "AUTH")
+            try handshake([Array("AUTH".utf8), Array(password.utf8)], what: "AUTH")
         }
         if config.db != 0 {
-            try handshake([Array("SELECT".utf8), Array(String(config.db).utf8)], endpoint, what: "SELECT \(config.db)")
+            try handshake([Array("SELECT".utf8), Array(String(config.db).utf8)], what: "SELECT \(config.db)")
         }
     }
 
+    /// Runs `body` with each socket read or write allowed `extra` more
+    /// seconds (for a command that blocks on the server, such as WAIT).
+    func withLongerTimeout<T>(by extra: Double, _ body: () throws -> T) throws -> T {
+        guard extra > 0 else { return try body() }
+        guard setTimeout(commandTimeout + extra) else { throw fail("cannot set the timeout") }
+        defer { if !broken && !setTimeout(commandTimeout) { broken = true } }
+        return try body()
+    }
+
+    private func setTimeout(_ seconds: Double) -> Bool {
+        var tv = timeval(seconds: seconds)
+        if tv.tv_sec == 0 && tv.tv_usec == 0 { tv.tv_usec = 1000 }  // 0 would mean "no timeout"
+        return redisSetTimeout(ctx, tv) == REDIS_OK
+    }
+
+    /// The role the server reports (`ROLE`): "master", "slave" or "sentinel".
+    func role() throws -> String {
+        let r = try pipeline([["ROLE"]])[0]
+        guard case .array(let parts) = r, let role = parts.first?.string else {
+            throw RedisError.unexpectedReply("\(endpoint): ROLE answered \(r)")
+        }
+        return role
+    }
+
+    /// Replicas connected to this master, as `ROLE` lists them.
+    func connectedReplicas() throws -> Int {
+        let r = try pipeline([["ROLE"]])[0]
+        guard case .array(let parts) = r, parts.count >= 3, parts[0].string == "master", case .array(let replicas) = parts[2] else {
+            throw RedisError.unexpectedReply("\(endpoint): ROLE of a master answered \(r)")
+        }
+        return replicas.count
+    }
+
     /// One command through `redisCommandArgv`; an error reply fails the connect.
-    private func handshake(_ args: [[UInt8]], _ endpoint: String, what: String) throws {
+    private func handshake(_ args: [[UInt8]], what: String) throws {
         let reply: RedisReply
         do {
             reply = try commandArgv(args)
@@ -244,6 +286,7 @@ final class RedisConnection: @unchecked Sendable {
     /// Marks the connection broken and describes the context's error.
     private func fail(_ what: String? = nil) -> RedisError {
         broken = true
+        if ctx.pointee.err == REDIS_ERR_PROTOCOL { protocolFailure = true }
         let text = RedisConnection.errorText(ctx)
         return .io(what.map { "\($0): \(text)" } ?? text)
     }

@@ -93,6 +93,8 @@ public enum RedisError: Error, Sendable, Equatable, CustomStringConvertible {
     case unexpectedReply(String)
     /// No connection became free in time, or the pool is closed.
     case unavailable(String)
+    /// A durable pipeline ran on the master but too few replicas acknowledged it.
+    case notDurable(String)
 
     public var description: String {
         switch self {
@@ -101,6 +103,19 @@ public enum RedisError: Error, Sendable, Equatable, CustomStringConvertible {
         case .server(let m): return "redis error reply: \(m)"
         case .unexpectedReply(let m): return "unexpected redis reply: \(m)"
         case .unavailable(let m): return "redis unavailable: \(m)"
+        case .notDurable(let m): return "redis write not acknowledged by enough replicas: \(m)"
+        }
+    }
+
+    /// The same error with `note` added to its message.
+    func adding(_ note: String) -> RedisError {
+        switch self {
+        case .connectionFailed(let m): return .connectionFailed("\(m) (\(note))")
+        case .io(let m): return .io("\(m) (\(note))")
+        case .server(let m): return .server("\(m) (\(note))")
+        case .unexpectedReply(let m): return .unexpectedReply("\(m) (\(note))")
+        case .unavailable(let m): return .unavailable("\(m) (\(note))")
+        case .notDurable(let m): return .notDurable("\(m) (\(note))")
         }
     }
 }

@@ -17,6 +17,8 @@ public final class RedisServer: @unchecked Sendable {
     /// Set for TCP servers.
     public let port: Int?
     public let password: String?
+    /// More `redis-server` arguments (replication settings, for instance).
+    public let extraArguments: [String]
     private let executable: String
     private var process: Process?
     private let logPath: String
@@ -26,12 +28,12 @@ public final class RedisServer: @unchecked Sendable {
         try RedisServer(tcp: false, password: password)
     }
 
-    /// Starts a server on a free TCP port on 127.0.0.1.
-    public static func tcp(password: String? = nil) throws -> RedisServer {
-        try RedisServer(tcp: true, password: password)
+    /// Starts a server on a free TCP port on 127.0.0.1, with `arguments` added to its command line.
+    public static func tcp(password: String? = nil, arguments: [String] = []) throws -> RedisServer {
+        try RedisServer(tcp: true, password: password, arguments: arguments)
     }
 
-    private init(tcp: Bool, password: String?) throws {
+    private init(tcp: Bool, password: String?, arguments: [String] = []) throws {
         guard let exe = RedisServer.findExecutable("redis-server") else {
             throw TestSupportError("redis-server not found on PATH; install it (apt-get install redis-server) to run these tests")
         }
@@ -42,6 +44,7 @@ public final class RedisServer: @unchecked Sendable {
         socketPath = tcp ? nil : directory.appendingPathComponent("redis.sock").path
         port = tcp ? try RedisServer.freePort() : nil
         self.password = password
+        extraArguments = arguments
         logPath = directory.appendingPathComponent("redis.log").path
         try start()
     }
@@ -82,6 +85,7 @@ public final class RedisServer: @unchecked Sendable {
         ]
         if let socketPath { args += ["--unixsocket", socketPath, "--unixsocketperm", "700"] }
         if let password { args += ["--requirepass", password] }
+        args += extraArguments
         let p = Process()
         p.executableURL = URL(fileURLWithPath: executable)
         p.arguments = args
