@@ -146,6 +146,11 @@ final class RemoteTLSTests: XCTestCase {
         XCTAssertEqual(try missingPerBuildGrid([dm, dml]), [], "BuildGrid finds what RemoteStorage wrote")
         XCTAssertEqual(remote.bulkUpdateBlobs([(Digest.of(Data("x".utf8)), Data("x".utf8))]).compactMap { $0 }.count, 0)
 
+        // https:// means TLS as grpcs:// does.
+        let viaHTTPS = try RemoteStorage(url: "https://127.0.0.1:\(s.port)", requestTimeout: 20, retries: 1,
+                                         credentials: RemoteCredentials(tlsServerCert: pki.caCert, authToken: token))
+        XCTAssertTrue(try viaHTTPS.hasBlob(dml))
+
         // The server checks the token: BuildGrid's client without one is refused.
         let refused = try s.client(["missing", dm.description], credentials: ["--server-cert", pki.caCert])
         XCTAssertNotEqual(refused.status, 0, "a call without a token must be refused")
