@@ -23,9 +23,16 @@ typealias ByteStreamClient = Google_Bytestream_ByteStream.Client<HTTP2ClientTran
 ///   chunks, resumed after QueryWriteStatus when a stream breaks).
 /// - A non-empty instance name prefixes every resource name.
 /// - Every call has a deadline (`requestTimeout`; streams get more time in
-///   proportion to their size) and is retried with exponential back-off on
-///   UNAVAILABLE and RESOURCE_EXHAUSTED, `retries` times. A server that is gone
-///   yields `StorageError.unavailable` rather than a hang.
+///   proportion to their size) and is retried on UNAVAILABLE, ABORTED and
+///   RESOURCE_EXHAUSTED, `retries` times, sleeping as BuildGrid's client does
+///   (`RetryBackoff`: min(2^(n-1) + jitter, maxBackoff) s). A server that is
+///   gone yields `StorageError.unavailable` rather than a hang.
+/// - TLS for `https://` and `grpcs://` URLs, with the trust roots, client
+///   certificate and bearer token of `RemoteCredentials`; every credential
+///   file is read when the storage is created (a missing one throws
+///   `RemoteSetupError`), while a server that refuses the token or the
+///   certificate only makes calls fail (`StorageError.unavailable`).
+/// - `channelOptions`: BuildGrid's `channel-options` (`ChannelOptions`).
 /// - A REAPI CAS cannot delete: deletes are logged no-ops.
 ///
 /// The methods are blocking: each runs its calls on Swift concurrency's pool
@@ -97,10 +104,20 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     public let instanceName: String
     public let requestTimeout: Double
     public let retries: Int
+    /// Seconds; the cap on one sleep between retries.
+    public var maxBackoff: Double { backoff.maxBackoff }
+    public let credentials: RemoteCredentials
+    public let channelOptions: ChannelOptions
     /// Where large blobs fetched by `getBlob` are spooled (unnamed files).
     public let temporaryDirectory: String
-    /// ByteStream chunk size for uploads.
-    public let chunkSize = 1 << 20
+    /// ByteStream chunk size for uploads (1 MiB, less under a small
+    /// `max-send-message-length`).
+    public let chunkSize: Int
+    /// Compressors the server lists in its capabilities (empty until asked,
+    /// or when it lists none). casfs transfers blobs uncompressed.
+    public var serverCompressors: [Build_Bazel_Remote_Execution_V2_Compressor.Value] {
+        compressors.withLock { $0 }
+    }
 
     private let client: GRPCClient<HTTP2ClientTransport.Posix>
     private let runner: Task<Void, Never>
@@ -108,6 +125,12 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     /// Bytes allowed in one batch request (server limit less headroom).
     private let batchLimit = Atomic<Int>(4 << 20)
     private let capabilitiesAsked = Atomic<Bool>(false)
+    private let compressors = Mutex<[Build_Bazel_Remote_Execution_V2_Compressor.Value]>([])
+    private let backoff: RetryBackoff
+    /// Largest message accepted from the server (the deadline grows with it).
+    private let receiveLimit: Int
+    /// Largest request casfs builds.
+    private let sendLimit: Int
     private let deleteWarned = Atomic<Bool>(false)
 
     /// Default per-request limit when the server does not say (BuildGrid's and Bazel's 4 MiB).
@@ -116,40 +139,69 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     static let batchHeadroom = 64 << 10
     /// Per-blob framing allowance inside a batch.
     static let perBlobOverhead = 160
+    /// Message size limit when `max-receive-message-length` is not set.
+    static let defaultReceiveLimit = 64 << 20
+    /// Upload chunk size when `max-send-message-length` allows it.
+    static let defaultChunkSize = 1 << 20
+    /// Longest `request-timeout` accepted (about 115 days).
+    static let maxRequestTimeout: Double = 10_000_000
 
     public convenience init(url: String, instanceName: String = "", requestTimeout: Double = 60,
-                            retries: Int = 3, temporaryDirectory: String? = nil) throws {
+                            retries: Int = RetryBackoff.defaultRetries,
+                            maxBackoff: Double = RetryBackoff.defaultMaxBackoff,
+                            credentials: RemoteCredentials = .none,
+                            channelOptions: [String: String] = [:],
+                            temporaryDirectory: String? = nil) throws {
         try self.init(endpoint: Endpoint(url: url), instanceName: instanceName, requestTimeout: requestTimeout,
-                      retries: retries, temporaryDirectory: temporaryDirectory)
+                      retries: retries, maxBackoff: maxBackoff, credentials: credentials,
+                      channelOptions: channelOptions, temporaryDirectory: temporaryDirectory)
     }
 
+    /// Sets up the channel; nothing is sent until the first call. Throws
+    /// `RemoteSetupError` for a credential file that cannot be read (naming
+    /// the key and path), an unknown channel option, or a number out of range.
+    ///
+    /// - Parameters:
+    ///   - requestTimeout: seconds per call (BuildGrid's `request-timeout`;
+    ///     BuildGrid sets no deadline when it is absent, casfs uses 60 s so
+    ///     that no caller waits forever).
+    ///   - retries: BuildGrid's `retries` (default 3).
+    ///   - maxBackoff: BuildGrid's `max-backoff`, seconds (default 64).
+    ///   - credentials: BuildGrid's `credentials`.
+    ///   - channelOptions: BuildGrid's `channel-options`, values as text.
     public init(endpoint: Endpoint, instanceName: String = "", requestTimeout: Double = 60,
-                retries: Int = 3, temporaryDirectory: String? = nil) throws {
+                retries: Int = RetryBackoff.defaultRetries,
+                maxBackoff: Double = RetryBackoff.defaultMaxBackoff,
+                credentials: RemoteCredentials = .none,
+                channelOptions: [String: String] = [:],
+                temporaryDirectory: String? = nil) throws {
+        guard requestTimeout.isFinite, requestTimeout > 0, requestTimeout <= Self.maxRequestTimeout else {
+            throw RemoteSetupError(key: "request-timeout", "must be a positive number of seconds, at most \(Int(Self.maxRequestTimeout))")
+        }
+        let backoff = try RetryBackoff(retries: retries, maxBackoff: maxBackoff)
+        let options = try ChannelOptions(channelOptions)
         self.endpoint = endpoint
         self.instanceName = instanceName.trimmingCharacters(in: CharacterSet(charactersIn: "/"))
         self.requestTimeout = requestTimeout
-        self.retries = max(0, retries)
+        self.backoff = backoff
+        self.retries = backoff.retries
+        self.credentials = credentials
+        self.channelOptions = options
+        self.receiveLimit = options.maxReceiveMessageBytes ?? Self.defaultReceiveLimit
+        self.sendLimit = options.maxSendMessageBytes ?? ChannelOptions.unlimited
+        self.chunkSize = min(Self.defaultChunkSize, sendLimit - (4 << 10))
         self.temporaryDirectory = temporaryDirectory
             ?? ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
 
-        let target: any ResolvableTarget
-        if endpoint.host.contains(":") {
-            target = .ipv6(address: endpoint.host, port: endpoint.port)
-        } else if endpoint.host.split(separator: ".").count == 4, endpoint.host.allSatisfy({ $0.isNumber || $0 == "." }) {
-            target = .ipv4(address: endpoint.host, port: endpoint.port)
-        } else {
-            target = .dns(host: endpoint.host, port: endpoint.port)
+        let token = try credentials.authToken.map {
+            try AuthTokenFile(path: $0, refreshSeconds: credentials.refreshInterval())
         }
-        let config = HTTP2ClientTransport.Posix.Config.defaults { c in
-            // Reconnect soon after a server comes back rather than after minutes.
-            c.backoff = .init(initial: .milliseconds(100), max: .seconds(1), multiplier: 1.6, jitter: 0.2)
-            c.http2.targetWindowSize = 8 << 20
+        if token != nil && !endpoint.secure {
+            log.warning("\(endpoint) is a plaintext URL: the auth token is sent unencrypted")
         }
-        let transport = try HTTP2ClientTransport.Posix(
-            target: target,
-            transportSecurity: endpoint.secure ? .tls : .plaintext,
-            config: config)
-        let client = GRPCClient(transport: transport)
+        options.logIgnored()
+        let transport = try RemoteTransport.make(endpoint, credentials: credentials, options: options)
+        let client = GRPCClient(transport: transport, interceptors: [CallMetadataInterceptor(token: token)])
         self.client = client
         let where_ = endpoint.description
         let stopping = Flag()
@@ -353,7 +405,9 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
 
     private func currentBatchLimit() -> Int {
         askCapabilitiesOnce()
-        return batchLimit.load(ordering: .relaxed) - Self.batchHeadroom
+        // A batch is one message each way: it must fit both channel limits.
+        let limit = min(batchLimit.load(ordering: .relaxed), sendLimit, receiveLimit)
+        return max(limit - Self.batchHeadroom, limit / 2)
     }
 
     private func fitsInBatch(_ size: Int64) -> Bool {
@@ -374,6 +428,11 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
             let max = caps.cacheCapabilities.maxBatchTotalSizeBytes
             if max > 0 {
                 batchLimit.store(Int(min(max, Int64(Self.defaultBatchLimit))), ordering: .relaxed)
+            }
+            let offered = caps.cacheCapabilities.supportedCompressors
+            compressors.withLock { $0 = offered }
+            if !offered.isEmpty {
+                log.info("\(endpoint) offers compressors \(offered); casfs transfers blobs uncompressed")
             }
         } catch StorageError.unavailable(let m) {
             // Ask again next time; keep the default meanwhile.
@@ -518,13 +577,19 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         var o = CallOptions.defaults
         o.timeout = .milliseconds(Int64(deadline(bytes: bytes) * 1000))
         o.waitForReady = false
-        o.maxRequestMessageBytes = 64 << 20
-        o.maxResponseMessageBytes = 64 << 20
+        // grpc-swift-nio-transport 2.9 limits the messages it *receives* by
+        // maxRequestMessageBytes (its deframer's limit) and does not read
+        // maxResponseMessageBytes; set both to the receive limit. What casfs
+        // sends is bounded by its own batch and chunk sizes (`sendLimit`).
+        o.maxRequestMessageBytes = receiveLimit
+        o.maxResponseMessageBytes = receiveLimit
         return o
     }
 
+    /// Seconds allowed for one attempt moving `bytes` (checked: `bytes` is a
+    /// digest size, at most Int64.max, and the timeout is bounded at init).
     private func deadline(bytes: Int64) -> Double {
-        requestTimeout + Double(bytes) / Double(8 << 20)
+        min(requestTimeout + Double(max(0, bytes)) / Double(8 << 20), Self.maxRequestTimeout * 2)
     }
 
     /// Runs `body` (with retries) on the concurrency pool and blocks until it
@@ -534,23 +599,23 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
                                    _ body: @escaping @Sendable () async throws -> T) throws -> T {
         let box = ResultBox<T>()
         let done = DispatchSemaphore(value: 0)
-        let retries = retrying ? self.retries : 0
+        let backoff = retrying ? self.backoff : RetryBackoff.none
+        let retries = backoff.retries
         let endpoint = self.endpoint
         let task = Task.detached {
             var attempt = 0
-            var delay = 0.5
             while true {
                 do {
                     box.set(.success(try await body()))
                     break
-                } catch let e as RPCError where attempt < retries && (e.code == .unavailable || e.code == .resourceExhausted) {
+                } catch let e as RPCError where attempt < retries && Self.isRetried(e.code) {
                     attempt += 1
-                    log.info("\(what) to \(endpoint): \(e.code) (\(e.message)); retry \(attempt) of \(retries) in \(delay)s")
-                    do { try await Task.sleep(for: .milliseconds(Int(delay * 1000))) } catch {
+                    let delay = backoff.delay(afterAttempt: attempt)
+                    log.info("\(what) to \(endpoint): \(e.code) (\(e.message)); retry \(attempt) of \(retries) in \(String(format: "%.1f", delay)) s")
+                    do { try await Task.sleep(for: .milliseconds(Int64(delay * 1000))) } catch {
                         box.set(.failure(e))
                         break
                     }
-                    delay = min(delay * 2, 4)
                 } catch {
                     box.set(.failure(error))
                     break
@@ -558,15 +623,28 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
             }
             done.signal()
         }
-        let budget = Double(retries + 1) * (deadline(bytes: bytes) + 2.5) + 5
+        let budget = Double(retries + 1) * (deadline(bytes: bytes) + 2.5) + backoff.worstCaseTotalDelay + 5
         if done.wait(timeout: .now() + budget) == .timedOut {
             task.cancel()
             throw StorageError.unavailable("\(what) to \(endpoint): no answer within \(Int(budget)) s")
         }
         switch box.get()! {
         case .success(let v): return v
-        case .failure(let e): throw Self.mapError(e, what: what, endpoint: endpoint)
+        case .failure(let e):
+            var error = Self.mapError(e, what: what, endpoint: endpoint)
+            if let cause = (e as? RPCError)?.cause,
+               let why = RemoteTransport.explain(cause: "\(cause)", endpoint, credentials),
+               case .unavailable(let m) = error {
+                error = .unavailable("\(why): \(m)")
+            }
+            throw error
         }
+    }
+
+    /// BuildGrid's client retries UNAVAILABLE and ABORTED; RESOURCE_EXHAUSTED
+    /// is retried too, as servers shed load with it.
+    static func isRetried(_ code: RPCError.Code) -> Bool {
+        code == .unavailable || code == .aborted || code == .resourceExhausted
     }
 
     private func warnDelete() {
@@ -590,7 +668,9 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         switch error {
         case let e as StorageError: return e
         case let e as RPCError:
-            return storageError(code: Int32(e.code.rawValue), message: e.message, what: what, endpoint: endpoint)
+            // A failed connection (TLS handshake, refused) says why in its cause.
+            let message = e.cause.map { e.message.isEmpty ? "\($0)" : "\(e.message) (\($0))" } ?? e.message
+            return storageError(code: Int32(e.code.rawValue), message: message, what: what, endpoint: endpoint)
         case let e as RemoteError:
             return .io(errno: EIO, "\(what) from \(endpoint): \(e)")
         default:
@@ -599,7 +679,8 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     }
 
     /// A google.rpc.Code as a StorageError. NOT_FOUND becomes `io(ENOENT)`,
-    /// which callers turn into "absent".
+    /// which callers turn into "absent"; UNAUTHENTICATED and PERMISSION_DENIED
+    /// become `unavailable` (EIO), like a server that cannot be reached.
     static func storageError(code: Int32, message: String, what: String, endpoint: Endpoint) -> StorageError {
         let text = "\(what) at \(endpoint)" + (message.isEmpty ? "" : ": \(message)")
         switch Status.Code(rawValue: Int(code)).flatMap(RPCError.Code.init) {
@@ -607,7 +688,10 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         case .unavailable?, .deadlineExceeded?, .cancelled?: return .unavailable(text)
         case .resourceExhausted?: return .unavailable("\(text) (resource exhausted)")
         case .invalidArgument?, .failedPrecondition?, .outOfRange?: return .io(errno: EIO, text)
-        case .permissionDenied?, .unauthenticated?: return .io(errno: EACCES, text)
+        case .permissionDenied?, .unauthenticated?:
+            // The server refuses the credentials (a wrong or expired token):
+            // unavailable to casfs until the token file is fixed and re-read.
+            return .unavailable("\(text) (credentials refused)")
         case .unimplemented?: return .unsupported(text)
         default: return .io(errno: EIO, "\(text) (gRPC code \(code))")
         }

@@ -4,32 +4,84 @@ import Foundation
 /// only the CAS and ByteStream services over `!redis-index` on `!disk-storage`,
 /// for instances "" and "main". It owns a private Redis server. Stops (and
 /// can be restarted on the same port and store) from the test.
+///
+/// By default the channel is plaintext and calls need no authorization;
+/// `Security` turns on TLS (optionally requiring client certificates) and
+/// JWT authorization.
 public final class BuildGridServer: @unchecked Sendable {
+    /// TLS and authorization for the server's `!channel` and `authorization`.
+    public struct Security: Sendable {
+        /// `credentials.tls-server-key` / `tls-server-cert`: TLS when both are set.
+        public var serverKey: String?
+        public var serverCert: String?
+        /// `credentials.tls-client-certs`: the CAs client certificates must
+        /// chain to; BuildGrid then requires a client certificate.
+        public var clientCAs: String?
+        /// `authorization: {method: jwt, algorithm: hs256, secret: <file>}`.
+        public var jwtSecretFile: String?
+
+        public init(serverKey: String? = nil, serverCert: String? = nil, clientCAs: String? = nil,
+                    jwtSecretFile: String? = nil) {
+            self.serverKey = serverKey
+            self.serverCert = serverCert
+            self.clientCAs = clientCAs
+            self.jwtSecretFile = jwtSecretFile
+        }
+
+        public static let insecure = Security()
+        public var tls: Bool { serverKey != nil && serverCert != nil }
+    }
+
     public let venv: BuildGridVenv
     public let directory: String
     public let port: Int
     public let redis: RedisServer
+    public let security: Security
     public var address: String { "127.0.0.1:\(port)" }
-    public var url: String { "grpc://127.0.0.1:\(port)" }
+    public var url: String { "\(security.tls ? "grpcs" : "grpc")://127.0.0.1:\(port)" }
+    /// Arguments for Tests/python/reapi_client.py that make BuildGrid's own
+    /// client connect to this server (`--url`, `--server-cert`,
+    /// `--client-key`, `--client-cert`, `--token-file`). Empty: a plaintext
+    /// channel to `address`.
+    public var clientCredentials: [String] = []
     public var storePath: String { directory + "/store" }
     public var logPath: String { directory + "/bgd.log" }
     private var process: Process?
 
     /// Starts Redis and BuildGrid under `directory` (created). Throws, with
     /// BuildGrid's log, if the server does not answer within a minute.
-    public init(directory: String) throws {
+    public init(directory: String, security: Security = .insecure) throws {
         venv = try BuildGridVenv.get()
         self.directory = directory
+        self.security = security
         try FileManager.default.createDirectory(atPath: directory + "/store", withIntermediateDirectories: true)
         redis = try RedisServer.tcp()
         port = try RedisServer.freePort()
+        var channel = "    insecure-mode: true"
+        if let key = security.serverKey, let cert = security.serverCert {
+            channel = """
+                    insecure-mode: false
+                    credentials:
+                      tls-server-key: \(key)
+                      tls-server-cert: \(cert)
+                """
+            if let cas = security.clientCAs { channel += "\n      tls-client-certs: \(cas)" }
+        }
+        var authorization = "  method: none"
+        if let secret = security.jwtSecretFile {
+            authorization = """
+                  method: jwt
+                  algorithm: hs256
+                  secret: \(secret)
+                """
+        }
         let config = """
             server:
               - !channel
                 address: "127.0.0.1:\(port)"
-                insecure-mode: true
+            \(channel)
             authorization:
-              method: none
+            \(authorization)
             monitoring:
               enabled: false
             connections:
@@ -97,9 +149,11 @@ public final class BuildGridServer: @unchecked Sendable {
     }
 
     /// Runs Tests/python/reapi_client.py (BuildGrid's own gRPC stubs) against this server.
-    public func client(_ args: [String], instance: String = "") throws -> BuildGridVenv.Output {
+    public func client(_ args: [String], instance: String = "", credentials: [String]? = nil) throws -> BuildGridVenv.Output {
         let script = BuildGridVenv.packageRoot + "/Tests/python/reapi_client.py"
-        return try venv.run(script: script, arguments: ["--target", address, "--instance", instance] + args)
+        let connect = credentials ?? clientCredentials
+        let target = connect.isEmpty ? ["--target", address] : ["--url", url] + connect
+        return try venv.run(script: script, arguments: target + ["--instance", instance] + args)
     }
 
     static func answers(port: Int) -> Bool {

@@ -2,6 +2,12 @@
 and benchmarks can talk to a BuildGrid server without going through casfs.
 
 Usage: python reapi_client.py --target HOST:PORT [--instance NAME] COMMAND ARGS
+       python reapi_client.py --url URL [--server-cert PEM] [--client-key PEM
+              --client-cert PEM] [--token-file FILE] [--instance NAME] COMMAND ARGS
+
+--target opens a plaintext channel. --url goes through BuildGrid's own
+setup_channel (the one its !remote-storage uses): https:// or grpcs:// mean
+TLS, the token file is sent as "authorization: Bearer <token>".
 
 Commands (digests are written "<hash>_<size>"):
   upload FILE...          BatchUpdateBlobs for files up to 2 MiB, ByteStream
@@ -12,6 +18,8 @@ Commands (digests are written "<hash>_<size>"):
   read DIGEST OUT         ByteStream Read of the whole blob into OUT
   read-range DIGEST OFFSET LIMIT OUT
                           ByteStream Read with read_offset/read_limit
+  capabilities            GetCapabilities; prints max_batch_total_size_bytes
+                          and the supported compressors, one a line
 """
 
 import argparse
@@ -45,13 +53,24 @@ def prefix(instance):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", required=True)
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target")
+    where.add_argument("--url")
+    ap.add_argument("--server-cert")
+    ap.add_argument("--client-key")
+    ap.add_argument("--client-cert")
+    ap.add_argument("--token-file")
     ap.add_argument("--instance", default="")
     ap.add_argument("command")
     ap.add_argument("args", nargs="*")
     a = ap.parse_args()
     opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    channel = grpc.insecure_channel(a.target, options=opts)
+    if a.url:
+        from buildgrid.server.client.channel import setup_channel
+        channel, _ = setup_channel(a.url, auth_token=a.token_file, client_key=a.client_key,
+                                   client_cert=a.client_cert, server_cert=a.server_cert)
+    else:
+        channel = grpc.insecure_channel(a.target, options=opts)
     cas = re_grpc.ContentAddressableStorageStub(channel)
     stream = bs_grpc.ByteStreamStub(channel)
     p = prefix(a.instance)
@@ -114,6 +133,12 @@ def main():
         with open(out, "wb") as f:
             for r in stream.Read(bs.ReadRequest(resource_name=rn, read_offset=offset, read_limit=limit)):
                 f.write(r.data)
+    elif a.command == "capabilities":
+        caps = re_grpc.CapabilitiesStub(channel).GetCapabilities(
+            re.GetCapabilitiesRequest(instance_name=a.instance))
+        print(caps.cache_capabilities.max_batch_total_size_bytes)
+        for c in caps.cache_capabilities.supported_compressors:
+            print(re.Compressor.Value.Name(c))
     else:
         sys.exit(f"unknown command {a.command}")
 

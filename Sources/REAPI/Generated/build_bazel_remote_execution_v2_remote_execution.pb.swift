@@ -250,6 +250,111 @@ public nonisolated struct Build_Bazel_Remote_Execution_V2_CacheCapabilities: Sen
 
   public var maxBatchTotalSizeBytes: Int64 = 0
 
+  /// Compressors the server accepts in ByteStream resource names
+  /// (`compressed-blobs/<compressor>/<hash>/<size>`); IDENTITY is implied.
+  public var supportedCompressors: [Build_Bazel_Remote_Execution_V2_Compressor.Value] = []
+
+  /// Compressors the server accepts in BatchUpdateBlobs.
+  public var supportedBatchUpdateCompressors: [Build_Bazel_Remote_Execution_V2_Compressor.Value] = []
+
+  /// The largest blob the server stores; 0 means no stated limit.
+  public var maxCasBlobSizeBytes: Int64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_Compressor: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum Value: SwiftProtobuf.Enum, Swift.CaseIterable {
+    public typealias RawValue = Int
+    case identity // = 0
+    case zstd // = 1
+    case deflate // = 2
+    case brotli // = 3
+    case UNRECOGNIZED(Int)
+
+    public init() {
+      self = .identity
+    }
+
+    public init?(rawValue: Int) {
+      switch rawValue {
+      case 0: self = .identity
+      case 1: self = .zstd
+      case 2: self = .deflate
+      case 3: self = .brotli
+      default: self = .UNRECOGNIZED(rawValue)
+      }
+    }
+
+    public var rawValue: Int {
+      switch self {
+      case .identity: return 0
+      case .zstd: return 1
+      case .deflate: return 2
+      case .brotli: return 3
+      case .UNRECOGNIZED(let i): return i
+      }
+    }
+
+    // The compiler won't synthesize support with the UNRECOGNIZED case.
+    public static let allCases: [Build_Bazel_Remote_Execution_V2_Compressor.Value] = [
+      .identity,
+      .zstd,
+      .deflate,
+      .brotli,
+    ]
+
+  }
+
+  public init() {}
+}
+
+/// Sent by clients as the binary header
+/// `build.bazel.remote.execution.v2.requestmetadata-bin` on every call.
+public nonisolated struct Build_Bazel_Remote_Execution_V2_RequestMetadata: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var toolDetails: Build_Bazel_Remote_Execution_V2_ToolDetails {
+    get {_toolDetails ?? Build_Bazel_Remote_Execution_V2_ToolDetails()}
+    set {_toolDetails = newValue}
+  }
+  /// Returns true if `toolDetails` has been explicitly set.
+  public var hasToolDetails: Bool {self._toolDetails != nil}
+  /// Clears the value of `toolDetails`. Subsequent reads from it will return its default value.
+  public mutating func clearToolDetails() {self._toolDetails = nil}
+
+  public var actionID: String = String()
+
+  public var toolInvocationID: String = String()
+
+  public var correlatedInvocationsID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _toolDetails: Build_Bazel_Remote_Execution_V2_ToolDetails? = nil
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_ToolDetails: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var toolName: String = String()
+
+  public var toolVersion: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -837,7 +942,7 @@ nonisolated extension Build_Bazel_Remote_Execution_V2_ServerCapabilities: SwiftP
 
 nonisolated extension Build_Bazel_Remote_Execution_V2_CacheCapabilities: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CacheCapabilities"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{4}\u{4}max_batch_total_size_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{4}\u{4}max_batch_total_size_bytes\0\u{4}\u{2}supported_compressors\0\u{3}supported_batch_update_compressors\0\u{3}max_cas_blob_size_bytes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -846,6 +951,9 @@ nonisolated extension Build_Bazel_Remote_Execution_V2_CacheCapabilities: SwiftPr
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 4: try { try decoder.decodeSingularInt64Field(value: &self.maxBatchTotalSizeBytes) }()
+      case 6: try { try decoder.decodeRepeatedEnumField(value: &self.supportedCompressors) }()
+      case 7: try { try decoder.decodeRepeatedEnumField(value: &self.supportedBatchUpdateCompressors) }()
+      case 8: try { try decoder.decodeSingularInt64Field(value: &self.maxCasBlobSizeBytes) }()
       default: break
       }
     }
@@ -855,11 +963,130 @@ nonisolated extension Build_Bazel_Remote_Execution_V2_CacheCapabilities: SwiftPr
     if self.maxBatchTotalSizeBytes != 0 {
       try visitor.visitSingularInt64Field(value: self.maxBatchTotalSizeBytes, fieldNumber: 4)
     }
+    if !self.supportedCompressors.isEmpty {
+      try visitor.visitPackedEnumField(value: self.supportedCompressors, fieldNumber: 6)
+    }
+    if !self.supportedBatchUpdateCompressors.isEmpty {
+      try visitor.visitPackedEnumField(value: self.supportedBatchUpdateCompressors, fieldNumber: 7)
+    }
+    if self.maxCasBlobSizeBytes != 0 {
+      try visitor.visitSingularInt64Field(value: self.maxCasBlobSizeBytes, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Build_Bazel_Remote_Execution_V2_CacheCapabilities, rhs: Build_Bazel_Remote_Execution_V2_CacheCapabilities) -> Bool {
     if lhs.maxBatchTotalSizeBytes != rhs.maxBatchTotalSizeBytes {return false}
+    if lhs.supportedCompressors != rhs.supportedCompressors {return false}
+    if lhs.supportedBatchUpdateCompressors != rhs.supportedBatchUpdateCompressors {return false}
+    if lhs.maxCasBlobSizeBytes != rhs.maxCasBlobSizeBytes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_Compressor: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Compressor"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_Compressor, rhs: Build_Bazel_Remote_Execution_V2_Compressor) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_Compressor.Value: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0IDENTITY\0\u{1}ZSTD\0\u{1}DEFLATE\0\u{1}BROTLI\0")
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_RequestMetadata: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RequestMetadata"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}tool_details\0\u{3}action_id\0\u{3}tool_invocation_id\0\u{3}correlated_invocations_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._toolDetails) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.actionID) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.toolInvocationID) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.correlatedInvocationsID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._toolDetails {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.actionID.isEmpty {
+      try visitor.visitSingularStringField(value: self.actionID, fieldNumber: 2)
+    }
+    if !self.toolInvocationID.isEmpty {
+      try visitor.visitSingularStringField(value: self.toolInvocationID, fieldNumber: 3)
+    }
+    if !self.correlatedInvocationsID.isEmpty {
+      try visitor.visitSingularStringField(value: self.correlatedInvocationsID, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_RequestMetadata, rhs: Build_Bazel_Remote_Execution_V2_RequestMetadata) -> Bool {
+    if lhs._toolDetails != rhs._toolDetails {return false}
+    if lhs.actionID != rhs.actionID {return false}
+    if lhs.toolInvocationID != rhs.toolInvocationID {return false}
+    if lhs.correlatedInvocationsID != rhs.correlatedInvocationsID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_ToolDetails: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ToolDetails"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}tool_name\0\u{3}tool_version\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.toolName) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.toolVersion) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.toolName.isEmpty {
+      try visitor.visitSingularStringField(value: self.toolName, fieldNumber: 1)
+    }
+    if !self.toolVersion.isEmpty {
+      try visitor.visitSingularStringField(value: self.toolVersion, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_ToolDetails, rhs: Build_Bazel_Remote_Execution_V2_ToolDetails) -> Bool {
+    if lhs.toolName != rhs.toolName {return false}
+    if lhs.toolVersion != rhs.toolVersion {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
