@@ -127,7 +127,8 @@ final class SpecReader {
         case "!redis-connection":
             throw error(node, key, "a !redis-connection is not a storage; use it as the `redis:` of a !redis-index")
         case "!remote-storage":
-            let m = try mapping(node, key, allowed: ["url", "instance-name", "request-timeout", "retries"])
+            let m = try mapping(node, key, allowed: ["url", "instance-name", "request-timeout", "retries", "max-backoff",
+                                                     "credentials", "channel-options"])
             var spec = RemoteSpec(url: try string(m, "url", key, required: true)!)
             spec.instanceName = try string(m, "instance-name", key) ?? ""
             if let t = try duration(m, "request-timeout", key) {
@@ -135,6 +136,26 @@ final class SpecReader {
                 spec.requestTimeout = t
             }
             if let r = try int(m, "retries", key, range: 0...100) { spec.retries = r }
+            if let b = try duration(m, "max-backoff", key) { spec.maxBackoff = b }
+            if let c = m["credentials"] {
+                let ck = "\(key).credentials"
+                let cm = try mapping(c, ck, allowed: ["tls-server-cert", "tls-client-key", "tls-client-cert", "auth-token",
+                                                      "token-refresh-seconds"])
+                spec.tlsServerCert = try string(cm, "tls-server-cert", ck).map(absolutePath)
+                spec.tlsClientKey = try string(cm, "tls-client-key", ck).map(absolutePath)
+                spec.tlsClientCert = try string(cm, "tls-client-cert", ck).map(absolutePath)
+                spec.authToken = try string(cm, "auth-token", ck).map(absolutePath)
+                spec.tokenRefreshSeconds = try duration(cm, "token-refresh-seconds", ck)
+            }
+            if let o = m["channel-options"] {
+                let ok = "\(key).channel-options"
+                guard let om = o.mapping else { throw error(o, ok, "expected a mapping of gRPC channel options") }
+                for (k, v) in om {
+                    guard let name = k.string else { throw error(k, ok, "keys must be strings") }
+                    guard let text = try scalarText(v, "\(ok).\(name)") else { throw error(v, "\(ok).\(name)", "needs a value") }
+                    spec.channelOptions[name] = text
+                }
+            }
             kind = .remote(spec)
         default:
             if unsupportedBuildGridTags.contains(tag) {
@@ -162,6 +183,8 @@ final class SpecReader {
         let m = try mapping(node, key, allowed: [
             "host", "port", "password", "db", "unix-socket", "retries", "protocol",
             "connect-timeout", "command-timeout", "max-connections",
+            "sentinel-master-name", "dns-srv-record", "sentinels", "dns-servers",
+            "durable-replicas", "durable-timeout", "durable-shortfall", "read-from-replicas",
         ])
         var r = RedisSpec(id: nextID)
         nextID += 1
@@ -177,8 +200,25 @@ final class SpecReader {
         if let p = try int(m, "protocol", key), p != 2 {
             throw error(m["protocol"]!, "\(key).protocol", "only RESP protocol 2 is supported")
         }
-        if r.unixSocket == nil && r.host == nil {
-            throw error(node, key, "needs `host:` (and `port:`) or `unix-socket:`")
+        r.sentinelMasterName = try string(m, "sentinel-master-name", key)
+        r.dnsSRVRecord = try string(m, "dns-srv-record", key)
+        r.sentinels = try list(m, "sentinels", key)
+        r.dnsServers = try list(m, "dns-servers", key)
+        r.durableReplicas = try int(m, "durable-replicas", key, range: 0...100)
+        if let t = try duration(m, "durable-timeout", key) {
+            guard t > 0 else { throw error(m["durable-timeout"]!, "\(key).durable-timeout", "must be positive") }
+            r.durableTimeout = t
+        }
+        r.durableShortfall = try string(m, "durable-shortfall", key)
+        if let v = r.durableShortfall, !["fail", "accept-if-replicas-down", "accept"].contains(v) {
+            throw error(m["durable-shortfall"]!, "\(key).durable-shortfall", "expected fail, accept-if-replicas-down or accept")
+        }
+        r.readFromReplicas = try bool(m, "read-from-replicas", key) ?? false
+        if r.unixSocket == nil && r.host == nil && r.dnsSRVRecord == nil && r.sentinels.isEmpty {
+            throw error(node, key, "needs `host:` (and `port:`), `unix-socket:`, `dns-srv-record:` or `sentinels:`")
+        }
+        if r.dnsSRVRecord != nil && r.host != nil {
+            throw error(m["dns-srv-record"]!, "\(key).dns-srv-record", "give either `host:`/`port:` or `dns-srv-record:`, not both (as BuildGrid)")
         }
         redisSpecs[node] = r
         return r
@@ -274,6 +314,18 @@ final class SpecReader {
             throw error(node, "\(key).\(name)", "must be between \(range.lowerBound) and \(range.upperBound)")
         }
         return v
+    }
+
+    /// A list of strings (or one string).
+    func list(_ m: [String: Node], _ name: String, _ key: String) throws -> [String] {
+        guard let node = m[name] else { return [] }
+        if let seq = node.sequence {
+            return try seq.enumerated().map { i, item in
+                guard let t = try scalarText(item, "\(key).\(name)[\(i)]") else { throw error(item, "\(key).\(name)[\(i)]", "needs a value") }
+                return t
+            }
+        }
+        return try scalarText(node, "\(key).\(name)").map { [$0] } ?? []
     }
 
     func bool(_ m: [String: Node], _ name: String, _ key: String) throws -> Bool? {

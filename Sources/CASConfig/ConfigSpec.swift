@@ -79,6 +79,17 @@ public struct RedisSpec: Sendable {
     public var commandTimeout: Double?
     public var maxConnections: Int?
     public var retries = RedisSpec.defaultRetries
+    /// Redis Sentinel: the master's name, and the sentinels (host/port, or
+    /// `sentinels:`, or every target of `dns-srv-record`).
+    public var sentinelMasterName: String?
+    public var sentinels: [String] = []
+    public var dnsSRVRecord: String?
+    public var dnsServers: [String] = []
+    /// Replicas an index write waits for (`WAIT`); nil: 1 with Sentinel, else 0.
+    public var durableReplicas: Int?
+    public var durableTimeout: Double?
+    public var durableShortfall: String?
+    public var readFromReplicas = false
 
     public init(id: Int) { self.id = id }
 }
@@ -88,10 +99,22 @@ public struct RemoteSpec: Sendable {
     public static let defaultRequestTimeout: Double = 60
     public static let defaultRetries = 3
 
+    /// BuildGrid's default, in seconds.
+    public static let defaultMaxBackoff: Double = 64
+
     public var url: String
     public var instanceName = ""
     public var requestTimeout = RemoteSpec.defaultRequestTimeout
     public var retries = RemoteSpec.defaultRetries
+    public var maxBackoff = RemoteSpec.defaultMaxBackoff
+    /// BuildGrid's `credentials:` keys, as given.
+    public var tlsServerCert: String?
+    public var tlsClientKey: String?
+    public var tlsClientCert: String?
+    public var authToken: String?
+    public var tokenRefreshSeconds: Double?
+    /// BuildGrid's `channel-options:` (names with dashes), values as text.
+    public var channelOptions: [String: String] = [:]
 
     public init(url: String) { self.url = url }
 }

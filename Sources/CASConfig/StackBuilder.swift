@@ -91,7 +91,7 @@ public final class StackBuilder {
         case .redisIndex(let inner, let redisSpec, let prefix):
             let store = try node(inner, verified: true)
             let index = try located(n, "prefix") {
-                try RedisIndex(redis: pool(redisSpec), storage: store, prefix: prefix,
+                try RedisIndex(redis: try pool(redisSpec), storage: store, prefix: prefix,
                                exclusive: exclusiveRedis.contains(redisSpec.id), metrics: scope)
             }
             indexes.append(index)
@@ -99,7 +99,18 @@ public final class StackBuilder {
             s = verified ? index : VerifyingStorage(index, sourceName: "\(n.path) (redis index over \(inner.path))", metrics: scope)
         case .remote(let r):
             let remote = try located(n, "url") {
-                try RemoteStorage(url: r.url, instanceName: r.instanceName, requestTimeout: r.requestTimeout, retries: r.retries)
+                do {
+                    return try RemoteStorage(
+                        url: r.url, instanceName: r.instanceName, requestTimeout: r.requestTimeout, retries: r.retries,
+                        maxBackoff: r.maxBackoff,
+                        credentials: RemoteCredentials(tlsServerCert: r.tlsServerCert, tlsClientKey: r.tlsClientKey,
+                                                       tlsClientCert: r.tlsClientCert, authToken: r.authToken,
+                                                       tokenRefreshSeconds: r.tokenRefreshSeconds),
+                        channelOptions: r.channelOptions)
+                } catch let e as RemoteSetupError {
+                    throw ConfigError(source: source, line: n.keyLines[String(e.key.prefix { $0 != "." })] ?? n.line,
+                                      key: "\(n.path).\(e.key)", message: e.message)
+                }
             }
             nodes[n.path] = remote
             s = verified ? remote : VerifyingStorage(remote, sourceName: "\(n.path) (remote \(r.url))", metrics: scope)
@@ -108,7 +119,7 @@ public final class StackBuilder {
         return s
     }
 
-    private func pool(_ r: RedisSpec) -> RedisPool {
+    private func pool(_ r: RedisSpec) throws -> RedisPool {
         if let p = pools[r.id] { return p }
         var c = RedisConfig()
         if let h = r.host { c.host = h }
@@ -119,6 +130,29 @@ public final class StackBuilder {
         if let t = r.connectTimeout { c.connectTimeout = t }
         if let t = r.commandTimeout { c.commandTimeout = t }
         if let n = r.maxConnections { c.maxConnections = n }
+        c.retries = r.retries
+        c.sentinelMasterName = r.sentinelMasterName
+        c.dnsSRVRecord = r.dnsSRVRecord
+        c.sentinels = try r.sentinels.map { text in
+            guard let hp = RedisHostPort(parsing: text, defaultPort: 26379) else {
+                throw ConfigError(source: source, line: nil, key: "redis.sentinels", message: "'\(text)' is not host:port")
+            }
+            return hp
+        }
+        c.dnsServers = try r.dnsServers.map { text in
+            guard let hp = RedisHostPort(parsing: text, defaultPort: 53) else {
+                throw ConfigError(source: source, line: nil, key: "redis.dns-servers", message: "'\(text)' is not host:port")
+            }
+            return hp
+        }
+        c.durableReplicas = r.durableReplicas
+        if let t = r.durableTimeout { c.durableTimeout = t }
+        if let v = r.durableShortfall, let s = RedisDurableShortfall(rawValue: v) { c.durableShortfall = s }
+        c.readFromReplicas = r.readFromReplicas
+        if let host = r.host, r.sentinelMasterName != nil, r.sentinels.isEmpty {
+            // As BuildGrid: host/port name the sentinel.
+            c.sentinels = [RedisHostPort(host: host, port: r.port ?? 26379)]
+        }
         let p = RedisPool(c)
         pools[r.id] = p
         return p

@@ -86,7 +86,9 @@ public final class RedisIndex: Storage, BlobIndex {
     /// One command per digest, `verb <key> extra...`, streamed to Redis in
     /// one pipeline (see `RedisPool.pipeline(count:encode:)`). The constant
     /// parts are encoded once; each command is a few appends.
-    func runPerKey(_ digests: [Digest], _ verb: StaticString, _ extra: [StaticString] = []) throws -> [RedisReply] {
+    /// `durable`: the pipeline waits for the replicas the connection asks
+    /// for (Sentinel), so an acknowledged write survives a failover.
+    func runPerKey(_ digests: [Digest], _ verb: StaticString, _ extra: [StaticString] = [], durable: Bool = false) throws -> [RedisReply] {
         if digests.isEmpty { return [] }
         var head = RedisCommands()
         head.begin(argumentCount: 2 + extra.count)
@@ -103,7 +105,7 @@ public final class RedisIndex: Storage, BlobIndex {
         let keyHead = self.keyHead
         do {
             let replies = try digests.withUnsafeBufferPointer { ds in
-                try redis.pipeline(count: ds.count) { batch, i in
+                try redis.pipeline(count: ds.count, durable: durable) { batch, i in
                     batch.appendCommand { bytes in
                         bytes.append(contentsOf: headBytes)
                         RedisIndex.encodeKeyArgument(ds[i], keyHead: keyHead, into: &bytes)
@@ -416,7 +418,7 @@ public final class RedisIndex: Storage, BlobIndex {
     @discardableResult
     public func addToIndex(_ digests: [Digest]) throws -> Int {
         if digests.isEmpty { return 0 }
-        let replies = try runPerKey(digests, "SET", ["1", "EX", RedisIndex.ttlText, "NX"])
+        let replies = try runPerKey(digests, "SET", ["1", "EX", RedisIndex.ttlText, "NX"], durable: true)
         var added: [Digest] = []
         for (d, r) in zip(digests, replies) where !r.isNull { added.append(d) }
         if !added.isEmpty {
