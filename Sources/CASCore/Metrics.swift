@@ -30,8 +30,8 @@ public final class Metrics: Sendable {
         MetricGauge(registry.makeGauge(descriptor: descriptor(m), labels: labels))
     }
 
-    public func histogram(_ m: MetricInfo, _ labels: [(String, String)] = [], buckets: [Duration]) -> DurationHistogram {
-        registry.makeDurationHistogram(descriptor: descriptor(m), labels: labels, buckets: buckets)
+    public func histogram(_ m: MetricInfo, _ labels: [(String, String)] = [], buckets: [Duration]) -> MetricHistogram {
+        MetricHistogram(registry.makeDurationHistogram(descriptor: descriptor(m), labels: labels, buckets: buckets))
     }
 
     private func descriptor(_ m: MetricInfo) -> MetricNameDescriptor {
@@ -85,6 +85,12 @@ public struct MetricCounter: Sendable {
     @inlinable public func add(_ n: Int64 = 1) { if n > 0 { counterIncrement(n) } }
     @inlinable public func add(_ n: Int) { add(Int64(n)) }
     @usableFromInline func counterIncrement(_ n: Int64) { counter.increment(by: n) }
+}
+
+public struct MetricHistogram: Sendable {
+    let histogram: DurationHistogram
+    init(_ h: DurationHistogram) { histogram = h }
+    public func record(_ d: Duration) { histogram.record(d) }
 }
 
 public struct MetricGauge: Sendable {

@@ -23,6 +23,19 @@ public struct MountOptions: Sendable, Equatable {
     /// When a tree directory is first used, hint the storage to fetch its
     /// small files in bulk (one round trip per batch to a remote CAS).
     public var treePrefetch = true
+    /// Open-less opens (the kernel opens files and directories without asking
+    /// the daemon): nil means the default, on for read-only mounts. Writable
+    /// mounts always keep OPEN (writes and passthrough need it).
+    public var openless: Bool?
+    /// Hand verified local blob files to the kernel to read directly.
+    public var passthrough = true
+    /// Filesystems that may lie under a passthrough backing file: 1 for a
+    /// store on ext4/xfs, 2 for one on overlayfs (containers); the casfs
+    /// mount itself can then not be stacked on.
+    public var passthroughStackDepth = 1
+
+    /// Whether this mount answers OPEN with ENOSYS (see `openless`).
+    public var isOpenless: Bool { !writable && (openless ?? true) }
 
     public init() {}
 }

@@ -1,5 +1,6 @@
 import CASCore
 import CASTree
+import Dispatch
 import Synchronization
 
 /// readdir offsets of /sha256. The kernel resumes a listing from the offset of
@@ -72,5 +73,26 @@ final class DirectoryHandle: Sendable {
         let p = Page(cursor: cursor, digests: digests, next: next)
         lastPage.withLock { $0 = p }
         return p
+    }
+}
+
+/// Index pages of /sha256 for listings that have no directory handle (an
+/// open-less mount): a small cache keyed by SCAN cursor, so the kernel's
+/// resumed reads see the same page; a listing from the start fetches anew.
+final class ListingPages: Sendable {
+    private let state = Mutex<[UInt64: (page: DirectoryHandle.Page, at: UInt64)]>([:])
+    static let capacity = 64
+    static let maxAgeNanoseconds: UInt64 = 30_000_000_000
+
+    func page(at cursor: UInt64, fresh: Bool, index: any BlobIndex, count: Int) throws -> DirectoryHandle.Page {
+        let now = DispatchTime.now().uptimeNanoseconds
+        if !fresh, let hit = state.withLock({ $0[cursor] }), now &- hit.at < Self.maxAgeNanoseconds { return hit.page }
+        let (next, digests) = try index.listPage(cursor: cursor, count: count)
+        let page = DirectoryHandle.Page(cursor: cursor, digests: digests, next: next)
+        state.withLock { s in
+            if s.count >= Self.capacity, let oldest = s.min(by: { $0.value.at < $1.value.at })?.key { s[oldest] = nil }
+            s[cursor] = (page, now)
+        }
+        return page
     }
 }

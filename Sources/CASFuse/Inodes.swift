@@ -95,15 +95,18 @@ final class LookupTable<Value: Equatable & Sendable>: Sendable {
 
     subscript(_ ino: UInt64) -> Value? { entries.withLock { $0[ino]?.value } }
 
-    func forget(_ ino: UInt64, _ n: UInt64) {
+    /// Drops `n` kernel references; true when the inode is gone.
+    @discardableResult
+    func forget(_ ino: UInt64, _ n: UInt64) -> Bool {
         entries.withLock { table in
-            guard var e = table[ino] else { return }
+            guard var e = table[ino] else { return false }
             if e.lookups <= n {
                 table[ino] = nil
-            } else {
-                e.lookups -= n
-                table[ino] = e
+                return true
             }
+            e.lookups -= n
+            table[ino] = e
+            return false
         }
     }
 
@@ -133,7 +136,8 @@ final class InodeTable: Sendable {
 
     func digest(_ ino: UInt64) -> Digest? { table[ino]?.digest }
     func file(_ ino: UInt64) -> File? { table[ino] }
-    func forget(_ ino: UInt64, _ n: UInt64) { table.forget(ino, n) }
+    @discardableResult
+    func forget(_ ino: UInt64, _ n: UInt64) -> Bool { table.forget(ino, n) }
     var count: Int { table.count }
 }
 

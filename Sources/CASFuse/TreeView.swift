@@ -1,59 +1,32 @@
 import CASCore
 import CASTree
-import CFuse
 import Foundation
+import FuseKernel
 
 /// `/tree/<hash>_<size>/…`: REAPI Directory blobs shown as read-only trees.
 /// Directory blobs are loaded (and checked) on first lookup; files are the
 /// blobs themselves, read through the same path as `/sha256`.
-extension CASFilesystem {
-    func treeTime(_ t: TreeTime?) -> timespec {
-        guard let t else { return Self.blobTime }
-        return timespec(tv_sec: Int(t.seconds), tv_nsec: Int(t.nanos))
-    }
-
-    func treeNodeAttr(_ ino: UInt64, _ node: TreeInodes.Node) -> stat {
-        var st = stat()
-        st.st_ino = UInt(ino)
-        st.st_uid = uid
-        st.st_gid = gid
-        st.st_blksize = 4096
-        switch node.kind {
-        case .directory:
-            st.st_mode = S_IFDIR | node.mode
-            st.st_size = 4096
-        case .symlink(let target):
-            st.st_mode = S_IFLNK | 0o777
-            st.st_size = target.utf8.count
-        }
-        st.st_nlink = UInt(node.nlink)
-        let t = treeTime(node.mtime)
-        st.st_atim = t
-        st.st_mtim = t
-        st.st_ctim = t
-        return st
-    }
-
-    /// Loads a Directory for a lookup or listing; nil after replying with the error.
-    func loadDirectory(_ req: fuse_req_t?, _ digest: Digest, op: String) -> TreeDirectory? {
+extension CASFileSystem {
+    /// Loads a Directory; nil after answering with the error (or a negative
+    /// entry for an absent one).
+    func loadDirectory(_ digest: Digest, op: String, _ reply: FuseReply) -> TreeDirectory? {
         do {
             switch try directories.load(digest) {
             case .directory(let d):
-                // A tree in use keeps its Directory blobs fresh in the index,
-                // as opens do for files (batched, never blocking).
+                // A tree in use keeps its Directory blobs fresh in the index.
                 recordAccess?(digest)
                 return d
             case .absent:
-                replyNegative(req)
+                if reply.opcode == FuseOpcode.lookup.rawValue { negativeEntry(reply) } else { reply.error(ENOENT) }
                 return nil
             case .invalid(let e):
                 counters.errors.add()
                 log.error("\(op): tree \(digest): \(e)")
-                replyErr(req, EIO)
+                reply.error(EIO)
                 return nil
             }
         } catch {
-            fail(req, op, error, "tree \(digest)")
+            fail(reply, op, error, "tree \(digest)")
             return nil
         }
     }
@@ -64,21 +37,21 @@ extension CASFilesystem {
                         nlink: 2 + d.subdirectoryCount)
     }
 
-    func replyTreeNode(_ req: fuse_req_t?, _ node: TreeInodes.Node) {
+    func replyTreeNode(_ node: TreeInodes.Node, _ reply: FuseReply) {
         guard let ino = treeNodes.remember(node) else {
             log.error("tree inode collision at \(String(decoding: node.name, as: UTF8.self)) under \(node.parent)")
             counters.errors.add()
-            return replyErr(req, EIO)
+            return reply.error(EIO)
         }
-        var e = entry(ino: ino, attr: treeNodeAttr(ino, node), timeout: options.entryTimeout)
-        if fuse_reply_entry(req, &e) != 0 { treeNodes.forget(ino, 1) }
+        reply.entry(entry(ino, treeNodeAttributes(ino, node), timeout: options.entryTimeout))
+        if !reply.delivered { treeNodes.forget(ino, 1) }
     }
 
     /// lookup in /tree: the name is a Directory digest.
-    func lookupTreeRoot(_ req: fuse_req_t?, name: [UInt8]) {
-        guard let digest = Digest(parsing: String(decoding: name, as: UTF8.self)) else { return replyNegative(req) }
-        guard let d = loadDirectory(req, digest, op: "lookup") else { return }
-        replyTreeNode(req, directoryNode(parent: FixedInode.tree, name: name, digest: digest, d))
+    func lookupTreeRoot(_ name: FuseName, _ reply: FuseReply) {
+        guard let digest = Digest(parsing: name.string) else { return negativeEntry(reply) }
+        guard let d = loadDirectory(digest, op: "lookup", reply) else { return }
+        replyTreeNode(directoryNode(parent: FixedInode.tree, name: name.array, digest: digest, d), reply)
     }
 
     /// The first time a directory of a tree is used, its files are likely to
@@ -93,86 +66,86 @@ extension CASFilesystem {
     }
 
     /// lookup of a child of a tree directory.
-    func lookupInTree(_ req: fuse_req_t?, parent: UInt64, digest parentDigest: Digest, name: [UInt8]) {
-        guard let dir = loadDirectory(req, parentDigest, op: "lookup") else { return }
+    func lookupInTree(parent: UInt64, digest parentDigest: Digest, name: FuseName, _ reply: FuseReply) {
+        guard let dir = loadDirectory(parentDigest, op: "lookup", reply) else { return }
         prefetchFiles(parentDigest, dir)
-        guard let child = dir.entry(named: name) else {
+        guard let child = dir.entry(named: name.bytes) else {
             // The tree is immutable: the name will never appear.
-            var e = fuse_entry_param()
-            e.entry_timeout = options.entryTimeout
-            fuse_reply_entry(req, &e)
-            return
+            return reply.entry(.negative(timeout: options.entryTimeout))
         }
         switch child.kind {
         case .file(let digest, let executable):
             if openless { recordAccess?(digest) }
-            replyFileEntry(req, digest, FileVariant(executable: executable, properties: child.properties),
-                           timeout: options.entryTimeout)
+            replyFileEntry(digest, FileVariant(executable: executable, properties: child.properties),
+                           timeout: entryTimeout, reply)
         case .directory(let digest):
-            guard let sub = loadDirectory(req, digest, op: "lookup \(child.name) in") else { return }
-            replyTreeNode(req, directoryNode(parent: parent, name: name, digest: digest, sub))
+            guard let sub = loadDirectory(digest, op: "lookup \(child.name) in", reply) else { return }
+            replyTreeNode(directoryNode(parent: parent, name: name.array, digest: digest, sub), reply)
         case .symlink(let target):
-            replyTreeNode(req, TreeInodes.Node(kind: .symlink(target), parent: parent, name: name, mode: 0o777,
-                                               mtime: child.properties.mtime, nlink: 1))
+            replyTreeNode(TreeInodes.Node(kind: .symlink(target), parent: parent, name: name.array, mode: 0o777,
+                                          mtime: child.properties.mtime, nlink: 1), reply)
         }
     }
 
-    func readlink(_ req: fuse_req_t?, ino: UInt64) {
-        guard let node = treeNodes.node(ino) else {
-            return replyErr(req, inodes.file(ino) != nil || FixedInode.contains(ino) ? EINVAL : ENOENT)
-        }
-        guard case .symlink(let target) = node.kind else { return replyErr(req, EINVAL) }
-        // Returned as text: the kernel resolves it, from the caller's view.
-        _ = target.withCString { fuse_reply_readlink(req, $0) }
+    private func forgetListed(_ ino: UInt64, _ isNode: Bool) {
+        if isNode { treeNodes.forget(ino, 1) } else { inodes.forget(ino, 1) }
     }
 
-    /// Fills a listing of a tree directory. Offsets: 1 after ".", 2 after
-    /// "..", then 3 + the index of the entry.
-    func fillTreeListing(_ req: fuse_req_t?, ino: UInt64, node: TreeInodes.Node, tree: TreeDirectory,
-                         offset: Int64, add: (String, stat, Int64, ListedFile?) -> Bool) {
-        var pos = offset
-        if pos == 0 {
-            guard add(".", treeNodeAttr(ino, node), 1, nil) else { return }
-            pos = 1
-        }
-        if pos == 1 {
-            var parent = dirAttr(FixedInode.tree)
-            if let p = treeNodes.node(node.parent) { parent = treeNodeAttr(node.parent, p) }
-            parent.st_ino = UInt(node.parent)
-            guard add("..", parent, 2, nil) else { return }
-            pos = 2
-        }
-        var i = Int(pos - 2)
-        while i >= 0, i < tree.entries.count {
-            let child = tree.entries[i]
-            var st = stat()
-            let listed: ListedFile?
-            switch child.kind {
-            case .file(let digest, let executable):
-                let variant = FileVariant(executable: executable, properties: child.properties)
-                st = fileAttr(digest, variant, ino: fileInode(digest, variant))
-                listed = .file(digest, variant)
-            case .directory:
-                // Attributes need the child's own Directory: left to lookup.
-                st.st_ino = UInt(TreeInodes.inode(parent: ino, name: child.nameBytes))
-                st.st_mode = S_IFDIR | 0o555
-                listed = .unknown
-            case .symlink(let target):
-                let n = TreeInodes.Node(kind: .symlink(target), parent: ino, name: child.nameBytes, mode: 0o777,
-                                        mtime: child.properties.mtime, nlink: 1)
-                st = treeNodeAttr(TreeInodes.inode(parent: ino, name: child.nameBytes), n)
-                listed = .treeNode(n)
+    /// A listing of a tree directory. Offsets: 1 after ".", 2 after "..",
+    /// then 3 + the index of the entry.
+    func treeListing(_ ino: UInt64, _ node: TreeInodes.Node, _ tree: TreeDirectory, offset: UInt64, size: Int,
+                     plus: Bool, _ reply: FuseReply) {
+        var remembered: [(UInt64, Bool)] = []  // (inode, is a tree node)
+        reply.directory(size: size) { filler in
+            var pos = offset
+            if pos == 0 {
+                guard add(&filler, ".", treeNodeAttributes(ino, node), next: 1, plus: plus, remember: nil) else { return 0 }
+                pos = 1
             }
-            guard add(child.name, st, Int64(i + 3), listed) else { return }
-            i += 1
+            if pos == 1 {
+                var parent = dirAttributes(FixedInode.tree)
+                if let p = treeNodes.node(node.parent) { parent = treeNodeAttributes(node.parent, p) }
+                parent.ino = node.parent
+                guard add(&filler, "..", parent, next: 2, plus: plus, remember: nil) else { return 0 }
+                pos = 2
+            }
+            guard pos >= 2, pos - 2 < UInt64(tree.entries.count) else { return 0 }
+            var i = Int(pos - 2)
+            while i < tree.entries.count {
+                let child = tree.entries[i]
+                var attrs: FuseAttributes
+                var remember: UInt64?
+                var isNode = false
+                switch child.kind {
+                case .file(let digest, let executable):
+                    let variant = FileVariant(executable: executable, properties: child.properties)
+                    if plus, let r = rememberFile(digest, variant) { remember = r }
+                    attrs = fileAttributes(digest, variant, ino: fileInode(digest, variant))
+                case .directory:
+                    // Attributes need the child's own Directory: left to lookup.
+                    attrs = FuseAttributes(ino: TreeInodes.inode(parent: ino, name: child.nameBytes),
+                                           mode: FuseFileType.directory.rawValue | 0o555)
+                case .symlink(let target):
+                    let n = TreeInodes.Node(kind: .symlink(target), parent: ino, name: child.nameBytes, mode: 0o777,
+                                            mtime: child.properties.mtime, nlink: 1)
+                    attrs = treeNodeAttributes(TreeInodes.inode(parent: ino, name: child.nameBytes), n)
+                    if plus, let r = treeNodes.remember(n) {
+                        remember = r
+                        isNode = true
+                    }
+                }
+                guard add(&filler, child.name, attrs, next: Int64(i + 3), plus: plus, remember: remember,
+                          timeout: options.entryTimeout) else {
+                    if let r = remember { forgetListed(r, isNode) }
+                    return 0
+                }
+                if let r = remember { remembered.append((r, isNode)) }
+                i += 1
+            }
+            return 0
+        }
+        if !reply.delivered {
+            for (r, isNode) in remembered { forgetListed(r, isNode) }
         }
     }
-}
-
-/// What a listing entry stands for, for readdirplus (which counts as a lookup).
-enum ListedFile {
-    case file(Digest, FileVariant?)
-    case treeNode(TreeInodes.Node)
-    /// Name and type only; the kernel looks it up when it needs it.
-    case unknown
 }

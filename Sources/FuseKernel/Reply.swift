@@ -11,6 +11,9 @@ public final class FuseReply: @unchecked Sendable {
     public private(set) var opcode: UInt32 = 0
     /// The errno the request was answered with (0 for success), once answered.
     public private(set) var answered: Int32?
+    /// The kernel took the reply (false when the request was interrupted and
+    /// is gone: what the reply handed over, an inode or a handle, was not taken).
+    public private(set) var delivered = false
 
     /// `capacity` must hold the largest reply: a READ of `max_read` bytes
     /// plus the header.
@@ -27,6 +30,7 @@ public final class FuseReply: @unchecked Sendable {
         unique = h.unique
         opcode = h.opcode
         answered = nil
+        delivered = false
     }
 
     // MARK: raw encoding
@@ -63,7 +67,7 @@ public final class FuseReply: @unchecked Sendable {
         put32(UInt32(bitPattern: -error), 4)
         put64(unique, 8)
         answered = error
-        channel.send(buffer, total)
+        delivered = channel.send(buffer, total) == 0
     }
 
     // MARK: replies
@@ -75,7 +79,10 @@ public final class FuseReply: @unchecked Sendable {
     public func ok() { send(payload: 0) }
 
     /// FORGET and friends are not answered; this marks them handled.
-    public func none() { answered = 0 }
+    public func none() {
+        answered = 0
+        delivered = true
+    }
 
     public func entry(_ e: FuseEntry) {
         encodeEntry(e, at: FuseABI.outHeaderSize)
@@ -147,10 +154,13 @@ public final class FuseReply: @unchecked Sendable {
 
     // MARK: directory listings
 
-    /// Fills a READDIR(PLUS) reply of at most `size` bytes.
-    public func directory(size: Int, _ fill: (inout DirectoryFiller) -> Void) {
-        var filler = DirectoryFiller(reply: self, limit: min(size, dataCapacity))
-        fill(&filler)
+    /// Fills a READDIR(PLUS) reply of at most `size` bytes. `fill` returns
+    /// 0, or an errno that is the answer when it added no entry (an empty
+    /// reply would mean the end of the directory).
+    public func directory(size: Int, _ fill: (inout DirectoryFiller) -> Int32) {
+        var filler = DirectoryFiller(reply: self, limit: min(max(0, size), dataCapacity))
+        let rc = fill(&filler)
+        if rc != 0 && filler.isEmpty { return error(rc) }
         send(payload: filler.used)
     }
 }

@@ -148,9 +148,9 @@ struct MountCommand: ParsableCommand {
             recorder = { @Sendable (d: Digest) in batcher.record(d) }
         }
 
-        let fs = CASFilesystem(storage: stack.storage, index: stack.index, options: mountOptions,
-                               stagingDirectory: staging, recordAccess: recorder,
-                               openless: overrides.noOpen == true, metrics: stack.metrics)
+        if overrides.noOpen == true { mountOptions.openless = true }
+        let fs = CASFileSystem(storage: stack.storage, index: stack.index, options: mountOptions,
+                               stagingDirectory: staging, recordAccess: recorder, metrics: stack.metrics)
         // Paths are absolute from here on: do not keep the starting directory busy.
         _ = chdir("/")
         log.info("mounting \(mountpoint) with \(config ?? "the zero-config default in \(DefaultConfig.dataDirectory())")")

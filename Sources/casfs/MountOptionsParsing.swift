@@ -14,6 +14,10 @@ struct MountOverrides {
     var fsName: String?
     /// Read-only mounts: let the kernel skip OPEN/RELEASE (access time refreshed at lookup).
     var noOpen: Bool?
+    /// `passthrough=auto|off`.
+    var passthrough: Bool?
+    /// `open` / `noopen`: whether a read-only mount asks the daemon at each open.
+    var openless: Bool?
 
     static let ignored: Set<String> = [
         "defaults", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -47,7 +51,14 @@ struct MountOverrides {
                 case "rw", "writable": o.writable = true
                 case "ro": o.writable = false
                 case "allow_other": o.allowOther = true
-                case "noopen": o.noOpen = true
+                case "noopen": o.noOpen = true; o.openless = true
+                case "open": o.openless = false
+                case "passthrough":
+                    switch value {
+                    case "auto", nil: o.passthrough = true
+                    case "off": o.passthrough = false
+                    default: throw BadOption(description: "-o passthrough takes auto or off")
+                    }
                 case "entry_timeout": o.entryTimeout = try number()
                 case "attr_timeout": o.attrTimeout = try number()
                 case "negative_timeout": o.negativeTimeout = try number()
@@ -61,7 +72,7 @@ struct MountOverrides {
                     o.fsName = value
                 default:
                     if ignored.contains(key) { continue }
-                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, noopen)")
+                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, noopen, open, passthrough=auto|off)")
                 }
             }
         }
@@ -77,5 +88,7 @@ struct MountOverrides {
         if let threads { m.threads = threads }
         if let maxRead { m.maxRead = maxRead }
         if let fsName { m.fsName = fsName }
+        if let passthrough { m.passthrough = passthrough }
+        if let openless { m.openless = openless }
     }
 }

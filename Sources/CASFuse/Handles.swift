@@ -1,0 +1,103 @@
+import CASCore
+import CASTree
+import Synchronization
+
+/// What an open file or directory is, by the handle number the kernel
+/// quotes back (`fh`).
+enum OpenHandle: Sendable {
+    /// A blob opened for reading: its bytes, held for as long as it is open
+    /// (a deleted blob stays readable to the end).
+    case blob(BlobReadHandle)
+    /// A blob being written (staging file).
+    case write(WriteHandle)
+    /// A directory being listed.
+    case directory(DirectoryHandle)
+}
+
+final class BlobReadHandle: Sendable {
+    let digest: Digest
+    let ino: UInt64
+    let source: BlobSource
+    let mode: PassthroughFiles.Mode
+
+    init(digest: Digest, ino: UInt64, source: BlobSource, mode: PassthroughFiles.Mode) {
+        self.digest = digest
+        self.ino = ino
+        self.source = source
+        self.mode = mode
+    }
+}
+
+/// Handle numbers → open files. Numbers start at 1 (0 means "no handle":
+/// requests of open-less opens) and are never reused while the mount lives.
+final class HandleTable: Sendable {
+    private let state = Mutex<(next: UInt64, open: [UInt64: OpenHandle])>((1, [:]))
+
+    func add(_ h: OpenHandle) -> UInt64 {
+        state.withLock { s in
+            let fh = s.next
+            s.next &+= 1
+            s.open[fh] = h
+            return fh
+        }
+    }
+
+    subscript(_ fh: UInt64) -> OpenHandle? { state.withLock { $0.open[fh] } }
+
+    @discardableResult
+    func remove(_ fh: UInt64) -> OpenHandle? { state.withLock { $0.open.removeValue(forKey: fh) } }
+
+    func write(_ fh: UInt64) -> WriteHandle? {
+        if case .write(let w)? = self[fh] { return w }
+        return nil
+    }
+
+    var count: Int { state.withLock { $0.open.count } }
+}
+
+/// Writes not yet committed, by inode: what `stat` of a name being written
+/// shows is the size written so far.
+final class WriterTable: Sendable {
+    private let state = Mutex<[UInt64: [WriteHandle]]>([:])
+
+    func add(_ w: WriteHandle) { state.withLock { $0[w.ino, default: []].append(w) } }
+
+    func remove(_ w: WriteHandle) {
+        state.withLock { s in
+            s[w.ino]?.removeAll { $0 === w }
+            if s[w.ino]?.isEmpty == true { s[w.ino] = nil }
+        }
+    }
+
+    /// The writers of `ino`.
+    func all(_ ino: UInt64) -> [WriteHandle] { state.withLock { $0[ino] ?? [] } }
+
+    /// The most recent writer of `ino` whose bytes are not committed.
+    func latest(_ ino: UInt64) -> WriteHandle? {
+        state.withLock { $0[ino]?.last { !$0.isCommitted } }
+    }
+
+    func active(_ ino: UInt64) -> Bool { latest(ino) != nil }
+}
+
+/// Blobs held for open-less reads: the kernel opens files itself, so the
+/// daemon holds each inode's blob from its first read until the kernel
+/// forgets the inode (a deleted blob stays readable meanwhile). At most
+/// `limit` are held; beyond that, reads open the blob each time.
+final class PinnedSources: Sendable {
+    let limit: Int
+    private let state = Mutex<[UInt64: BlobSource]>([:])
+
+    init(limit: Int) { self.limit = limit }
+
+    func source(_ ino: UInt64, open: () throws -> BlobSource?) throws -> BlobSource? {
+        if let s = state.withLock({ $0[ino] }) { return s }
+        guard let s = try open() else { return nil }
+        state.withLock { held in
+            if held.count < limit { held[ino] = s }
+        }
+        return s
+    }
+
+    func drop(_ ino: UInt64) { state.withLock { _ = $0.removeValue(forKey: ino) } }
+}
