@@ -23,6 +23,9 @@ public struct MountOptions: Sendable, Equatable {
     /// When a tree directory is first used, hint the storage to fetch its
     /// small files in bulk (one round trip per batch to a remote CAS).
     public var treePrefetch = true
+    /// Where to serve the metrics over HTTP (`GET /metrics`, Prometheus's
+    /// text format); nil: not served.
+    public var metricsAddress: ListenAddress?
 
     public init() {}
 }

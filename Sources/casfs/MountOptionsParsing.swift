@@ -14,6 +14,8 @@ struct MountOverrides {
     var fsName: String?
     /// Read-only mounts: let the kernel skip OPEN/RELEASE (access time refreshed at lookup).
     var noOpen: Bool?
+    /// `metrics=HOST:PORT`: serve the metrics there.
+    var metricsAddress: ListenAddress?
 
     static let ignored: Set<String> = [
         "defaults", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -59,9 +61,14 @@ struct MountOverrides {
                 case "fsname":
                     guard let value, !value.isEmpty, !value.contains(",") else { throw BadOption(description: "-o fsname needs a value") }
                     o.fsName = value
+                case "metrics":
+                    guard let value else { throw BadOption(description: "-o metrics needs HOST:PORT") }
+                    do { o.metricsAddress = try ListenAddress(parsing: value) } catch {
+                        throw BadOption(description: "-o metrics: \(error)")
+                    }
                 default:
                     if ignored.contains(key) { continue }
-                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, noopen)")
+                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, noopen, metrics=HOST:PORT)")
                 }
             }
         }
@@ -77,5 +84,6 @@ struct MountOverrides {
         if let threads { m.threads = threads }
         if let maxRead { m.maxRead = maxRead }
         if let fsName { m.fsName = fsName }
+        if let metricsAddress { m.metricsAddress = metricsAddress }
     }
 }
