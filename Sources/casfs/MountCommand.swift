@@ -126,6 +126,8 @@ struct MountCommand: ParsableCommand {
     private func serve(ready: Int32?) throws {
         setUpLogging()
         let log = Logger(label: "casfs.mount")
+        // Read once and hidden from what the daemon starts (a private Redis).
+        let systemd = SystemdNotify.take()
         let overrides = try parsedOverrides()
         let staging = absolute(stagingDir ?? (config == nil ? DefaultConfig.dataDirectory() + "/staging" : "/var/tmp"))
         try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
@@ -182,6 +184,7 @@ struct MountCommand: ParsableCommand {
         try fs.serve(mountpoint: mountpoint) {
             record?()
             if let ready { Daemon.report(ready, "OK") }
+            if !temporary { systemd?.ready(log) }
         }
     }
 }

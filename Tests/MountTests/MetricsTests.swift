@@ -3,7 +3,8 @@ import Foundation
 import TestSupport
 import XCTest
 
-/// A mount's metrics scraped over HTTP as Prometheus scrapes them.
+/// A mount's metrics scraped over HTTP as Prometheus scrapes them, and its
+/// readiness reported to a systemd notification socket.
 final class MetricsTests: MountTestCase {
     struct Scrape {
         let status: Int
@@ -155,6 +156,16 @@ final class MetricsTests: MountTestCase {
         XCTAssertEqual(again.process?.terminationStatus, 0, again.log)
         XCTAssertFalse(isFuseMounted(again.mountpoint))
         XCTAssertFalse(runShell("curl -sS -o /dev/null http://127.0.0.1:\(port)/metrics").ok, "served after SIGTERM")
+    }
+
+    func testReadinessIsSentToSystemd() throws {
+        let socket = try NotifySocket(abstract: true)
+        setenv("NOTIFY_SOCKET", socket.name, 1)
+        defer { unsetenv("NOTIFY_SOCKET") }
+        _ = try mount(cachedDiskConfig())
+        unsetenv("NOTIFY_SOCKET")
+        XCTAssertEqual(socket.receive(), "READY=1")
+        XCTAssertNil(socket.receive(within: 1), "sent once")
     }
 
     func requireCurl() throws {
