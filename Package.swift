@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
         .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         // Digests, the Storage protocol, blob sources and errors. No backends.
@@ -73,8 +74,15 @@ let package = Package(
             "FuseKernel", "CASCore", "CASTree", "CLinux",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // GET /metrics over HTTP/1.1 for Prometheus, on a thread of its own.
+        .target(name: "MetricsServer", dependencies: [
+            "CASCore",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ]),
         .executableTarget(name: "casfs", dependencies: [
-            "CASCore", "CASStorage", "CASConfig", "CASFuse", "CASTree", "Redis", "CLinux",
+            "CASCore", "CASStorage", "CASConfig", "CASFuse", "CASTree", "Redis", "CLinux", "MetricsServer",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -93,6 +101,9 @@ let package = Package(
             "CASCore", "CASStorage", "CASTree", "REAPI", "TestSupport",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ]),
+        .testTarget(name: "MetricsServerTests", dependencies: ["CASCore", "MetricsServer", "TestSupport"]),
+        // The casfs command's own pieces (option parsing, systemd notification).
+        .testTarget(name: "CasfsCommandTests", dependencies: ["casfs", "CASCore", "TestSupport"]),
         .testTarget(name: "RemoteTests", dependencies: ["CASCore", "RemoteCAS", "REAPI", "TestSupport"]),
         .testTarget(name: "TreeTests", dependencies: [
             "CASCore", "CASStorage", "CASTree", "REAPI",

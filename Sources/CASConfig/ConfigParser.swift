@@ -229,7 +229,7 @@ final class SpecReader {
     func mountOptions(_ node: Node, _ key: String) throws -> MountOptions {
         let m = try mapping(node, key, allowed: [
             "writable", "entry-timeout", "attr-timeout", "negative-timeout", "threads",
-            "allow-other", "max-read", "fs-name", "tree-cache-size", "tree-prefetch",
+            "allow-other", "max-read", "fs-name", "tree-cache-size", "tree-prefetch", "metrics-address",
         ])
         var o = MountOptions()
         if let v = try bool(m, "writable", key) { o.writable = v }
@@ -248,6 +248,11 @@ final class SpecReader {
             o.treeCacheBytes = v
         }
         if let v = try bool(m, "tree-prefetch", key) { o.treePrefetch = v }
+        if let v = try string(m, "metrics-address", key) {
+            do { o.metricsAddress = try ListenAddress(parsing: v) } catch {
+                throw self.error(m["metrics-address"]!, "\(key).metrics-address", error.description)
+            }
+        }
         return o
     }
 

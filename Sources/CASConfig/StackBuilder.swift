@@ -106,7 +106,7 @@ public final class StackBuilder {
                         credentials: RemoteCredentials(tlsServerCert: r.tlsServerCert, tlsClientKey: r.tlsClientKey,
                                                        tlsClientCert: r.tlsClientCert, authToken: r.authToken,
                                                        tokenRefreshSeconds: r.tokenRefreshSeconds),
-                        channelOptions: r.channelOptions)
+                        channelOptions: r.channelOptions, metrics: scope)
                 } catch let e as RemoteSetupError {
                     throw ConfigError(source: source, line: n.keyLines[String(e.key.prefix { $0 != "." })] ?? n.line,
                                       key: "\(n.path).\(e.key)", message: e.message)

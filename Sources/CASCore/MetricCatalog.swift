@@ -35,15 +35,16 @@ public enum MetricCatalog {
     public static let indexAdded = MetricInfo("casfs_index_blobs_added_total", "Blobs newly added to the index.")
     public static let indexRaces = MetricInfo("casfs_index_delete_races_total", "Deletes that met a concurrent re-add and kept the blob.")
     public static let redisConnections = MetricInfo("casfs_redis_connections", "Open connections to Redis.")
-    public static let redisErrors = MetricInfo("casfs_redis_errors_total", "Redis commands or connections that failed.")
+    public static let redisErrors = MetricInfo("casfs_redis_errors_total", "Failed attempts to reach Redis or run commands there (each failed retry counts), and error replies.")
+    public static let redisRetries = MetricInfo("casfs_redis_retries_total", "Redis commands sent again after a failed attempt.")
     public static let redisReconnects = MetricInfo("casfs_redis_reconnects_total", "Connections to Redis made again after a failure.")
     // Access times.
     public static let accessFlushes = MetricInfo("casfs_access_time_flushes_total", "Batches of access-time refreshes sent to the index.")
     public static let accessTouched = MetricInfo("casfs_access_time_refreshes_total", "Blobs whose access time was refreshed.")
     public static let accessFailures = MetricInfo("casfs_access_time_failures_total", "Batches of access-time refreshes that failed.")
     // Remote CAS.
-    public static let remoteErrors = MetricInfo("casfs_remote_rpc_errors_total", "Remote CAS calls that failed.")
-    public static let remoteRetries = MetricInfo("casfs_remote_rpc_retries_total", "Remote CAS calls retried.")
+    public static let remoteErrors = MetricInfo("casfs_remote_rpc_errors_total", "Remote CAS calls that failed after their retries (a blob not found is an answer, not an error).")
+    public static let remoteRetries = MetricInfo("casfs_remote_rpc_retries_total", "Remote CAS calls sent again after a failed attempt.")
     // FUSE.
     public static let fuseRequests = MetricInfo("casfs_fuse_requests_total", "Kernel requests served, by operation.")
     public static let fuseErrors = MetricInfo("casfs_fuse_errors_total", "Kernel requests answered with an error other than a plain miss.")

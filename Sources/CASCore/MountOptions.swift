@@ -36,6 +36,9 @@ public struct MountOptions: Sendable, Equatable {
 
     /// Whether this mount answers OPEN with ENOSYS (see `openless`).
     public var isOpenless: Bool { !writable && (openless ?? true) }
+    /// Where to serve the metrics over HTTP (`GET /metrics`, Prometheus's
+    /// text format); nil: not served.
+    public var metricsAddress: ListenAddress?
 
     public init() {}
 }

@@ -74,8 +74,7 @@ public final class RedisIndex: Storage, BlobIndex {
                             added: metrics.counter(MetricCatalog.indexAdded),
                             races: metrics.counter(MetricCatalog.indexRaces),
                             redisErrors: metrics.counter(MetricCatalog.redisErrors))
-        let connections = metrics.gauge(MetricCatalog.redisConnections)
-        metrics.metrics.onCollect { [redis] in connections.set(Int64(redis.openConnections)) }
+        RedisPoolMetrics.register(redis, metrics, errors: counters.redisErrors)
     }
 
     // MARK: - Keys
@@ -113,12 +112,26 @@ public final class RedisIndex: Storage, BlobIndex {
                     }
                 }
             }
-            for r in replies { if case .error(let m) = r { throw RedisError.server(m) } }
+            try checkReplies(replies)
             return replies
         } catch let e as RedisError {
-            counters.redisErrors.add()
-            throw StorageError.unavailable("redis index (\(redis.config.endpoint)): \(e)")
+            throw unavailable(e)
         }
+    }
+
+    /// The pool counts its own failures (`RedisPoolMetrics`); error replies
+    /// reach only the index, which counts them here.
+    private func checkReplies(_ replies: [RedisReply]) throws {
+        for r in replies {
+            if case .error(let m) = r {
+                counters.redisErrors.add()
+                throw unavailable(.server(m))
+            }
+        }
+    }
+
+    private func unavailable(_ e: RedisError) -> StorageError {
+        .unavailable("redis index (\(redis.config.endpoint)): \(e)")
     }
 
     /// `$<n>\r\n<prefix>:<hash>_<size>\r\n`
@@ -169,11 +182,10 @@ public final class RedisIndex: Storage, BlobIndex {
     func run(_ commands: [[RedisArgument]]) throws -> [RedisReply] {
         do {
             let replies = try redis.pipeline(commands)
-            for r in replies { if case .error(let m) = r { throw RedisError.server(m) } }
+            try checkReplies(replies)
             return replies
         } catch let e as RedisError {
-            counters.redisErrors.add()
-            throw StorageError.unavailable("redis index (\(redis.config.endpoint)): \(e)")
+            throw unavailable(e)
         }
     }
 

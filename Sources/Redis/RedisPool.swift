@@ -44,13 +44,36 @@ public final class RedisPool: Sendable {
         var backoff: Double = 0
         var retryAt: UInt64 = 0
         var lastError = ""
+        /// A connection of this lane failed, broke or was found closed: the
+        /// next one made is a reconnect.
+        var lost = false
     }
 
     private struct State {
         var lanes = [LaneState(), LaneState()]
         var open = 0
         var closed = false
+        var statistics = Statistics()
     }
+
+    /// What the pool met since it was made, for metrics.
+    public struct Statistics: Sendable, Equatable {
+        /// Attempts that failed: connections not made, broken or timed out,
+        /// replies that call for a retry (LOADING, READONLY), too few
+        /// replicas acknowledging, no connection free. A call retried
+        /// three times that never succeeds counts four.
+        public var failures: Int64 = 0
+        /// Attempts made again after a failure.
+        public var retries: Int64 = 0
+        /// Connections made after one of the same lane failed, broke or was
+        /// found closed by the server.
+        public var reconnects: Int64 = 0
+
+        public init() {}
+    }
+
+    /// The counts so far.
+    public var statistics: Statistics { state.withLock { $0.statistics } }
 
     /// A failed attempt: the error, whether to retry, and not before when.
     private struct Failure: Error {
@@ -164,7 +187,12 @@ public final class RedisPool: Sendable {
             do {
                 return try attempt(lane, durable: durable, send)
             } catch let f as Failure {
-                guard f.retriable, retries < retry.retries else {
+                let retrying = f.retriable && retries < retry.retries
+                state.withLock { s in
+                    s.statistics.failures &+= 1
+                    if retrying { s.statistics.retries &+= 1 }
+                }
+                guard retrying else {
                     guard let first else { throw f.error }
                     let also = first == f.error ? "" : "; first failure: \(first)"
                     throw f.error.adding("after \(retries) retries\(also)")
@@ -250,6 +278,7 @@ public final class RedisPool: Sendable {
             guard s.lanes[p.lane.rawValue].generation == p.generation else { return nil }
             var gone: [Pooled] = []
             for l in (p.lane == .master ? [Lane.master, .replica] : [p.lane]) {
+                s.lanes[l.rawValue].lost = true
                 s.lanes[l.rawValue].generation &+= 1
                 gone += s.lanes[l.rawValue].idle
                 s.lanes[l.rawValue].idle = []
@@ -276,6 +305,7 @@ public final class RedisPool: Sendable {
                     if p.generation == s.lanes[l].generation && !p.conn.looksClosed { return .use(p) }
                     // Closed by the server (restart, idle timeout) or from before a failure.
                     s.open -= 1
+                    s.lanes[l].lost = true
                     stale.append(p)
                 }
                 let now = DispatchTime.now().uptimeNanoseconds
@@ -310,6 +340,7 @@ public final class RedisPool: Sendable {
                         s.open -= 1
                         let l = lane.rawValue
                         s.lanes[l].lastError = "\(e)"
+                        s.lanes[l].lost = true
                         // Concurrent connects that fail together back off once.
                         guard DispatchTime.now().uptimeNanoseconds >= s.lanes[l].retryAt else { return (false, s.lanes[l].retryAt) }
                         let b = s.lanes[l].backoff
@@ -355,11 +386,16 @@ public final class RedisPool: Sendable {
             }
         }
         let recovered = state.withLock { s -> Bool in
+            let l = lane.rawValue
             defer {
-                s.lanes[lane.rawValue].backoff = 0
-                s.lanes[lane.rawValue].retryAt = 0
+                s.lanes[l].backoff = 0
+                s.lanes[l].retryAt = 0
             }
-            return s.lanes[lane.rawValue].backoff > 0
+            if s.lanes[l].lost {
+                s.lanes[l].lost = false
+                s.statistics.reconnects &+= 1
+            }
+            return s.lanes[l].backoff > 0
         }
         if recovered { log.info("reconnected to redis at \(endpoint)") }
         return Pooled(conn: conn, lane: lane, generation: generation)
@@ -369,6 +405,7 @@ public final class RedisPool: Sendable {
         let dropped = state.withLock { s -> Bool in
             if drop || p.conn.broken || s.closed || p.generation != s.lanes[p.lane.rawValue].generation {
                 s.open -= 1
+                if p.conn.broken { s.lanes[p.lane.rawValue].lost = true }
                 return true
             }
             s.lanes[p.lane.rawValue].idle.append(p)

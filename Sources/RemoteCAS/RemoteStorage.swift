@@ -132,6 +132,9 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     /// Largest request casfs builds.
     private let sendLimit: Int
     private let deleteWarned = Atomic<Bool>(false)
+    /// Failed calls and retries, when a scope was given.
+    private let errorCount: MetricCounter?
+    private let retryCount: MetricCounter?
 
     /// Default per-request limit when the server does not say (BuildGrid's and Bazel's 4 MiB).
     static let defaultBatchLimit = 4 << 20
@@ -151,10 +154,11 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
                             maxBackoff: Double = RetryBackoff.defaultMaxBackoff,
                             credentials: RemoteCredentials = .none,
                             channelOptions: [String: String] = [:],
-                            temporaryDirectory: String? = nil) throws {
+                            temporaryDirectory: String? = nil,
+                            metrics: MetricScope? = nil) throws {
         try self.init(endpoint: Endpoint(url: url), instanceName: instanceName, requestTimeout: requestTimeout,
                       retries: retries, maxBackoff: maxBackoff, credentials: credentials,
-                      channelOptions: channelOptions, temporaryDirectory: temporaryDirectory)
+                      channelOptions: channelOptions, temporaryDirectory: temporaryDirectory, metrics: metrics)
     }
 
     /// Sets up the channel; nothing is sent until the first call. Throws
@@ -169,12 +173,14 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     ///   - maxBackoff: BuildGrid's `max-backoff`, seconds (default 64).
     ///   - credentials: BuildGrid's `credentials`.
     ///   - channelOptions: BuildGrid's `channel-options`, values as text.
+    ///   - metrics: where failed calls and retries are counted (nowhere: nil).
     public init(endpoint: Endpoint, instanceName: String = "", requestTimeout: Double = 60,
                 retries: Int = RetryBackoff.defaultRetries,
                 maxBackoff: Double = RetryBackoff.defaultMaxBackoff,
                 credentials: RemoteCredentials = .none,
                 channelOptions: [String: String] = [:],
-                temporaryDirectory: String? = nil) throws {
+                temporaryDirectory: String? = nil,
+                metrics: MetricScope? = nil) throws {
         guard requestTimeout.isFinite, requestTimeout > 0, requestTimeout <= Self.maxRequestTimeout else {
             throw RemoteSetupError(key: "request-timeout", "must be a positive number of seconds, at most \(Int(Self.maxRequestTimeout))")
         }
@@ -192,6 +198,8 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         self.chunkSize = min(Self.defaultChunkSize, sendLimit - (4 << 10))
         self.temporaryDirectory = temporaryDirectory
             ?? ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
+        self.errorCount = metrics?.counter(MetricCatalog.remoteErrors)
+        self.retryCount = metrics?.counter(MetricCatalog.remoteRetries)
 
         let token = try credentials.authToken.map {
             try AuthTokenFile(path: $0, refreshSeconds: credentials.refreshInterval())
@@ -602,6 +610,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         let backoff = retrying ? self.backoff : RetryBackoff.none
         let retries = backoff.retries
         let endpoint = self.endpoint
+        let retryCount = self.retryCount
         let task = Task.detached {
             var attempt = 0
             while true {
@@ -610,6 +619,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
                     break
                 } catch let e as RPCError where attempt < retries && Self.isRetried(e.code) {
                     attempt += 1
+                    retryCount?.add()
                     let delay = backoff.delay(afterAttempt: attempt)
                     log.info("\(what) to \(endpoint): \(e.code) (\(e.message)); retry \(attempt) of \(retries) in \(String(format: "%.1f", delay)) s")
                     do { try await Task.sleep(for: .milliseconds(Int64(delay * 1000))) } catch {
@@ -626,12 +636,14 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         let budget = Double(retries + 1) * (deadline(bytes: bytes) + 2.5) + backoff.worstCaseTotalDelay + 5
         if done.wait(timeout: .now() + budget) == .timedOut {
             task.cancel()
+            errorCount?.add()
             throw StorageError.unavailable("\(what) to \(endpoint): no answer within \(Int(budget)) s")
         }
         switch box.get()! {
         case .success(let v): return v
         case .failure(let e):
             var error = Self.mapError(e, what: what, endpoint: endpoint)
+            if !error.isAbsence { errorCount?.add() }
             if let cause = (e as? RPCError)?.cause,
                let why = RemoteTransport.explain(cause: "\(cause)", endpoint, credentials),
                case .unavailable(let m) = error {
@@ -724,4 +736,13 @@ private final class Flag: Sendable {
     private let value = Atomic<Bool>(false)
     var isSet: Bool { value.load(ordering: .acquiring) }
     func set() { value.store(true, ordering: .releasing) }
+}
+
+private extension StorageError {
+    /// NOT_FOUND as `storageError` maps it: the server answered that a blob
+    /// is absent, which is an answer, not a failed call.
+    var isAbsence: Bool {
+        if case .io(ENOENT, _) = self { return true }
+        return false
+    }
 }

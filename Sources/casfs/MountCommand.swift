@@ -6,6 +6,7 @@ import CFuse
 import CASStorage
 import Foundation
 import Logging
+import MetricsServer
 
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -21,7 +22,7 @@ struct MountCommand: ParsableCommand {
     var config: String?
 
     @Option(name: .customShort("o"), help: ArgumentHelp(
-        "Mount options, comma separated: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, noopen (read-only: the kernel skips OPEN/RELEASE, access times are refreshed at lookup). Override the config.",
+        "Mount options, comma separated: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, noopen (read-only: the kernel skips OPEN/RELEASE, access times are refreshed at lookup), metrics=HOST:PORT (serve GET /metrics for Prometheus there). Override the config.",
         valueName: "opts"))
     var options: [String] = []
 
@@ -125,6 +126,8 @@ struct MountCommand: ParsableCommand {
     private func serve(ready: Int32?) throws {
         setUpLogging()
         let log = Logger(label: "casfs.mount")
+        // Read once and hidden from what the daemon starts (a private Redis).
+        let systemd = SystemdNotify.take()
         let overrides = try parsedOverrides()
         let staging = absolute(stagingDir ?? (config == nil ? DefaultConfig.dataDirectory() + "/staging" : "/var/tmp"))
         try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
@@ -143,6 +146,13 @@ struct MountCommand: ParsableCommand {
             stack.close()
             throw error
         }
+        // GET /metrics for Prometheus, with `metrics-address`; stopped at unmount.
+        let metricsServer: MetricsServer?
+        do { metricsServer = try mountOptions.metricsAddress.map { try MetricsServer.start($0, metrics: stack.metrics) } } catch {
+            stack.close()
+            throw error
+        }
+        defer { metricsServer?.stop() }
         var recorder: (@Sendable (Digest) -> Void)?
         if let batcher = stack.stack.accessTimes {
             recorder = { @Sendable (d: Digest) in batcher.record(d) }
@@ -174,6 +184,7 @@ struct MountCommand: ParsableCommand {
         try fs.serve(mountpoint: mountpoint) {
             record?()
             if let ready { Daemon.report(ready, "OK") }
+            if !temporary { systemd?.ready(log) }
         }
     }
 }

@@ -18,6 +18,8 @@ struct MountOverrides {
     var passthrough: Bool?
     /// `open` / `noopen`: whether a read-only mount asks the daemon at each open.
     var openless: Bool?
+    /// `metrics=HOST:PORT`: serve the metrics there.
+    var metricsAddress: ListenAddress?
 
     static let ignored: Set<String> = [
         "defaults", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -70,9 +72,14 @@ struct MountOverrides {
                 case "fsname":
                     guard let value, !value.isEmpty, !value.contains(",") else { throw BadOption(description: "-o fsname needs a value") }
                     o.fsName = value
+                case "metrics":
+                    guard let value else { throw BadOption(description: "-o metrics needs HOST:PORT") }
+                    do { o.metricsAddress = try ListenAddress(parsing: value) } catch {
+                        throw BadOption(description: "-o metrics: \(error)")
+                    }
                 default:
                     if ignored.contains(key) { continue }
-                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, noopen, open, passthrough=auto|off)")
+                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, open, noopen, passthrough=auto|off, metrics=HOST:PORT)")
                 }
             }
         }
@@ -90,5 +97,6 @@ struct MountOverrides {
         if let fsName { m.fsName = fsName }
         if let passthrough { m.passthrough = passthrough }
         if let openless { m.openless = openless }
+        if let metricsAddress { m.metricsAddress = metricsAddress }
     }
 }
