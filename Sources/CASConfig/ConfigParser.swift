@@ -1,4 +1,5 @@
 import CASCore
+import CASStorage
 import Foundation
 import Yams
 
@@ -49,13 +50,13 @@ public enum ConfigParser {
 }
 
 /// The storage tags casfs builds.
-let supportedStorageTags = ["!disk-storage", "!lru-storage", "!with-cache-storage", "!redis-index", "!remote-storage"]
+let supportedStorageTags = ["!disk-storage", "!lru-storage", "!with-cache-storage", "!redis-index", "!remote-storage",
+                            "!sharded-storage", "!replicated-storage", "!size-differentiated-storage"]
 
 /// BuildGrid's other tags: named in errors so that a pasted section that uses
 /// one says clearly what casfs lacks.
 let unsupportedBuildGridTags: Set<String> = [
     "!s3-storage", "!redis-storage", "!sql-storage", "!sql-index", "!redis-fmb-cache",
-    "!sharded-storage", "!replicated-storage", "!size-differentiated-storage",
     "!sql-connection", "!lru-action-cache", "!mirrored-action-cache", "!redis-action-cache",
     "!remote-action-cache", "!s3action-cache", "!sharded-action-cache", "!with-cache-action-cache",
     "!write-once-action-cache", "!channel", "!cas", "!bytestream", "!action-cache", "!execution",
@@ -157,6 +158,12 @@ final class SpecReader {
                 }
             }
             kind = .remote(spec)
+        case "!sharded-storage":
+            kind = .sharded(try shardedSpec(node, key))
+        case "!replicated-storage":
+            kind = .replicated(try replicatedSpec(node, key))
+        case "!size-differentiated-storage":
+            kind = .sizeDifferentiated(try sizeDifferentiatedSpec(node, key))
         default:
             if unsupportedBuildGridTags.contains(tag) {
                 throw error(node, key, "BuildGrid's \(tag) is not supported by casfs; supported storage tags: \(supportedStorageTags.joined(separator: ", "))")
@@ -173,6 +180,69 @@ final class SpecReader {
         storageIDs[node] = id
         storages[id] = spec
         return spec
+    }
+
+    // MARK: composite storages
+
+    func shardedSpec(_ node: Node, _ key: String) throws -> ShardedSpec {
+        let m = try mapping(node, key, allowed: ["shards", "thread-pool-size"])
+        var firstUse: [String: String] = [:]
+        var shards: [ShardedSpec.Shard] = []
+        for (item, path) in try items(m, "shards", key, of: node, atLeast: 1) {
+            let sm = try mapping(item, path, allowed: ["name", "storage"])
+            guard let nameNode = sm["name"] else { throw error(item, path, "missing `name:`") }
+            let name = try string(sm, "name", path, required: true)!
+            guard ShardedStorage.isValidName(name) else {
+                throw error(nameNode, "\(path).name", "'\(name)' is not a shard name (letters, digits and '-' only, as BuildGrid requires)")
+            }
+            if let other = firstUse[name] {
+                throw error(nameNode, "\(path).name", "duplicate shard name '\(name)' (also \(other).name)")
+            }
+            firstUse[name] = path
+            guard let storageNode = sm["storage"] else { throw error(item, path, "missing `storage:`") }
+            shards.append(ShardedSpec.Shard(name: name, storage: try storageSpec(storageNode, "\(path).storage")))
+        }
+        var spec = ShardedSpec(shards: shards)
+        if let n = try int(m, "thread-pool-size", key, range: 0...1024) { spec.threadPoolSize = n }
+        return spec
+    }
+
+    func replicatedSpec(_ node: Node, _ key: String) throws -> ReplicatedSpec {
+        let m = try mapping(node, key, allowed: ["storages", "replication-queue-size", "replication-threads", "read-replication"])
+        var spec = ReplicatedSpec(storages: try items(m, "storages", key, of: node, atLeast: 2).map { item, path in
+            try storageSpec(item, path)
+        })
+        if let n = try int(m, "replication-queue-size", key, range: 0...10_000_000) { spec.replicationQueueSize = n }
+        if let n = try int(m, "replication-threads", key, range: 1...1024) { spec.replicationThreads = n }
+        if let b = try bool(m, "read-replication", key) { spec.readReplication = b }
+        return spec
+    }
+
+    func sizeDifferentiatedSpec(_ node: Node, _ key: String) throws -> SizeDifferentiatedSpec {
+        let m = try mapping(node, key, allowed: ["size-limited-storages", "fallback", "thread-pool-size"])
+        let tiers = try items(m, "size-limited-storages", key, of: node, atLeast: 1).map { item, path in
+            let tm = try mapping(item, path, allowed: ["max-size", "storage"])
+            guard tm["max-size"] != nil else { throw error(item, path, "missing `max-size:`") }
+            guard let storageNode = tm["storage"] else { throw error(item, path, "missing `storage:`") }
+            return SizeDifferentiatedSpec.Tier(maxSize: try size(tm, "max-size", path, required: true)!,
+                                               storage: try storageSpec(storageNode, "\(path).storage"))
+        }
+        guard let fallbackNode = m["fallback"] else { throw error(node, key, "missing `fallback:`") }
+        var spec = SizeDifferentiatedSpec(tiers: tiers, fallback: try storageSpec(fallbackNode, "\(key).fallback"))
+        if let n = try int(m, "thread-pool-size", key, range: 0...1024) { spec.threadPoolSize = n }
+        return spec
+    }
+
+    /// The entries of the list under `name`, each with its place
+    /// (`storage.shards[0]`).
+    func items(_ m: [String: Node], _ name: String, _ key: String, of parent: Node, atLeast minimum: Int) throws -> [(Node, String)] {
+        let path = "\(key).\(name)"
+        guard let node = m[name] else { throw error(parent, key, "missing `\(name):`") }
+        guard let seq = node.sequence else { throw error(node, path, "expected a list") }
+        guard seq.count >= minimum else {
+            throw error(node, path, minimum == 1 ? "needs at least one entry" : "needs at least \(minimum) entries")
+        }
+        return seq.enumerated().map { i, item in (item, "\(path)[\(i)]") }
     }
 
     func redisSpec(_ node: Node, _ key: String) throws -> RedisSpec {

@@ -36,6 +36,9 @@ public struct StorageNode: Sendable {
         case withCache(WithCacheSpec)
         case redisIndex(storage: StorageNode, redis: RedisSpec, prefix: String?)
         case remote(RemoteSpec)
+        case sharded(ShardedSpec)
+        case replicated(ReplicatedSpec)
+        case sizeDifferentiated(SizeDifferentiatedSpec)
     }
 
     public init(id: Int, path: String, kind: Kind, line: Int? = nil) {
@@ -60,6 +63,67 @@ public struct WithCacheSpec: Sendable {
 
     public init(cache: StorageNode, fallback: StorageNode) {
         self.cache = cache
+        self.fallback = fallback
+    }
+}
+
+/// A `!sharded-storage`: named shards, chosen per blob as BuildGrid does.
+public struct ShardedSpec: Sendable {
+    /// BuildGrid's default: shard calls of a bulk operation run one by one.
+    public static let defaultThreadPoolSize = 0
+
+    public struct Shard: Sendable {
+        public var name: String
+        public var storage: StorageNode
+        public init(name: String, storage: StorageNode) {
+            self.name = name
+            self.storage = storage
+        }
+    }
+
+    public var shards: [Shard]
+    public var threadPoolSize = ShardedSpec.defaultThreadPoolSize
+
+    public init(shards: [Shard]) { self.shards = shards }
+}
+
+/// A `!replicated-storage`: every blob in all of `storages`.
+public struct ReplicatedSpec: Sendable {
+    /// BuildGrid's defaults: no background replication, one thread for it,
+    /// reads repair the replicas that lack the blob.
+    public static let defaultReplicationQueueSize = 0
+    public static let defaultReplicationThreads = 1
+    public static let defaultReadReplication = true
+
+    public var storages: [StorageNode]
+    public var replicationQueueSize = ReplicatedSpec.defaultReplicationQueueSize
+    public var replicationThreads = ReplicatedSpec.defaultReplicationThreads
+    public var readReplication = ReplicatedSpec.defaultReadReplication
+
+    public init(storages: [StorageNode]) { self.storages = storages }
+}
+
+/// A `!size-differentiated-storage`: blobs placed by size.
+public struct SizeDifferentiatedSpec: Sendable {
+    /// BuildGrid's default: per-storage calls of a bulk operation run one by one.
+    public static let defaultThreadPoolSize = 0
+
+    public struct Tier: Sendable {
+        /// Blobs strictly smaller than this may go here.
+        public var maxSize: Int64
+        public var storage: StorageNode
+        public init(maxSize: Int64, storage: StorageNode) {
+            self.maxSize = maxSize
+            self.storage = storage
+        }
+    }
+
+    public var tiers: [Tier]
+    public var fallback: StorageNode
+    public var threadPoolSize = SizeDifferentiatedSpec.defaultThreadPoolSize
+
+    public init(tiers: [Tier], fallback: StorageNode) {
+        self.tiers = tiers
         self.fallback = fallback
     }
 }

@@ -32,6 +32,9 @@ public struct StorageStack: Sendable {
 /// - the configured nodes, with a `VerifyingStorage` put around each node
 ///   whose bytes casfs has not checked: every `!disk-storage` and
 ///   `!remote-storage`, and every `!redis-index` (in place of its store).
+///   The composites (`!sharded-storage`, `!replicated-storage`,
+///   `!size-differentiated-storage`) sit above such checked children, so a
+///   replica with a bad copy is passed over rather than failing the read.
 public final class StackBuilder {
     public let metrics: Metrics
     private var built: [Int: any Storage] = [:]
@@ -114,6 +117,24 @@ public final class StackBuilder {
             }
             nodes[n.path] = remote
             s = verified ? remote : VerifyingStorage(remote, sourceName: "\(n.path) (remote \(r.url))", metrics: scope)
+        case .sharded(let sh):
+            // Composites hold verified children: each leaf checks its own bytes.
+            let shards = try sh.shards.map { ShardedStorage.Shard(name: $0.name, storage: try node($0.storage, verified: false)) }
+            s = try located(n, "shards") { try ShardedStorage(shards: shards, threadPoolSize: sh.threadPoolSize) }
+            nodes[n.path] = s
+        case .replicated(let r):
+            let replicas = try r.storages.map { try node($0, verified: false) }
+            s = try located(n, "storages") {
+                try ReplicatedStorage(replicas: replicas, readReplication: r.readReplication,
+                                      replicationQueueSize: r.replicationQueueSize,
+                                      replicationThreads: r.replicationThreads, metrics: scope)
+            }
+            nodes[n.path] = s
+        case .sizeDifferentiated(let sd):
+            let tiers = try sd.tiers.map { SizeDifferentiatedStorage.Tier(maxSize: $0.maxSize, storage: try node($0.storage, verified: false)) }
+            s = SizeDifferentiatedStorage(tiers: tiers, fallback: try node(sd.fallback, verified: false),
+                                          threadPoolSize: sd.threadPoolSize)
+            nodes[n.path] = s
         }
         built[n.id] = s
         return s

@@ -15,6 +15,12 @@ public enum MetricCatalog {
     public static let deferredOldestAge = MetricInfo("casfs_deferred_write_oldest_age_seconds", "Age of the oldest deferred fallback write not yet sent.")
     public static let deferredSent = MetricInfo("casfs_deferred_writes_sent_total", "Deferred fallback writes that reached the fallback.")
     public static let deferredFailures = MetricInfo("casfs_deferred_write_failures_total", "Attempts of deferred fallback writes that failed (each is retried).")
+    // Replicated storages.
+    public static let replicaRepairs = MetricInfo("casfs_replica_repairs_total", "Blobs copied to a replica that lacked them (read-repair and background replication).")
+    public static let replicaRepairFailures = MetricInfo("casfs_replica_repair_failures_total", "Copies of blobs to a replica that lacked them that failed.")
+    public static let replicaErrors = MetricInfo("casfs_replica_errors_total", "Calls to one replica that failed (the others were still used).")
+    public static let replicationQueued = MetricInfo("casfs_replication_queued", "Blobs waiting to be copied to the replicas that lack them.")
+    public static let replicationDropped = MetricInfo("casfs_replication_dropped_total", "Blobs not queued for background replication because the queue was full.")
     // Verification.
     public static let verifications = MetricInfo("casfs_verifications_total", "Blobs hashed in full to check them against their digest.")
     public static let verifiedBytes = MetricInfo("casfs_verified_bytes_total", "Bytes hashed to check blobs against their digests.")
