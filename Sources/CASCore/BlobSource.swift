@@ -92,6 +92,16 @@ public struct DataSource: BlobSource {
         let base = data.startIndex
         return data.subdata(in: (base + start)..<(base + end))
     }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
+        guard offset >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
+        let start = Int(min(offset, Int64(data.count)))
+        let n = min(buffer.count, data.count - start)
+        guard n > 0 else { return 0 }
+        let base = data.startIndex + start
+        data.copyBytes(to: buffer, from: base..<(base + n))
+        return n
+    }
 }
 
 /// A blob backed by an open file descriptor, read with pread. Owns the descriptor.

@@ -22,7 +22,7 @@ struct MountCommand: ParsableCommand {
     var config: String?
 
     @Option(name: .customShort("o"), help: ArgumentHelp(
-        "Mount options, comma separated: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, noopen (read-only: the kernel skips OPEN/RELEASE, access times are refreshed at lookup), metrics=HOST:PORT (serve GET /metrics for Prometheus there). Override the config.",
+        "Mount options, comma separated: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, open/noopen (a read-only mount is open-less by default: the kernel opens files without asking the daemon, and access times are refreshed at lookup; `open` asks at each open), passthrough=auto|off (auto: verified local blob files are read by the kernel directly, needs root; writable mounts), metrics=HOST:PORT (serve GET /metrics for Prometheus there). Override the config.",
         valueName: "opts"))
     var options: [String] = []
 
