@@ -163,6 +163,7 @@ final class RemoteTLSMountTests: XCTestCase {
         let pid = m.pid
         assertReadFailsWithEIO(m.path(f.digest), "a read with a refused token")
         assertReadFailsWithEIO(m.path(f.digest), "a second read with a refused token")
+        XCTAssertTrue(m.log.contains("credentials refused"), m.log.suffix(3000).description)
 
         try (try goodToken() + "\n").write(toFile: token, atomically: true, encoding: .utf8)
         let recovered = pollUntil(120) { runShell("timeout 120 cmp \(shq(f.path)) \(shq(m.path(f.digest)))").ok }
