@@ -96,7 +96,7 @@ let package = Package(
         .testTarget(name: "FuseKernelTests", dependencies: ["FuseKernel", "CASFuse", "CASCore", "CASStorage"]),
         .testTarget(name: "CASStorageTests", dependencies: ["CASCore", "CASStorage", "TestSupport"]),
         .testTarget(name: "RedisIndexTests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
-        .testTarget(name: "ConfigTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "RemoteCAS", "TestSupport"]),
+        .testTarget(name: "ConfigTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "Redis", "RemoteCAS", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
         .testTarget(name: "MountTests", dependencies: [
             "CASCore", "CASStorage", "CASTree", "REAPI", "TestSupport",

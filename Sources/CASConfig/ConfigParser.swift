@@ -1,6 +1,7 @@
 import CASCore
 import CASStorage
 import Foundation
+import Redis
 import Yams
 
 /// Reads a configuration file into plain values (`ConfigSpec`), checking
@@ -153,7 +154,9 @@ final class SpecReader {
                 guard let om = o.mapping else { throw error(o, ok, "expected a mapping of gRPC channel options") }
                 for (k, v) in om {
                     guard let name = k.string else { throw error(k, ok, "keys must be strings") }
-                    guard let text = try scalarText(v, "\(ok).\(name)") else { throw error(v, "\(ok).\(name)", "needs a value") }
+                    guard var text = try scalarText(v, "\(ok).\(name)") else { throw error(v, "\(ok).\(name)", "needs a value") }
+                    // A YAML boolean is what Python passes to gRPC as 1 or 0.
+                    if v.tag.rawValue == "tag:yaml.org,2002:bool", let b = yamlBool(text) { text = b ? "1" : "0" }
                     spec.channelOptions[name] = text
                 }
             }
@@ -175,7 +178,12 @@ final class SpecReader {
         nextID += 1
         var spec = StorageNode(id: id, path: key, kind: kind, line: node.mark?.line)
         for (k, v) in node.mapping ?? [:] {
-            if let name = k.string, let line = v.mark?.line { spec.keyLines[name] = line }
+            guard let name = k.string else { continue }
+            if let line = v.mark?.line { spec.keyLines[name] = line }
+            // Keys one level down (`credentials.auth-token`), for errors found while building.
+            for (k2, v2) in v.mapping ?? [:] {
+                if let inner = k2.string, let line = v2.mark?.line { spec.keyLines["\(name).\(inner)"] = line }
+            }
         }
         storageIDs[node] = id
         storages[id] = spec
@@ -270,13 +278,15 @@ final class SpecReader {
         if let p = try int(m, "protocol", key), p != 2 {
             throw error(m["protocol"]!, "\(key).protocol", "only RESP protocol 2 is supported")
         }
-        r.sentinelMasterName = try string(m, "sentinel-master-name", key)
-        r.dnsSRVRecord = try string(m, "dns-srv-record", key)
-        r.sentinels = try list(m, "sentinels", key)
-        r.dnsServers = try list(m, "dns-servers", key)
+        r.sentinelMasterName = try nonEmpty(m, "sentinel-master-name", key)
+        r.dnsSRVRecord = try nonEmpty(m, "dns-srv-record", key)
+        r.sentinels = try hostPorts(m, "sentinels", key, defaultPort: 26379)
+        r.dnsServers = try hostPorts(m, "dns-servers", key, defaultPort: 53)
         r.durableReplicas = try int(m, "durable-replicas", key, range: 0...100)
         if let t = try duration(m, "durable-timeout", key) {
-            guard t > 0 else { throw error(m["durable-timeout"]!, "\(key).durable-timeout", "must be positive") }
+            guard t > 0, t <= 3600 else {
+                throw error(m["durable-timeout"]!, "\(key).durable-timeout", "must be more than 0 and at most 1h")
+            }
             r.durableTimeout = t
         }
         r.durableShortfall = try string(m, "durable-shortfall", key)
@@ -284,14 +294,45 @@ final class SpecReader {
             throw error(m["durable-shortfall"]!, "\(key).durable-shortfall", "expected fail, accept-if-replicas-down or accept")
         }
         r.readFromReplicas = try bool(m, "read-from-replicas", key) ?? false
+        try checkRedisCombination(r, m, node, key)
+        r.path = key
+        for (k, v) in m { if let line = v.mark?.line { r.keyLines[k] = line } }
+        redisSpecs[node] = r
+        return r
+    }
+
+    /// Keys of a `!redis-connection` that would be ignored, or contradict
+    /// each other, in the combination given.
+    private func checkRedisCombination(_ r: RedisSpec, _ m: [String: Node], _ node: Node, _ key: String) throws {
+        func fail(_ name: String, _ message: String) -> ConfigError { error(m[name] ?? node, "\(key).\(name)", message) }
         if r.unixSocket == nil && r.host == nil && r.dnsSRVRecord == nil && r.sentinels.isEmpty {
             throw error(node, key, "needs `host:` (and `port:`), `unix-socket:`, `dns-srv-record:` or `sentinels:`")
         }
-        if r.dnsSRVRecord != nil && r.host != nil {
-            throw error(m["dns-srv-record"]!, "\(key).dns-srv-record", "give either `host:`/`port:` or `dns-srv-record:`, not both (as BuildGrid)")
+        if r.unixSocket != nil {
+            for other in ["host", "port", "dns-srv-record", "sentinel-master-name", "sentinels"] where m[other] != nil {
+                throw fail(other, "a !redis-connection with `unix-socket:` takes no `\(other):` (the socket is the server)")
+            }
         }
-        redisSpecs[node] = r
-        return r
+        if r.dnsSRVRecord != nil && r.host != nil {
+            throw fail("dns-srv-record", "give either `host:`/`port:` or `dns-srv-record:`, not both (as BuildGrid)")
+        }
+        if !r.sentinels.isEmpty {
+            guard r.sentinelMasterName != nil else {
+                throw fail("sentinels", "sentinels are asked for a master: set `sentinel-master-name:` too")
+            }
+            if r.host != nil {
+                throw fail("sentinels", "give the sentinel either as `host:`/`port:` or in `sentinels:`, not both")
+            }
+            if r.dnsSRVRecord != nil {
+                throw fail("sentinels", "with `dns-srv-record:` the record's targets are the sentinels; leave `sentinels:` out")
+            }
+        }
+        if !r.dnsServers.isEmpty && r.dnsSRVRecord == nil {
+            throw fail("dns-servers", "DNS servers are asked for `dns-srv-record:`, which is not set")
+        }
+        if r.readFromReplicas && r.sentinelMasterName == nil {
+            throw fail("read-from-replicas", "replicas are found through Redis Sentinel: set `sentinel-master-name:` too")
+        }
     }
 
     // MARK: mount options
@@ -391,6 +432,31 @@ final class SpecReader {
         return v
     }
 
+    /// A string that, when given, is not empty.
+    func nonEmpty(_ m: [String: Node], _ name: String, _ key: String) throws -> String? {
+        guard let (node, text) = try value(m, name, key, required: false) else { return nil }
+        guard !text.trimmingCharacters(in: .whitespaces).isEmpty else { throw error(node, "\(key).\(name)", "must not be empty") }
+        return text
+    }
+
+    /// A list of `host:port` (or `[v6]:port`; the port may be left out),
+    /// or one such string, each checked.
+    func hostPorts(_ m: [String: Node], _ name: String, _ key: String, defaultPort: Int) throws -> [String] {
+        let items: [(Node, String)]
+        if let seq = m[name]?.sequence {
+            items = seq.enumerated().map { ($1, "\(key).\(name)[\($0)]") }
+        } else {
+            items = m[name].map { [($0, "\(key).\(name)")] } ?? []
+        }
+        return try items.map { node, path in
+            guard let text = try scalarText(node, path) else { throw error(node, path, "needs a value") }
+            guard RedisHostPort(parsing: text, defaultPort: defaultPort) != nil else {
+                throw error(node, path, "'\(text)' is not host:port (port 1 to 65535; [v6]:port for IPv6)")
+            }
+            return text
+        }
+    }
+
     /// A list of strings (or one string).
     func list(_ m: [String: Node], _ name: String, _ key: String) throws -> [String] {
         guard let node = m[name] else { return [] }
@@ -405,11 +471,16 @@ final class SpecReader {
 
     func bool(_ m: [String: Node], _ name: String, _ key: String) throws -> Bool? {
         guard let (node, text) = try value(m, name, key, required: false) else { return nil }
-        // YAML 1.1 booleans, as BuildGrid's (PyYAML) parser reads them.
+        guard let b = yamlBool(text) else { throw error(node, "\(key).\(name)", "expected true or false, got '\(text)'") }
+        return b
+    }
+
+    /// YAML 1.1 booleans, as BuildGrid's (PyYAML) parser reads them.
+    func yamlBool(_ text: String) -> Bool? {
         switch text.lowercased() {
         case "true", "yes", "on", "y": return true
         case "false", "no", "off", "n": return false
-        default: throw error(node, "\(key).\(name)", "expected true or false, got '\(text)'")
+        default: return nil
         }
     }
 

@@ -154,6 +154,10 @@ public struct RedisSpec: Sendable {
     public var durableTimeout: Double?
     public var durableShortfall: String?
     public var readFromReplicas = false
+    /// Where it sits in the file (`storage.redis`) and the lines of its
+    /// keys' values, to name them in errors found while building.
+    public var path = "redis"
+    public var keyLines: [String: Int] = [:]
 
     public init(id: Int) { self.id = id }
 }

@@ -111,7 +111,8 @@ public final class StackBuilder {
                                                        tokenRefreshSeconds: r.tokenRefreshSeconds),
                         channelOptions: r.channelOptions, metrics: scope)
                 } catch let e as RemoteSetupError {
-                    throw ConfigError(source: source, line: n.keyLines[String(e.key.prefix { $0 != "." })] ?? n.line,
+                    let line = n.keyLines[e.key] ?? n.keyLines[String(e.key.prefix { $0 != "." })] ?? n.line
+                    throw ConfigError(source: source, line: line,
                                       key: "\(n.path).\(e.key)", message: e.message)
                 }
             }
@@ -154,18 +155,16 @@ public final class StackBuilder {
         c.retries = r.retries
         c.sentinelMasterName = r.sentinelMasterName
         c.dnsSRVRecord = r.dnsSRVRecord
-        c.sentinels = try r.sentinels.map { text in
-            guard let hp = RedisHostPort(parsing: text, defaultPort: 26379) else {
-                throw ConfigError(source: source, line: nil, key: "redis.sentinels", message: "'\(text)' is not host:port")
+        func hostPorts(_ list: [String], _ name: String, defaultPort: Int) throws -> [RedisHostPort] {
+            try list.map { text in
+                guard let hp = RedisHostPort(parsing: text, defaultPort: defaultPort) else {
+                    throw ConfigError(source: source, line: r.keyLines[name], key: "\(r.path).\(name)", message: "'\(text)' is not host:port")
+                }
+                return hp
             }
-            return hp
         }
-        c.dnsServers = try r.dnsServers.map { text in
-            guard let hp = RedisHostPort(parsing: text, defaultPort: 53) else {
-                throw ConfigError(source: source, line: nil, key: "redis.dns-servers", message: "'\(text)' is not host:port")
-            }
-            return hp
-        }
+        c.sentinels = try hostPorts(r.sentinels, "sentinels", defaultPort: 26379)
+        c.dnsServers = try hostPorts(r.dnsServers, "dns-servers", defaultPort: 53)
         c.durableReplicas = r.durableReplicas
         if let t = r.durableTimeout { c.durableTimeout = t }
         if let v = r.durableShortfall, let s = RedisDurableShortfall(rawValue: v) { c.durableShortfall = s }
