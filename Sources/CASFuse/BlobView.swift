@@ -77,7 +77,9 @@ extension CASFileSystem {
             return fail(reply, "open", error, digest, ino: ino)
         }
         recordAccess?(digest)
-        let mode = passthrough.openReader(ino, source)
+        // Small blobs are served from the mount's own page cache: setting up
+        // a backing file costs more than it saves for them.
+        let mode = digest.size >= Self.passthroughMinimumSize ? passthrough.openReader(ino, source) : passthrough.openCached(ino)
         let fh = handles.add(.blob(BlobReadHandle(digest: digest, ino: ino, source: source, mode: mode)))
         switch mode {
         case .passthrough(let id):
@@ -163,6 +165,9 @@ extension CASFileSystem {
         }
     }
 
+    /// Blobs from this size on are handed to the kernel (passthrough).
+    static let passthroughMinimumSize: Int64 = 1 << 20
+
     // MARK: writes
 
     func create(_ h: FuseRequestHeader, parent: UInt64, name: FuseName, flags: UInt32, _ reply: FuseReply) {
@@ -191,7 +196,9 @@ extension CASFileSystem {
     }
 
     func flush(_ h: FuseRequestHeader, fh: UInt64, _ reply: FuseReply) {
-        guard let w = handles.write(fh) else { return reply.ok() }
+        // Files the kernel opened itself cannot be told "no flush": ENOSYS
+        // stops FLUSH for the whole (read-only, open-less) connection.
+        guard let w = handles.write(fh) else { return reply.error(openless ? ENOSYS : 0) }
         reply.error(w.flush(storage, closer: h.pid, holders: ProcessHolders()))
     }
 

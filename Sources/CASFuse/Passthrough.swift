@@ -84,6 +84,21 @@ final class PassthroughFiles: Sendable {
         return mode
     }
 
+    /// A read-only open served through the page cache; joins passthrough
+    /// opens if the inode has any (the kernel allows no mixing).
+    func openCached(_ ino: UInt64) -> Mode {
+        state.withLock { s in
+            var node = s.inodes[ino] ?? Inode()
+            defer { s.inodes[ino] = node }
+            if let b = node.backing {
+                node.backing = (b.id, b.opens + 1)
+                return .passthrough(b.id)
+            }
+            node.cachedOpens += 1
+            return .cached
+        }
+    }
+
     /// The mode of a write open of `ino`: joins passthrough opens if any.
     func openWriter(_ ino: UInt64) -> Mode {
         state.withLock { s in

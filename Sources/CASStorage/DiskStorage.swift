@@ -16,6 +16,7 @@ import Synchronization
 public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
     public let root: String
     let objectsDir: String
+    let objectsDirBytes: [UInt8]
     let tmpDir: String
     /// Temporaries untouched this long are leftovers of a crashed writer.
     public static let staleTemporaryAge: TimeInterval = 600
@@ -27,6 +28,7 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
     public init(root: String) throws {
         self.root = root
         self.objectsDir = root + "/cas/objects"
+        self.objectsDirBytes = Array(objectsDir.utf8)
         self.tmpDir = root + "/tmp"
         for dir in [objectsDir, tmpDir] {
             do {
@@ -45,23 +47,47 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
         return "\(objectsDir)/\(h[..<split])/\(h[split...])"
     }
 
+    /// Runs `body` with the object path of `digest` as a C string, built on
+    /// the stack (lookups and opens are hot paths).
+    func withObjectPath<T>(_ digest: Digest, _ body: (UnsafePointer<CChar>) throws -> T) rethrows -> T {
+        let dir = objectsDirBytes
+        return try withUnsafeTemporaryAllocation(of: CChar.self, capacity: dir.count + 70) { buf in
+            var i = 0
+            for b in dir { buf[i] = CChar(bitPattern: b); i += 1 }
+            buf[i] = 0x2F; i += 1
+            var k = 0
+            for c in digest.hash.utf8 {
+                buf[i] = CChar(bitPattern: c); i += 1
+                k += 1
+                if k == 2 { buf[i] = 0x2F; i += 1 }
+            }
+            buf[i] = 0
+            return try body(buf.baseAddress!)
+        }
+    }
+
     public func hasBlob(_ digest: Digest) throws -> Bool {
-        try fileSize(objectPath(digest)) == digest.size
+        var st = stat()
+        let rc = withObjectPath(digest) { stat($0, &st) }
+        if rc != 0 {
+            if errno == ENOENT || errno == ENOTDIR { return false }
+            throw StorageError.posix("stat \(objectPath(digest))")
+        }
+        return Int64(st.st_size) == digest.size
     }
 
     public func getBlob(_ digest: Digest) throws -> BlobSource? { try openBlob(digest) }
 
     /// The object file, open; nil if absent or of another length.
     public func openBlob(_ digest: Digest) throws -> BlobSource? {
-        let path = objectPath(digest)
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let fd = withObjectPath(digest) { open($0, O_RDONLY | O_CLOEXEC) }
         guard fd >= 0 else {
             if errno == ENOENT || errno == ENOTDIR { return nil }
-            throw StorageError.posix("open \(path)")
+            throw StorageError.posix("open \(objectPath(digest))")
         }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
-            let e = StorageError.posix("fstat \(path)")
+            let e = StorageError.posix("fstat \(objectPath(digest))")
             close(fd)
             throw e
         }
@@ -146,16 +172,51 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
             mtimeNanos = Int64(st.st_mtim.tv_nsec)
         }
 
-        func proofText(_ d: Digest) -> String { "\(d) \(inode) \(mtimeSeconds).\(mtimeNanos)" }
+        /// The proof as stored: a tag, the raw SHA-256, then size, inode and
+        /// mtime (seconds, nanoseconds), little-endian.
+        func proof(_ d: Digest) -> [UInt8] {
+            var b = FileIdentity.tag
+            b += d.rawHash
+            for v in [UInt64(bitPattern: size), inode, UInt64(bitPattern: mtimeSeconds), UInt64(bitPattern: mtimeNanos)] {
+                withUnsafeBytes(of: v.littleEndian) { b += $0 }
+            }
+            return b
+        }
+
+        static let tag: [UInt8] = Array("casfs:1\0".utf8)
+        static let proofSize = 8 + 32 + 32
+
+        /// True if `p` is the proof of `d` for a file with this identity
+        /// (compared in place: opens are a hot path).
+        func matches(_ p: UnsafeRawBufferPointer, _ d: Digest) -> Bool {
+            guard p.count == Self.proofSize else { return false }
+            for i in 0..<8 where p[i] != Self.tag[i] { return false }
+            var i = 8
+            var hi: UInt8?
+            for c in d.hash.utf8 {
+                let v = c <= 57 ? c &- 48 : c &- 87
+                if let h = hi {
+                    if p[i] != h << 4 | v { return false }
+                    i += 1
+                    hi = nil
+                } else {
+                    hi = v
+                }
+            }
+            func u64(_ at: Int) -> UInt64 { UInt64(littleEndian: p.loadUnaligned(fromByteOffset: at, as: UInt64.self)) }
+            return u64(40) == UInt64(bitPattern: size) && u64(48) == inode
+                && u64(56) == UInt64(bitPattern: mtimeSeconds) && u64(64) == UInt64(bitPattern: mtimeNanos)
+        }
     }
 
     private func hasProof(fd: Int32, _ st: stat, _ digest: Digest) -> Bool {
         let id = FileIdentity(st)
-        var buf = [UInt8](repeating: 0, count: 160)
-        let n = fgetxattr(fd, DiskStorage.proofAttribute, &buf, buf.count)
-        if n > 0 {
-            return String(decoding: buf[0..<n], as: UTF8.self) == id.proofText(digest)
+        let found = withUnsafeTemporaryAllocation(byteCount: 128, alignment: 8) { buf -> Bool? in
+            let n = fgetxattr(fd, DiskStorage.proofAttribute, buf.baseAddress, buf.count)
+            guard n > 0 else { return nil }
+            return id.matches(UnsafeRawBufferPointer(rebasing: buf[0..<n]), digest)
         }
+        if let found { return found }
         return memoryProofs.withLock { $0[digest] } == id
     }
 
@@ -163,8 +224,8 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
         var st = stat()
         guard fstat(fd, &st) == 0, Int64(st.st_size) == digest.size else { return }
         let id = FileIdentity(st)
-        let text = Array(id.proofText(digest).utf8)
-        if fsetxattr(fd, DiskStorage.proofAttribute, text, text.count, 0) == 0 { return }
+        let proof = id.proof(digest)
+        if fsetxattr(fd, DiskStorage.proofAttribute, proof, proof.count, 0) == 0 { return }
         memoryProofs.withLock { proofs in
             if proofs.count >= 1_000_000 { proofs.removeAll() }
             proofs[digest] = id
