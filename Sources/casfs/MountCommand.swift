@@ -159,6 +159,12 @@ struct MountCommand: ParsableCommand {
         }
 
         if overrides.noOpen == true { mountOptions.openless = true }
+        // A store on overlayfs needs a deeper stack for passthrough.
+        let storeRoots = stack.stack.nodes.values.compactMap { ($0 as? DiskStorage)?.root }
+        mountOptions.passthroughStackDepth = PassthroughDepth.required(forFilesUnder: storeRoots)
+        if mountOptions.passthroughStackDepth > 1 && mountOptions.passthrough && !mountOptions.isOpenless {
+            log.info("the store is on a stacked filesystem (overlayfs): passthrough with max_stack_depth 2, so no overlayfs can be stacked on this mount")
+        }
         let fs = CASFileSystem(storage: stack.storage, index: stack.index, options: mountOptions,
                                stagingDirectory: staging, recordAccess: recorder, metrics: stack.metrics)
         // Paths are absolute from here on: do not keep the starting directory busy.
