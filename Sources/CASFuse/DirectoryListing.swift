@@ -28,6 +28,9 @@ enum ListingPosition: Equatable {
         case 0: self = .start
         case 1: self = .afterDot
         case ListingPosition.endOffset: self = .end
+        case ..<0:
+            // The kernel never sends one; a forged request ends the listing.
+            self = .end
         default:
             let p = UInt64(offset - 2)
             self = .entry(cursor: p >> UInt64(ListingPosition.indexBits),

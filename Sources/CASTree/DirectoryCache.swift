@@ -96,7 +96,7 @@ public final class DirectoryCache: Sendable {
             guard s.bytes > capacity, s.slots.count > 1 else { return }
             // Evict the least recently used until under capacity (keeping the new one).
             let order = s.slots.sorted { $0.value.stamp < $1.value.stamp }
-            for (d, slot) in order where s.bytes > capacity * 3 / 4 && d != digest {
+            for (d, slot) in order where s.bytes > capacity / 4 * 3 && d != digest {
                 s.slots[d] = nil
                 s.bytes -= slot.cost
             }

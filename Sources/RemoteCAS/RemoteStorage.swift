@@ -419,7 +419,8 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     }
 
     private func fitsInBatch(_ size: Int64) -> Bool {
-        size + Int64(Self.perBlobOverhead) <= Int64(currentBatchLimit())
+        // The size comes from a name: near Int64.max the sum would overflow.
+        size <= Int64(currentBatchLimit()) - Int64(Self.perBlobOverhead)
     }
 
     /// Learns the server's batch limit (GetCapabilities) on first use; a server

@@ -34,9 +34,10 @@ struct MountOverrides {
         var o = MountOverrides()
         for arg in args {
             for item in arg.split(separator: ",", omittingEmptySubsequences: true) {
-                let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+                let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
                 let key = parts[0]
-                let value = parts.count > 1 ? parts[1] : nil
+                guard !key.isEmpty else { throw BadOption(description: "-o '\(item)': an option needs a name") }
+                let value = parts.count > 1 && !parts[1].isEmpty ? parts[1] : nil
                 func number() throws -> Double {
                     guard let value, let v = Double(value), v >= 0, v.isFinite else {
                         throw BadOption(description: "-o \(key) needs a non-negative number of seconds")

@@ -56,10 +56,14 @@ struct StatCommand: ParsableCommand {
         }
         guard !live.isEmpty else { return }
         func sum(_ m: MetricInfo) -> Int64 {
-            Int64(live.filter { $0.key == m.name || $0.key.hasPrefix(m.name + "{") }.values.reduce(0, +))
+            // Numbers read from an xattr: clamp rather than trap on a huge or odd value.
+            let total = live.filter { $0.key == m.name || $0.key.hasPrefix(m.name + "{") }.values.reduce(0, +)
+            guard total.isFinite else { return total > 0 ? .max : 0 }
+            return total >= 9.2e18 ? .max : total <= -9.2e18 ? .min : Int64(total)
         }
         let hits = sum(MetricCatalog.cacheHits), misses = sum(MetricCatalog.cacheMisses)
-        let rate = hits + misses > 0 ? 100 * Double(hits) / Double(hits + misses) : 0
+        let lookups = hits.saturatingAdd(misses)
+        let rate = lookups > 0 ? 100 * Double(hits) / Double(lookups) : 0
         print(String(format: "cache:       %lld hits, %lld misses (%.1f%% hit rate), %lld fallback fetches",
                      hits, misses, rate, sum(MetricCatalog.fallbackFetches)))
         if sum(MetricCatalog.memoryMaxBytes) > 0 {

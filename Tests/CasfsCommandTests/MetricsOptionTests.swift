@@ -24,6 +24,13 @@ final class MetricsOptionTests: XCTestCase {
         XCTAssertNil(MountOptions().metricsAddress, "off unless set")
     }
 
+    func testAnOptionWithoutANameIsAnError() {
+        for bad in ["=", "ro,=", "=1", "rw,=ro"] {
+            XCTAssertThrowsError(try MountOverrides.parse([bad]), bad)
+        }
+        XCTAssertNoThrow(try MountOverrides.parse(["ro,,rw"]), "empty items are skipped")
+    }
+
     func testBadMetricsOptions() {
         for bad in ["metrics", "metrics=", "metrics=9100", "metrics=:9100", "metrics=127.0.0.1", "metrics=127.0.0.1:0",
                     "metrics=127.0.0.1:65536", "metrics=::1:9100", "metrics=[::1:9100", "metrics=host name:1"] {

@@ -206,4 +206,19 @@ final class ViewTests: XCTestCase {
         XCTAssertEqual(h.send(.mkdir, 2, L.le(UInt32(0o755)) + L.le(UInt32(0)) + L.cstr("d"))?.error, EPERM)
         XCTAssertEqual(h.send(.unlink, 2, L.cstr(Digest.empty.description))?.error, EPERM)
     }
+
+    func testForgedListingOffsetsEndTheListing() throws {
+        try disk.commitWrite(Digest.of(Data("listed".utf8)), DataSource(Data("listed".utf8)))
+        for dir: UInt64 in [1, 2] {
+            let open = try XCTUnwrap(h.send(.opendir, dir, openBody(O_RDONLY)))
+            let fh = Fields(b: open.payload).u64(0)
+            for offset in [UInt64.max, UInt64(1) << 63, UInt64.max - 1] {
+                let body = L.le(fh) + L.le(offset) + L.le(UInt32(4096)) + [UInt8](repeating: 0, count: 20)
+                let r = try XCTUnwrap(h.send(.readdir, dir, body), "no answer to READDIR at \(offset)")
+                XCTAssertEqual(r.error, 0)
+                XCTAssertEqual(r.payload.count, 0, "a listing past every entry is empty")
+            }
+        }
+        XCTAssertEqual(try XCTUnwrap(h.send(.statfs, 1)).payload.count, FuseABI.statfsOutSize, "still serving")
+    }
 }
