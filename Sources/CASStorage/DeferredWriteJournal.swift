@@ -23,6 +23,7 @@ public final class DeferredWriteJournal: Sendable {
     private struct State {
         var entries: [Digest: Entry] = [:]
         var fallback: (any Storage)?
+        var onSend: (@Sendable (Error?) -> Void)?
         var started = false
         var stopping = false
     }
@@ -117,8 +118,9 @@ public final class DeferredWriteJournal: Sendable {
     }
 
     /// Queues what the directory holds (from before a crash or an unmount)
-    /// and starts sending to `fallback`.
-    public func start(sendingTo fallback: any Storage) {
+    /// and starts sending to `fallback`. `onSend` is told how each send ended
+    /// (nil: the fallback has the blob).
+    public func start(sendingTo fallback: any Storage, onSend: (@Sendable (Error?) -> Void)? = nil) {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
         var recovered = 0
         for n in names {
@@ -141,6 +143,7 @@ public final class DeferredWriteJournal: Sendable {
         if recovered > 0 { log.notice("re-sending \(recovered) deferred writes found in \(directory)") }
         let first = state.withLock { s -> Bool in
             s.fallback = fallback
+            s.onSend = onSend
             defer { s.started = true }
             return !s.started
         }
@@ -224,6 +227,7 @@ public final class DeferredWriteJournal: Sendable {
         } catch {
             failure = error
         }
+        state.withLock { $0.onSend }?(failure)
         let attempts = state.withLock { s -> Int in
             guard var e = s.entries[d] else { return 0 }
             if failure == nil {

@@ -13,7 +13,10 @@ import Synchronization
 ///   `missingBlobs` asks the fallback;
 /// - writes go to the cache, then the fallback: synchronously, or (deferred)
 ///   through a `DeferredWriteJournal` once the cache and the journal hold the
-///   blob. A cache write failure falls back to a synchronous fallback write;
+///   blob. A cache write failure falls back to a synchronous fallback write.
+///   While the fallback does not answer (`FallbackOutage`), deferred mode
+///   answers `hasBlob`/`missingBlobs` from the cache and the journal, so the
+///   lookup before a write (`cp` stats its target) does not wait on it;
 /// - deletes go to both; only fallback failures are reported.
 /// The cache only ever receives verified bytes: checking what the fallback
 /// sends is the job of the `VerifyingStorage` the stack puts around it.
@@ -31,6 +34,8 @@ public final class WithCacheStorage: Storage {
     /// from the fallback instead of fetching them whole again.
     private let uncacheable = RecentSet<Digest>(capacity: 4096)
     private let filling = Mutex<Set<Digest>>([])
+    /// Deferred mode: whether the fallback is taken to be unreachable.
+    public let outage = FallbackOutage()
     private let counters: Counters
 
     struct Counters: Sendable {
@@ -60,7 +65,7 @@ public final class WithCacheStorage: Storage {
     public func start() throws {
         try cache.start()
         try fallback.start()
-        journal?.start(sendingTo: fallback)
+        journal?.start(sendingTo: fallback) { [outage] error in outage.record(error) }
     }
 
     /// Sends what the journal holds (bounded wait), then stops both sides.
@@ -81,10 +86,16 @@ public final class WithCacheStorage: Storage {
     // MARK: reads
 
     public func hasBlob(_ d: Digest) throws -> Bool {
-        if let journal {
-            if (try? cache.hasBlob(d)) == true || journal.contains(d) { return true }
+        guard let journal else { return try fallback.hasBlob(d) }
+        if (try? cache.hasBlob(d)) == true || journal.contains(d) { return true }
+        if outage.isActive { return false }
+        do {
+            let found = try fallback.hasBlob(d)
+            outage.record(nil)
+            return found
+        } catch where outage.record(error) {
+            return false
         }
-        return try fallback.hasBlob(d)
     }
 
     public func getBlob(_ d: Digest) throws -> BlobSource? {
@@ -257,11 +268,17 @@ public final class WithCacheStorage: Storage {
 
     public func missingBlobs(_ ds: [Digest]) throws -> [Digest] {
         guard let journal else { return try fallback.missingBlobs(ds) }
-        let pending = ds.filter { journal.contains($0) }
-        if pending.isEmpty { return try fallback.missingBlobs(ds) }
-        let pendingSet = Set(pending)
-        let rest = ds.filter { !pendingSet.contains($0) }
-        return rest.isEmpty ? [] : try fallback.missingBlobs(rest)
+        let rest = ds.filter { !journal.contains($0) }
+        if rest.isEmpty { return [] }
+        let local = { rest.filter { (try? self.cache.hasBlob($0)) != true } }
+        if outage.isActive { return local() }
+        do {
+            let missing = try fallback.missingBlobs(rest)
+            outage.record(nil)
+            return missing
+        } catch where outage.record(error) {
+            return local()
+        }
     }
 
     public func deleteBlob(_ d: Digest) throws {

@@ -14,7 +14,8 @@ struct StatCommand: ParsableCommand {
             (other prefixes and other keys in a shared Redis are not counted); the
             total size is the index's total_size counter. With --mount, the live
             counters of that mount (the same numbers its metrics endpoint serves)
-            are shown too; a configuration without an index then shows only those.
+            are shown too; a configuration without an index then shows only those,
+            and so does --mount without --config unless it names the zero-config mount.
             """)
 
     @Option(name: .long, help: "YAML config; without it, the zero-config default store.")
@@ -31,13 +32,15 @@ struct StatCommand: ParsableCommand {
         var live: [String: Double] = [:]
         do {
             if let mount { live = try liveCounters(mount) }
-            let stack = try OpenStack(configPath: config)
-            defer { stack.close() }
-            if let index = stack.index {
-                store["total_size"] = try index.totalSize()
-                store["blob_count"] = try index.blobCount()
-            } else if mount == nil {
-                throw CLIError("stat needs a !redis-index in the configuration (or --mount to show a mount's counters)")
+            if opensStore {
+                let stack = try OpenStack(configPath: config)
+                defer { stack.close() }
+                if let index = stack.index {
+                    store["total_size"] = try index.totalSize()
+                    store["blob_count"] = try index.blobCount()
+                } else if mount == nil {
+                    throw CLIError("stat needs a !redis-index in the configuration (or --mount to show a mount's counters)")
+                }
             }
         } catch {
             printError(error)
@@ -78,6 +81,16 @@ struct StatCommand: ParsableCommand {
         if sum(MetricCatalog.treeLoads) > 0 {
             print("trees:       \(sum(MetricCatalog.treeCached)) Directory messages cached, \(sum(MetricCatalog.treeHits)) hits, \(sum(MetricCatalog.treeLoads)) loads")
         }
+    }
+
+    /// Whether the store's totals are shown too: always with --config or
+    /// without --mount; with only --mount, when it is the zero-config mount
+    /// (another mount's store is not the zero-config one, which is then
+    /// neither created nor started).
+    private var opensStore: Bool {
+        guard config == nil, let mount else { return true }
+        let serving = OpenStack.runningZeroConfigMount(dataDirectory: DefaultConfig.dataDirectory())
+        return serving.map { absolute($0) == absolute(mount) } ?? false
     }
 
     /// The counters a running mount publishes in its root's `user.casfs.stats` attribute.

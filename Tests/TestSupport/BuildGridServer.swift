@@ -139,6 +139,16 @@ public final class BuildGridServer: @unchecked Sendable {
         _ = pollUntil(10) { !BuildGridServer.answers(port: port) }
     }
 
+    /// SIGKILL (a stopped server too); waits for the process to exit and the
+    /// port to close. `start()` brings it back on the same port and store.
+    public func kill9() {
+        guard let p = process else { return }
+        process = nil
+        if p.isRunning { kill(p.processIdentifier, SIGKILL) }
+        p.waitUntilExit()
+        _ = pollUntil(10) { !BuildGridServer.answers(port: port) }
+    }
+
     /// SIGSTOP: the port still accepts connections but nothing answers.
     public func pause() {
         if let p = process, p.isRunning { kill(p.processIdentifier, SIGSTOP) }
