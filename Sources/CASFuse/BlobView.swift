@@ -49,7 +49,7 @@ extension CASFileSystem {
             guard options.writable else { return reply.error(EROFS) }
             // Files of a tree are part of an immutable Directory.
             guard file.variant == nil else { return reply.error(EPERM) }
-            return openForWriting(h, digest, ino: ino, truncated: false, reply) { fh, flags, backing in
+            return openForWriting(h, digest, ino: ino, truncated: false, openFlags: flags, reply) { fh, flags, backing in
                 reply.open(fh: fh, flags: flags, backingID: backing)
             }
         }
@@ -91,13 +91,20 @@ extension CASFileSystem {
     }
 
     /// Opens a staging file for `digest` and answers with `send(fh, flags, backing)`.
-    func openForWriting(_ h: FuseRequestHeader, _ digest: Digest, ino: UInt64, truncated: Bool, _ reply: FuseReply,
-                        send: (UInt64, FuseOpenFlags, Int32) -> Void) {
+    /// `openFlags`: the flags of the open(2). A read-write open is refused
+    /// (EBUSY) while the blob is read through passthrough (see `openWriter`).
+    func openForWriting(_ h: FuseRequestHeader, _ digest: Digest, ino: UInt64, truncated: Bool, openFlags: UInt32,
+                        _ reply: FuseReply, send: (UInt64, FuseOpenFlags, Int32) -> Void) {
         do {
             let existed = try storage.hasBlob(digest)
             let w = try WriteHandle.open(digest, ino: ino, in: stagingDirectory, existed: existed,
                                          truncated: truncated, opener: h.pid)
-            w.mode = passthrough.openWriter(ino)
+            let readable = Int32(bitPattern: openFlags) & O_ACCMODE == O_RDWR
+            guard let mode = passthrough.openWriter(ino, readable: readable) else {
+                log.info("read-write open of \(digest) refused: it is being read through passthrough")
+                return reply.error(EBUSY)
+            }
+            w.mode = mode
             writers.add(w)
             let fh = handles.add(.write(w))
             // Direct I/O: writes reach the daemon, and override passthrough
@@ -171,7 +178,7 @@ extension CASFileSystem {
         // A name that is not <hash>_<size> can never be a blob.
         guard let digest = Digest(parsing: name.string) else { return reply.error(EINVAL) }
         guard let ino = rememberFile(digest, nil) else { return reply.error(EIO) }
-        openForWriting(h, digest, ino: ino, truncated: true, reply) { fh, flags, backing in
+        openForWriting(h, digest, ino: ino, truncated: true, openFlags: flags, reply) { fh, flags, backing in
             // Zero timeouts: whether the name exists is decided at close.
             let attrs = fileAttributes(digest, nil, ino: ino, writer: handles.write(fh))
             reply.create(entry(ino, attrs, timeout: 0), fh: fh, flags: flags, backingID: backing)
