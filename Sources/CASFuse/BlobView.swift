@@ -340,41 +340,6 @@ extension CASFileSystem {
         }.joined(separator: ",")
         return "{\(body)}"
     }
-
-    // MARK: statfs
-
-    func statfs(_ reply: FuseReply) {
-        var s = FuseStatfs()
-        // Free: what the staging directory's filesystem has (new blobs land there first).
-        var host = statvfs()
-        var freeBlocks: UInt64 = 0
-        var freeFiles: UInt64 = 1 << 32
-        if statvfs(stagingDirectory, &host) == 0 {
-            let (bytes, o) = UInt64(host.f_bavail).multipliedReportingOverflow(by: UInt64(host.f_frsize))
-            freeBlocks = (o ? UInt64.max : bytes) / 4096
-            if host.f_favail > 0 { freeFiles = UInt64(host.f_favail) }
-        }
-        s.blocksFree = freeBlocks
-        s.blocksAvailable = freeBlocks
-        s.filesFree = freeFiles
-        if let index {
-            do {
-                // Outside values (a shared Redis's counter): clamped, never trapping.
-                let used = UInt64(try index.totalSize().blocks(of: 4096))
-                let (blocks, o) = used.addingReportingOverflow(freeBlocks)
-                s.blocks = o ? UInt64.max : blocks
-                let count = UInt64(max(0, index.recentBlobCount(maxAge: 30) ?? 0))
-                let (files, o2) = count.addingReportingOverflow(freeFiles)
-                s.files = o2 ? UInt64.max : files
-            } catch {
-                return fail(reply, "statfs", error)
-            }
-        } else {
-            s.blocks = freeBlocks
-            s.files = freeFiles
-        }
-        reply.statfs(s)
-    }
 }
 
 /// `s` as a JSON string literal.

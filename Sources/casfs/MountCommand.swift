@@ -159,8 +159,11 @@ struct MountCommand: ParsableCommand {
         }
 
         if overrides.noOpen == true { mountOptions.openless = true }
+        // df shows the free space of the disk stores, where blobs land.
+        let stores = stack.stack.nodes.values.compactMap { ($0 as? DiskStorage)?.root }.sorted()
         let fs = CASFileSystem(storage: stack.storage, index: stack.index, options: mountOptions,
-                               stagingDirectory: staging, recordAccess: recorder, metrics: stack.metrics)
+                               stagingDirectory: staging, spaceDirectories: stores, recordAccess: recorder,
+                               metrics: stack.metrics)
         // Paths are absolute from here on: do not keep the starting directory busy.
         _ = chdir("/")
         log.info("mounting \(mountpoint) with \(config ?? "the zero-config default in \(DefaultConfig.dataDirectory())")")
