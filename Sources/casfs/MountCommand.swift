@@ -7,6 +7,7 @@ import CASStorage
 import Foundation
 import Logging
 import MetricsServer
+import Synchronization
 
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -49,12 +50,15 @@ struct MountCommand: ParsableCommand {
     /// Checks the arguments before anything starts; each problem is one line.
     func check() throws {
         _ = try parsedOverrides()
+        // First: a dead FUSE mount there fails every stat (ENOTCONN), which
+        // would read as "not a directory".
+        if isMountPoint(mountpoint) {
+            if isDeadFuseMount(mountpoint) { throw ServeError.deadMountpoint(mountpoint) }
+            throw CLIError("\(mountpoint) is already a mount point (unmount it first: fusermount3 -u \(mountpoint))")
+        }
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: mountpoint, isDirectory: &isDir), isDir.boolValue else {
             throw CLIError("mount point \(mountpoint) is not a directory")
-        }
-        if isMountPoint(mountpoint) {
-            throw CLIError("\(mountpoint) is already a mount point (unmount it first: fusermount3 -u \(mountpoint))")
         }
     }
 
@@ -205,6 +209,24 @@ func isMountPoint(_ path: String) -> Bool {
         if mp == real { return true }
     }
     return false
+}
+
+/// True if `path` is a FUSE mount whose daemon is gone (ENOTCONN). statfs
+/// always reaches the daemon (a stat or a listing may come from the
+/// kernel's cache); it runs on a thread of its own, so a daemon that is
+/// alive but slow to answer is taken for alive after a few seconds.
+func isDeadFuseMount(_ path: String) -> Bool {
+    let result = Mutex<Int32?>(nil)
+    let answered = DispatchSemaphore(value: 0)
+    let t = Thread {
+        var st = statvfs()
+        let rc = statvfs(path, &st) == 0 ? 0 : errno
+        result.withLock { $0 = rc }
+        answered.signal()
+    }
+    t.start()
+    guard answered.wait(timeout: .now() + 5) == .success else { return false }
+    return result.withLock { $0 } == ENOTCONN
 }
 
 /// True if `path` is served by a live casfs mount (its root has the stats attribute).
