@@ -49,7 +49,7 @@ extension CASFileSystem {
             guard options.writable else { return reply.error(EROFS) }
             // Files of a tree are part of an immutable Directory.
             guard file.variant == nil else { return reply.error(EPERM) }
-            return openForWriting(h, digest, ino: ino, truncated: false, reply) { fh, flags, backing in
+            return openForWriting(h, digest, ino: ino, truncated: false, openFlags: flags, reply) { fh, flags, backing in
                 reply.open(fh: fh, flags: flags, backingID: backing)
             }
         }
@@ -93,13 +93,20 @@ extension CASFileSystem {
     }
 
     /// Opens a staging file for `digest` and answers with `send(fh, flags, backing)`.
-    func openForWriting(_ h: FuseRequestHeader, _ digest: Digest, ino: UInt64, truncated: Bool, _ reply: FuseReply,
-                        send: (UInt64, FuseOpenFlags, Int32) -> Void) {
+    /// `openFlags`: the flags of the open(2). A read-write open is refused
+    /// (EBUSY) while the blob is read through passthrough (see `openWriter`).
+    func openForWriting(_ h: FuseRequestHeader, _ digest: Digest, ino: UInt64, truncated: Bool, openFlags: UInt32,
+                        _ reply: FuseReply, send: (UInt64, FuseOpenFlags, Int32) -> Void) {
         do {
             let existed = try storage.hasBlob(digest)
             let w = try WriteHandle.open(digest, ino: ino, in: stagingDirectory, existed: existed,
                                          truncated: truncated, opener: h.pid)
-            w.mode = passthrough.openWriter(ino)
+            let readable = Int32(bitPattern: openFlags) & O_ACCMODE == O_RDWR
+            guard let mode = passthrough.openWriter(ino, readable: readable) else {
+                log.info("read-write open of \(digest) refused: it is being read through passthrough")
+                return reply.error(EBUSY)
+            }
+            w.mode = mode
             writers.add(w)
             let fh = handles.add(.write(w))
             // Direct I/O: writes reach the daemon, and override passthrough
@@ -176,7 +183,7 @@ extension CASFileSystem {
         // A name that is not <hash>_<size> can never be a blob.
         guard let digest = Digest(parsing: name.string) else { return reply.error(EINVAL) }
         guard let ino = rememberFile(digest, nil) else { return reply.error(EIO) }
-        openForWriting(h, digest, ino: ino, truncated: true, reply) { fh, flags, backing in
+        openForWriting(h, digest, ino: ino, truncated: true, openFlags: flags, reply) { fh, flags, backing in
             // Zero timeouts: whether the name exists is decided at close.
             let attrs = fileAttributes(digest, nil, ino: ino, writer: handles.write(fh))
             reply.create(entry(ino, attrs, timeout: 0), fh: fh, flags: flags, backingID: backing)
@@ -339,41 +346,6 @@ extension CASFileSystem {
             return "\(jsonString(k)):\(num)"
         }.joined(separator: ",")
         return "{\(body)}"
-    }
-
-    // MARK: statfs
-
-    func statfs(_ reply: FuseReply) {
-        var s = FuseStatfs()
-        // Free: what the staging directory's filesystem has (new blobs land there first).
-        var host = statvfs()
-        var freeBlocks: UInt64 = 0
-        var freeFiles: UInt64 = 1 << 32
-        if statvfs(stagingDirectory, &host) == 0 {
-            let (bytes, o) = UInt64(host.f_bavail).multipliedReportingOverflow(by: UInt64(host.f_frsize))
-            freeBlocks = (o ? UInt64.max : bytes) / 4096
-            if host.f_favail > 0 { freeFiles = UInt64(host.f_favail) }
-        }
-        s.blocksFree = freeBlocks
-        s.blocksAvailable = freeBlocks
-        s.filesFree = freeFiles
-        if let index {
-            do {
-                // Outside values (a shared Redis's counter): clamped, never trapping.
-                let used = UInt64(try index.totalSize().blocks(of: 4096))
-                let (blocks, o) = used.addingReportingOverflow(freeBlocks)
-                s.blocks = o ? UInt64.max : blocks
-                let count = UInt64(max(0, index.recentBlobCount(maxAge: 30) ?? 0))
-                let (files, o2) = count.addingReportingOverflow(freeFiles)
-                s.files = o2 ? UInt64.max : files
-            } catch {
-                return fail(reply, "statfs", error)
-            }
-        } else {
-            s.blocks = freeBlocks
-            s.files = freeFiles
-        }
-        reply.statfs(s)
     }
 }
 

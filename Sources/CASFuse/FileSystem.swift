@@ -17,6 +17,9 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
     public let index: (any BlobIndex)?
     public let options: MountOptions
     let stagingDirectory: String
+    /// Where blobs land (the disk stores' roots): statfs shows their free
+    /// space, the least of them. Empty: the staging directory's.
+    let spaceDirectories: [String]
     let recordAccess: (@Sendable (Digest) -> Void)?
     /// OPEN and OPENDIR are answered ENOSYS (read-only mounts by default).
     let openless: Bool
@@ -61,15 +64,17 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
 
     /// - Parameters:
     ///   - stagingDirectory: where files being written are staged (private, unlinked).
+    ///   - spaceDirectories: where blobs land (disk stores), for statfs.
     ///   - recordAccess: called (must not block) when a blob is opened for reading.
     public init(storage: any Storage, index: (any BlobIndex)?, options: MountOptions,
-                stagingDirectory: String, recordAccess: (@Sendable (Digest) -> Void)?,
-                metrics: Metrics = Metrics()) {
+                stagingDirectory: String, spaceDirectories: [String] = [],
+                recordAccess: (@Sendable (Digest) -> Void)?, metrics: Metrics = Metrics()) {
         self.storage = storage
         self.index = index
         self.options = options
         self.openless = options.isOpenless
         self.stagingDirectory = stagingDirectory
+        self.spaceDirectories = spaceDirectories
         self.recordAccess = recordAccess
         self.metrics = metrics
         self.directories = DirectoryCache(storage: storage, capacity: options.treeCacheBytes, metrics: metrics)

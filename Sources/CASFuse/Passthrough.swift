@@ -100,9 +100,15 @@ final class PassthroughFiles: Sendable {
     }
 
     /// The mode of a write open of `ino`: joins passthrough opens if any.
-    func openWriter(_ ino: UInt64) -> Mode {
+    /// Nil when it would join them but can also read: the kernel opens the
+    /// inode's backing file (the stored object) again with the open's own
+    /// flags and the daemon's credentials, and sends mmap there even for a
+    /// direct-I/O open, so a read-write open could map the stored object
+    /// shared and writable. Write-only opens cannot map.
+    func openWriter(_ ino: UInt64, readable: Bool) -> Mode? {
         state.withLock { s in
-            guard var node = s.inodes[ino], let b = node.backing else { return .none }
+            guard var node = s.inodes[ino], let b = node.backing else { return Mode.none }
+            if readable { return nil }
             node.backing = (b.id, b.opens + 1)
             s.inodes[ino] = node
             return .passthrough(b.id)

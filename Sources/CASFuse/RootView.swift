@@ -124,7 +124,12 @@ extension CASFileSystem {
             }
             return listError.map { StorageError.wrap($0).errno } ?? 0
         }
-        if !reply.delivered { for r in added { inodes.forget(r, 1) } }
+        if !reply.delivered {
+            for r in added { inodes.forget(r, 1) }
+        } else if !added.isEmpty {
+            // Reached through /sha256 as by a lookup: found gone later, ENOENT.
+            namedInSha256.withLock { $0.formUnion(added) }
+        }
         if let listError {
             log.error("readdir: \(listError)")
             counters.errors.add()

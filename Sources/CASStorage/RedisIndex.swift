@@ -207,14 +207,27 @@ public final class RedisIndex: Storage, BlobIndex {
 
     /// DECRBY the summed sizes (in steps that each fit in a Redis integer).
     func lowerTotal(by digests: [Digest]) throws {
-        for part in RedisIndex.sizeSums(digests) where part > 0 {
-            _ = try run(["DECRBY", .string(totalSizeKey), .integer(part)])
-        }
+        for part in RedisIndex.sizeSums(digests) where part > 0 { try adjustTotal("DECRBY", part) }
     }
 
     func raiseTotal(by digests: [Digest]) throws {
-        for part in RedisIndex.sizeSums(digests) where part > 0 {
-            _ = try run(["INCRBY", .string(totalSizeKey), .integer(part)])
+        for part in RedisIndex.sizeSums(digests) where part > 0 { try adjustTotal("INCRBY", part) }
+    }
+
+    /// One INCRBY or DECRBY of the counter. An error reply (the counter is
+    /// not an integer, or would leave the 64-bit range: another writer shares
+    /// this Redis) is logged, not thrown: a blob is indexed by its own key,
+    /// and `reconcile` recomputes the total. Connection failures are thrown.
+    private func adjustTotal(_ command: String, _ part: Int64) throws {
+        let reply: RedisReply
+        do {
+            reply = try redis.pipeline([[.string(command), .string(totalSizeKey), .integer(part)]])[0]
+        } catch let e as RedisError {
+            throw unavailable(e)
+        }
+        if case .error(let m) = reply {
+            counters.redisErrors.add()
+            indexLog.warning("\(command) \(totalSizeKey) \(part) refused (\(m)): the total stays as it is until `casfs reindex` recomputes it")
         }
     }
 
@@ -454,10 +467,17 @@ public final class RedisIndex: Storage, BlobIndex {
 
     // MARK: - Totals
 
-    /// The total size counter (0 when absent).
+    /// The total size counter (0 when absent). A value that is not a 64-bit
+    /// integer (another writer shares this Redis) counts as 0, with a
+    /// warning: `reconcile` (`casfs reindex`) recomputes it.
     public func totalSize() throws -> Int64 {
         let r = try run(["GET", .string(totalSizeKey)])
-        return r.isNull ? 0 : try r.integerValue()
+        if r.isNull { return 0 }
+        guard let n = try? r.integerValue() else {
+            indexLog.warning("\(totalSizeKey) holds \(r), not a byte count: taken as 0 until `casfs reindex` recomputes it")
+            return 0
+        }
+        return n
     }
 
     /// Blobs under this prefix: DBSIZE on a Redis that holds only this index,

@@ -85,8 +85,9 @@ public final class DirectoryCache: Sendable {
 
     private func insert(_ digest: Digest, _ load: DirectoryLoad) {
         // A parsed entry costs more than its bytes; count a floor per entry.
-        var cost = max(digest.size, 64)
-        if case .directory(let d) = load { cost += Int64(d.entries.count) * 64 }
+        // A blob too large to load (its size is only a claim) costs the floor.
+        var cost = max(min(digest.size, TreeDirectory.maxBlobSize), 64)
+        if case .directory(let d) = load { cost += Int64(d.entries.count) * 64 }  // at most 64 MiB of entries
         loads.add()
         state.withLock { s in
             if let old = s.slots[digest] { s.bytes -= old.cost }

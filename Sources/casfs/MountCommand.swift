@@ -7,6 +7,7 @@ import CASStorage
 import Foundation
 import Logging
 import MetricsServer
+import Synchronization
 
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -49,12 +50,15 @@ struct MountCommand: ParsableCommand {
     /// Checks the arguments before anything starts; each problem is one line.
     func check() throws {
         _ = try parsedOverrides()
+        // First: a dead FUSE mount there fails every stat (ENOTCONN), which
+        // would read as "not a directory".
+        if isMountPoint(mountpoint) {
+            if isDeadFuseMount(mountpoint) { throw ServeError.deadMountpoint(mountpoint) }
+            throw CLIError("\(mountpoint) is already a mount point (unmount it first: fusermount3 -u \(mountpoint))")
+        }
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: mountpoint, isDirectory: &isDir), isDir.boolValue else {
             throw CLIError("mount point \(mountpoint) is not a directory")
-        }
-        if isMountPoint(mountpoint) {
-            throw CLIError("\(mountpoint) is already a mount point (unmount it first: fusermount3 -u \(mountpoint))")
         }
     }
 
@@ -159,14 +163,16 @@ struct MountCommand: ParsableCommand {
         }
 
         if overrides.noOpen == true { mountOptions.openless = true }
+        // df shows the free space of the disk stores, where blobs land.
+        let stores = stack.stack.nodes.values.compactMap { ($0 as? DiskStorage)?.root }.sorted()
         // A store on overlayfs needs a deeper stack for passthrough.
-        let storeRoots = stack.stack.nodes.values.compactMap { ($0 as? DiskStorage)?.root }
-        mountOptions.passthroughStackDepth = PassthroughDepth.required(forFilesUnder: storeRoots)
+        mountOptions.passthroughStackDepth = PassthroughDepth.required(forFilesUnder: stores)
         if mountOptions.passthroughStackDepth > 1 && mountOptions.passthrough && !mountOptions.isOpenless {
             log.info("the store is on a stacked filesystem (overlayfs): passthrough with max_stack_depth 2, so no overlayfs can be stacked on this mount")
         }
         let fs = CASFileSystem(storage: stack.storage, index: stack.index, options: mountOptions,
-                               stagingDirectory: staging, recordAccess: recorder, metrics: stack.metrics)
+                               stagingDirectory: staging, spaceDirectories: stores, recordAccess: recorder,
+                               metrics: stack.metrics)
         // Paths are absolute from here on: do not keep the starting directory busy.
         _ = chdir("/")
         log.info("mounting \(mountpoint) with \(config ?? "the zero-config default in \(DefaultConfig.dataDirectory())")")
@@ -208,6 +214,24 @@ func isMountPoint(_ path: String) -> Bool {
         if mp == real { return true }
     }
     return false
+}
+
+/// True if `path` is a FUSE mount whose daemon is gone (ENOTCONN). statfs
+/// always reaches the daemon (a stat or a listing may come from the
+/// kernel's cache); it runs on a thread of its own, so a daemon that is
+/// alive but slow to answer is taken for alive after a few seconds.
+func isDeadFuseMount(_ path: String) -> Bool {
+    let result = Mutex<Int32?>(nil)
+    let answered = DispatchSemaphore(value: 0)
+    let t = Thread {
+        var st = statvfs()
+        let rc = statvfs(path, &st) == 0 ? 0 : errno
+        result.withLock { $0 = rc }
+        answered.signal()
+    }
+    t.start()
+    guard answered.wait(timeout: .now() + 5) == .success else { return false }
+    return result.withLock { $0 } == ENOTCONN
 }
 
 /// True if `path` is served by a live casfs mount (its root has the stats attribute).
