@@ -205,7 +205,13 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
         counters.errors.add()
         log.error("\(op)\(what.map { " \($0)" } ?? ""): \(e)")
         reply.error(e.errno)
-        if case .corrupt = e, let ino { invalidatePages(ino) }
+        if case .corrupt = e, let ino {
+            invalidatePages(ino)
+            // The corrupt copy was removed: the next open looks the name up again.
+            if namedInSha256.withLock({ $0.contains(ino) }), let file = inodes.file(ino) {
+                invalidateEntry(parent: FixedInode.sha256, name: file.digest.description)
+            }
+        }
     }
 
     func forget(_ ino: UInt64, _ n: UInt64) {

@@ -108,9 +108,13 @@ final class WriteHandle: @unchecked Sendable {
     /// The O_TRUNC of this handle's own open (a SETATTR to size 0, without a
     /// handle, from the opening thread, before anything else): true if it
     /// is that, and the handle may now be written.
+    /// A blob gone since the kernel looked it up (cleanup, a repair, another
+    /// mount) is written as a new one: its truncate changes nothing.
     func acceptOpenTruncate(size n: UInt64, thread: UInt32) -> Bool {
         lock.withLock {
-            guard n == 0, thread == openerThread, existed, !mayWrite, size == 0 else { return false }
+            guard n == 0, thread == openerThread, size == 0 else { return false }
+            if !existed { return true }
+            guard !mayWrite else { return false }
             mayWrite = true
             hasher = DigestHasher()
             hashedEnd = 0
