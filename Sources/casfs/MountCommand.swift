@@ -186,6 +186,9 @@ struct MountCommand: ParsableCommand {
             }
         }
         defer { stack.close() }
+        // Once the mount is gone, the store is no longer recorded as served:
+        // a new mount waits for this daemon to finish instead of being turned away.
+        defer { stack.withdrawMountPoint() }
         // A zero-config mount tells other commands (casfs run) where it is.
         let record = stack.mountPointRecorder(temporary ? nil : mountpoint)
         try fs.serve(mountpoint: mountpoint) {
