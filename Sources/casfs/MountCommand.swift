@@ -176,21 +176,27 @@ struct MountCommand: ParsableCommand {
         // Paths are absolute from here on: do not keep the starting directory busy.
         _ = chdir("/")
         log.info("mounting \(mountpoint) with \(config ?? "the zero-config default in \(DefaultConfig.dataDirectory())")")
+        var watchdog: PrivateRedisWatchdog?
         if let data = stack.dataDirectory, let index = stack.index {
             // A partly lost index (Redis data lost under load) is repaired in
             // the background: blobs on disk it lacks come back.
-            DispatchQueue.global(qos: .utility).async {
-                do {
-                    let r = try index.reconcile()
-                    if r.added > 0 || r.dropped > 0 {
-                        log.notice("reindexed \(data): \(r.added) blobs added, \(r.dropped) entries without bytes dropped")
-                    }
-                } catch {
-                    log.error("reindexing \(data) failed: \(error)")
+            reindexInBackground(index, data: data, log: log)
+            // A private Redis that dies is started again, and the entries it
+            // had not yet written to its append-only file come back the same way.
+            if let redis = stack.privateRedis {
+                watchdog = PrivateRedisWatchdog.start(redis, log: log) {
+                    reindexInBackground(index, data: data, log: log)
                 }
             }
         }
         defer { stack.close() }
+        // Once the mount is gone, the store is no longer recorded as served
+        // (a new mount waits for this daemon to finish instead of being
+        // turned away), and the Redis that close() stops is not restarted.
+        defer {
+            stack.withdrawMountPoint()
+            watchdog?.stop()
+        }
         // A zero-config mount tells other commands (casfs run) where it is.
         let record = stack.mountPointRecorder(temporary ? nil : mountpoint)
         try fs.serve(mountpoint: mountpoint) {

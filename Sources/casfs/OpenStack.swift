@@ -64,15 +64,23 @@ final class OpenStack {
         guard fd >= 0 else { throw CLIError("cannot open \(data)/mount.lock: \(String(cString: strerror(errno)))") }
         let deadline = Date().addingTimeInterval(15)
         while flock(fd, LOCK_EX | LOCK_NB) != 0 {
-            // A serving mount records itself in the lock file; one that is
-            // starting or going away (its daemon still flushing after the
-            // unmount) has cleared it: wait for that one.
-            var buf = [UInt8](repeating: 0, count: 4096)
+            // A serving mount records itself in the lock file: that one is
+            // not going away. One that is starting, or going away (its
+            // daemon still flushing after the unmount), has no record or a
+            // record of a mount that is gone: wait for that one.
+            var buf = [UInt8](repeating: 0, count: 2)
             let n = pread(fd, &buf, buf.count, 0)
-            if n > 0 || Date() >= deadline {
+            if n == 2 && buf == Array("-\n".utf8) {
                 Foundation.close(fd)
-                let at = runningZeroConfigMount(dataDirectory: data).map { ", at \($0)" } ?? ""
-                throw CLIError("another casfs mount already serves the zero-config store in \(data)\(at)")
+                throw CLIError("another casfs mount already serves the zero-config store in \(data), for casfs run")
+            }
+            if n > 0, let at = runningZeroConfigMount(dataDirectory: data) {
+                Foundation.close(fd)
+                throw CLIError("another casfs mount already serves the zero-config store in \(data), at \(at)")
+            }
+            if Date() >= deadline {
+                Foundation.close(fd)
+                throw CLIError("another casfs process holds the zero-config store in \(data) (\(data)/mount.lock) and did not let go within 15 s")
             }
             usleep(50_000)
         }
@@ -90,6 +98,13 @@ final class OpenStack {
             let bytes = Array(((mountpoint ?? "-") + "\n").utf8)
             _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
         }
+    }
+
+    /// Clears the mount point recorded by `mountPointRecorder`: the mount is
+    /// gone, though this process still holds the lock while it finishes.
+    func withdrawMountPoint() {
+        guard mountLock >= 0 else { return }
+        _ = ftruncate(mountLock, 0)
     }
 
     /// The mount point of the zero-config mount serving `dataDirectory`, if
