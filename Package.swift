@@ -85,7 +85,7 @@ let package = Package(
 
         .target(name: "TestSupport", dependencies: ["CASCore", "Redis"], path: "Tests/TestSupport"),
         .testTarget(name: "CASCoreTests", dependencies: ["CASCore"]),
-        .testTarget(name: "CASStorageTests", dependencies: ["CASCore", "CASStorage", "TestSupport"]),
+        .testTarget(name: "CASStorageTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "TestSupport"]),
         .testTarget(name: "RedisIndexTests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
         .testTarget(name: "ConfigTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "RemoteCAS", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
