@@ -70,6 +70,13 @@ final class InstrumentedStorage: Storage, Sendable {
         return out
     }
 
+    /// Handles for ranged reads pass straight through (not gated, not counted
+    /// as fetches), like `read`.
+    func openBlob(_ d: Digest) throws -> BlobSource? {
+        if failReads.load(ordering: .relaxed) { throw StorageError.unavailable("injected read failure") }
+        return try inner.openBlob(d)
+    }
+
     /// Ranged reads pass straight through (not gated, not counted as fetches).
     func read(_ d: Digest, offset: Int64, length: Int) throws -> Data? {
         if failReads.load(ordering: .relaxed) { throw StorageError.unavailable("injected read failure") }

@@ -8,9 +8,10 @@ import XCTest
 /// The storage contract (TestSupport's `StorageContract`), run here against
 /// MemoryStorage; each subclass runs the same test methods against another
 /// storage: DiskStorage, RedisIndex over a disk store (real redis-server),
-/// WithCacheStorage, VerifyingStorage and the full stack a mount uses.
-/// (Each subclass declares a test of its own too: test discovery lists the
-/// inherited methods only of classes that declare one.)
+/// VerifyingStorage, WithCacheStorage (memory over disk, memory over a
+/// verified disk, a disk over a verified Redis index) and the stack a
+/// configuration builds. (Each subclass declares a test of its own too: test
+/// discovery lists the inherited methods only of classes that declare one.)
 class StorageContractTests: XCTestCase {
     var contract: StorageContract!
     var cleanups: [() -> Void] = []
