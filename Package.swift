@@ -94,7 +94,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["CASCore", "Redis"], path: "Tests/TestSupport"),
         .testTarget(name: "CASCoreTests", dependencies: ["CASCore"]),
         .testTarget(name: "FuseKernelTests", dependencies: ["FuseKernel", "CASFuse", "CASCore", "CASStorage"]),
-        .testTarget(name: "CASStorageTests", dependencies: ["CASCore", "CASStorage", "TestSupport"]),
+        .testTarget(name: "CASStorageTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "TestSupport"]),
         .testTarget(name: "RedisIndexTests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
         .testTarget(name: "ConfigTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "Redis", "RemoteCAS", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),

@@ -99,7 +99,7 @@ public final class WithCacheStorage: Storage {
     }
 
     public func getBlob(_ d: Digest) throws -> BlobSource? {
-        if let hit = cached(d) { return hit }
+        if let hit = cached(d, whole: true) { return hit }
         if let pending = journal?.source(d) { return pending }
         counters.misses.add()
         return try fetch(d)
@@ -123,9 +123,12 @@ public final class WithCacheStorage: Storage {
         try openBlob(d)?.read(offset: offset, length: length)
     }
 
-    private func cached(_ d: Digest) -> BlobSource? {
+    /// The cache's copy, or nil. `whole`: fetched whole (`getBlob`), so a
+    /// damaged large copy is found here, before the caller reads it, and
+    /// the blob is served by the fallback instead.
+    private func cached(_ d: Digest, whole: Bool = false) -> BlobSource? {
         do {
-            if let src = try cache.openBlob(d) {
+            if let src = try whole ? cache.getBlob(d) : cache.openBlob(d) {
                 counters.hits.add()
                 return src
             }
