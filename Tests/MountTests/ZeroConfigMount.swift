@@ -97,23 +97,6 @@ final class ZeroConfigMount: @unchecked Sendable {
     }
 }
 
-/// A mount's metrics from its root's `user.casfs.stats` xattr: every sample
-/// under its full key, and each metric's samples summed under its bare name.
-func mountStats(_ mountpoint: String) throws -> [String: Int64] {
-    let r = runShell("getfattr --only-values -n user.casfs.stats \(shq(mountpoint))")
-    guard r.ok, let data = r.stdout.data(using: .utf8),
-          let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
-        throw MountError("no stats xattr: \(r)")
-    }
-    var out: [String: Int64] = [:]
-    for (k, v) in obj {
-        guard let n = v as? NSNumber else { continue }
-        out[k] = n.int64Value
-        if let brace = k.firstIndex(of: "{") { out[String(k[..<brace]), default: 0] += n.int64Value }
-    }
-    return out
-}
-
 extension MountTestCase {
     /// A zero-config mount in this test's temp dir, shut down in tearDown.
     func zeroConfigMount(name: String = "zc", options: [String] = []) throws -> ZeroConfigMount {

@@ -164,24 +164,7 @@ public final class CasfsMount: @unchecked Sendable {
     }
 
     /// The mount's metrics, from the root's `user.casfs.stats` xattr.
-    public func stats() throws -> [String: Int64] {
-        let r = runShell("getfattr --only-values -n user.casfs.stats \(shq(mountpoint))")
-        guard r.ok, let data = r.stdout.data(using: .utf8),
-              let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
-            throw MountError("no stats xattr: \(r)")
-        }
-        // Every sample under its full key (`name{labels}`), and each metric's
-        // samples summed under its bare name.
-        var out: [String: Int64] = [:]
-        for (k, v) in obj {
-            guard let n = v as? NSNumber else { continue }
-            out[k] = n.int64Value
-            if let brace = k.firstIndex(of: "{") {
-                out[String(k[..<brace]), default: 0] += n.int64Value
-            }
-        }
-        return out
-    }
+    public func stats() throws -> [String: Int64] { try mountStats(mountpoint) }
 
     public var isRunning: Bool { process?.isRunning ?? false }
 
@@ -234,4 +217,22 @@ public func startLoggedProcess(_ executable: String, _ arguments: [String], log:
     p.standardInput = FileHandle.nullDevice
     try p.run()
     return p
+}
+
+/// A mount's metrics from its root's `user.casfs.stats` xattr: every sample
+/// under its full key (`name{labels}`), and each metric's samples summed
+/// under its bare name.
+public func mountStats(_ mountpoint: String) throws -> [String: Int64] {
+    let r = runShell("getfattr --only-values -n user.casfs.stats \(shq(mountpoint))")
+    guard r.ok, let data = r.stdout.data(using: .utf8),
+          let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+        throw MountError("no stats xattr: \(r)")
+    }
+    var out: [String: Int64] = [:]
+    for (k, v) in obj {
+        guard let n = v as? NSNumber else { continue }
+        out[k] = n.int64Value
+        if let brace = k.firstIndex(of: "{") { out[String(k[..<brace]), default: 0] += n.int64Value }
+    }
+    return out
 }
