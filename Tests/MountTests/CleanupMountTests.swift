@@ -131,18 +131,7 @@ final class CleanupMountTests: MountTestCase {
         try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
         mustSh("mount -t tmpfs -o size=20m casfs-cleanup-test \(shq(small))")
         defer { runShell("umount -l \(shq(small))") }
-        let r = try startRedis()
-        let config = """
-            storage: !redis-index
-              redis: !redis-connection
-                host: 127.0.0.1
-                port: \(r.port)
-              storage: !disk-storage
-                path: \(small)/store
-            mount:
-              writable: true
-
-            """
+        let config = indexedDiskConfig(port: try startRedis().port, store: small + "/store")
         let cfg = try configFile(config)
         let m = try mount(config)
         var written: [(String, Digest)] = []

@@ -51,20 +51,24 @@ class MountTestCase: XCTestCase {
             """
     }
 
-    /// redis-index → disk, nothing held in memory.
+    /// redis-index → disk, nothing held in memory, on a Redis of its own.
     func indexedDiskConfig(writable: Bool = true) throws -> String {
-        let r = try startRedis()
-        return """
-            storage: !redis-index
-              redis: !redis-connection
-                host: 127.0.0.1
-                port: \(r.port)
-              storage: !disk-storage
-                path: \(storeDir)
-            mount:
-              writable: \(writable)
+        indexedDiskConfig(port: try startRedis().port, store: storeDir, writable: writable)
+    }
 
-            """
+    /// redis-index (the Redis on `port`) → disk store at `store`.
+    func indexedDiskConfig(port: Int, store: String, writable: Bool = true) -> String {
+        """
+        storage: !redis-index
+          redis: !redis-connection
+            host: 127.0.0.1
+            port: \(port)
+          storage: !disk-storage
+            path: \(store)
+        mount:
+          writable: \(writable)
+
+        """
     }
 
     /// WithCache(memory → disk), no index.

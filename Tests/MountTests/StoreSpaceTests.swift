@@ -47,18 +47,7 @@ final class StoreSpaceTests: MountTestCase {
         try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
         mustSh("mount -t tmpfs -o size=48m,nr_inodes=4096 casfs-test-store \(shq(small))")
         defer { runShell("umount -l \(shq(small))") }
-        let r = try startRedis()
-        let config = """
-            storage: !redis-index
-              redis: !redis-connection
-                host: 127.0.0.1
-                port: \(r.port)
-              storage: !disk-storage
-                path: \(small)/store
-            mount:
-              writable: true
-
-            """
+        let config = indexedDiskConfig(port: try startRedis().port, store: small + "/store")
         let m = try mount(config)
         let (src, d) = try localBlob(randomData(5 << 20, seed: 51))
         mustSh("cp \(shq(src)) \(shq(m.path(d)))")

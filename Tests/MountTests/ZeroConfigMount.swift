@@ -39,19 +39,9 @@ final class ZeroConfigMount: @unchecked Sendable {
         var args = ["mount", "--foreground"]
         for o in options { args += ["-o", o] }
         args.append(mountpoint)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: try casfsBinary())
-        p.arguments = args
         var environment = ProcessInfo.processInfo.environment
         environment["XDG_DATA_HOME"] = xdg
-        p.environment = environment
-        if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
-        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        handle.seekToEndOfFile()
-        p.standardOutput = handle
-        p.standardError = handle
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
+        let p = try startLoggedProcess(try casfsBinary(), args, log: logPath, environment: environment)
         process = p
         let up = pollUntil(60) { !p.isRunning || isFuseMounted(mountpoint) }
         guard up, p.isRunning else {

@@ -203,12 +203,15 @@ public func makeMountTempDir(_ name: String = "casfs-test") throws -> String {
     return path
 }
 
-/// Starts `executable` with `arguments`, stdin from /dev/null and stdout and
-/// stderr appended to the file `log`.
-public func startLoggedProcess(_ executable: String, _ arguments: [String], log: String) throws -> Process {
+/// Starts `executable` with `arguments` (and `environment`, else this
+/// process's), stdin from /dev/null and stdout and stderr appended to the
+/// file `log`.
+public func startLoggedProcess(_ executable: String, _ arguments: [String], log: String,
+                               environment: [String: String]? = nil) throws -> Process {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = arguments
+    if let environment { p.environment = environment }
     if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
     let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
     handle.seekToEndOfFile()
