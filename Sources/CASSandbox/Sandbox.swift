@@ -58,9 +58,12 @@ public final class Sandbox: Sendable {
     }
 
     /// Starts `command` (argv; argv[0] looked up in the sandbox's PATH) in
-    /// the sandbox and returns at once.
+    /// the sandbox and returns at once. `keepOpen`: a descriptor that the
+    /// sandbox's first process holds for as long as the sandbox runs (never
+    /// the command): e.g. the lock of a `ScratchDirectory`, which then stays
+    /// taken while the sandbox runs even if the caller is killed.
     public func start(_ spec: SandboxSpec, command: [String], stdin: Stream = .null, stdout: Stream = .inherit,
-                      stderr: Stream = .inherit) throws -> SandboxRun {
+                      stderr: Stream = .inherit, keepOpen: Int32? = nil) throws -> SandboxRun {
         guard !command.isEmpty else { throw SandboxError("no command given") }
         try spec.validate()
         var opened: [Int32] = []
@@ -80,11 +83,18 @@ public final class Sandbox: Sendable {
         }
         let status = try ChildOutputPipe()
         let statusFD: Int32 = 3
-        let argv = [bwrap] + spec.bwrapArguments + ["--json-status-fd", "\(statusFD)", "--"] + command
+        let syncFD: Int32 = 4
+        var descriptors = [statusFD: status.writeEnd]
+        var sync: [String] = []
+        if let keepOpen {
+            descriptors[syncFD] = keepOpen
+            sync = ["--sync-fd", "\(syncFD)"]
+        }
+        let argv = [bwrap] + spec.bwrapArguments + sync + ["--json-status-fd", "\(statusFD)", "--"] + command
         let pid: pid_t
         switch Spawn.start(bwrap, argv, environment: spec.environment,
                            stdin: try stream(stdin, input: true), stdout: try stream(stdout, input: false),
-                           stderr: try stream(stderr, input: false), descriptors: [statusFD: status.writeEnd],
+                           stderr: try stream(stderr, input: false), descriptors: descriptors,
                            processGroup: true) {
         case .success(let p): pid = p
         case .failure(let e): throw SandboxError("\(e)")
@@ -95,8 +105,9 @@ public final class Sandbox: Sendable {
 
     /// Starts `command` and waits for it (see `SandboxRun.wait`).
     public func run(_ spec: SandboxSpec, command: [String], stdin: Stream = .null, stdout: Stream = .inherit,
-                    stderr: Stream = .inherit, timeout: Double? = nil) throws -> SandboxResult {
-        try start(spec, command: command, stdin: stdin, stdout: stdout, stderr: stderr).wait(timeout: timeout)
+                    stderr: Stream = .inherit, keepOpen: Int32? = nil, timeout: Double? = nil) throws -> SandboxResult {
+        try start(spec, command: command, stdin: stdin, stdout: stdout, stderr: stderr, keepOpen: keepOpen)
+            .wait(timeout: timeout)
     }
 }
 

@@ -75,15 +75,21 @@ struct RunCommand: ParsableCommand {
                 }
             }
         } catch let e as RunSignals.Interrupted {
-            cleanup.run()
+            for l in cleanup.run() { printError(l) }
             printError(e)
             throw ExitCode(128 + e.signal)
         } catch {
-            cleanup.run()
+            for l in cleanup.run() { printError(l) }
             printError(error)
             throw ExitCode(RunCommand.ownFailure)
         }
-        cleanup.run()
+        // A scratch directory that cannot be removed is a failed run.
+        let left = cleanup.run()
+        if !left.isEmpty {
+            for e in left { printError(e) }
+            if status != 0 { printError("the command itself exited with status \(status)") }
+            throw ExitCode(RunCommand.ownFailure)
+        }
         if status != 0 { throw ExitCode(status) }
     }
 
@@ -149,6 +155,7 @@ struct RunCommand: ParsableCommand {
 
     private func execute(_ cleanup: RunCleanup, _ signals: RunSignals) throws -> Int32 {
         let plan = try plan()
+        cleanup.removeLeftovers()
         let mountpoint = try prepareMount(plan, cleanup)
         try signals.checkInterrupted()
 
@@ -177,7 +184,9 @@ struct RunCommand: ParsableCommand {
         }
         try signals.checkInterrupted()
         // Standard streams are the caller's: the command may be interactive.
-        let run = try plan.sandbox.start(spec, command: command, stdin: .inherit, stdout: .inherit, stderr: .inherit)
+        // The sandbox holds the scratch directory's lock while it runs, even if casfs run is killed.
+        let run = try plan.sandbox.start(spec, command: command, stdin: .inherit, stdout: .inherit, stderr: .inherit,
+                                         keepOpen: cleanup.lockDescriptor)
         signals.forward(to: { run.signal($0) })
         let result = run.wait()
         signals.forward(to: nil)
@@ -207,7 +216,10 @@ struct RunCommand: ParsableCommand {
         if let config = plan.config { args += ["--config", config] }
         args.append(dir)
         do {
-            cleanup.daemon = try BackgroundStart.spawnAndWait(arguments: args)
+            let pid = try BackgroundStart.spawnAndWait(arguments: args)
+            cleanup.daemon = pid
+            try? "\(pid)\n".write(toFile: (dir as NSString).deletingLastPathComponent + "/" + RunCleanup.daemonRecord,
+                                  atomically: false, encoding: .utf8)
         } catch {
             let text = "\(error)"
             if plan.config == nil && text.hasPrefix("another casfs mount") {
@@ -291,45 +303,83 @@ final class RunSignals: Sendable {
 // MARK: cleanup
 
 /// What a run created, taken down again whatever happens: the temporary
-/// mount (unmounted, its daemon waited for), the scratch output, the run's
-/// temporary directory.
+/// mount (unmounted, its daemon waited for), then the run's scratch
+/// directory with all it holds (the scratch output, at any depth). The
+/// scratch directory is locked while the run lives; one left by a run
+/// that was killed goes at the start of the next run.
 final class RunCleanup: @unchecked Sendable {
-    private var directory: String?
+    static let prefix = "casfs-run-"
+    /// The temporary mount's daemon pid, beside the mount point.
+    static let daemonRecord = "mount-daemon.pid"
+    private var scratch: ScratchDirectory?
     var temporaryMountpoint: String?
     var daemon: pid_t?
     var scratchOutput: String?
 
-    /// The run's private temporary directory, created on first use.
-    func runDirectory() throws -> String {
-        if let directory { return directory }
-        let base = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.hasPrefix("/") ? $0 : nil } ?? "/tmp"
-        var template = Array("\(base)/casfs-run-XXXXXX".utf8CString)
-        guard let p = mkdtemp(&template) else {
-            throw CLIError("cannot create a temporary directory in \(base): \(String(cString: strerror(errno)))")
-        }
-        let dir = String(cString: p)
-        directory = dir
-        return dir
+    /// Where runs keep their scratch: $TMPDIR, else /tmp.
+    static var base: String {
+        ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.hasPrefix("/") ? $0 : nil } ?? "/tmp"
     }
 
-    func run() {
+    /// The run's private temporary directory, created on first use.
+    func runDirectory() throws -> String {
+        if let scratch { return scratch.path }
+        let s = try ScratchDirectory(in: Self.base, prefix: Self.prefix)
+        scratch = s
+        return s.path
+    }
+
+    /// The scratch directory's lock, if there is one.
+    var lockDescriptor: Int32? { scratch.map(\.lockDescriptor) }
+
+    /// Removes what killed runs left: their scratch directories, and the
+    /// temporary mounts in them (whose daemons then exit).
+    func removeLeftovers() {
+        let outcomes = ScratchDirectory.removeStale(in: Self.base, prefix: Self.prefix) { mp in
+            guard Self.unmountQuietly(mp) else { return false }
+            // Its daemon (recorded beside it) exits once the mount is gone:
+            // wait for it, so that it no longer holds the zero-config store.
+            let record = (mp as NSString).deletingLastPathComponent + "/" + Self.daemonRecord
+            if let text = try? String(contentsOfFile: record, encoding: .utf8),
+               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)),
+               let daemon = ProcessHandle(pid: pid), processIsAlive(pid),
+               (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8))?.contains("--temporary") == true {
+                _ = daemon.waitForExit(timeout: 30)
+            }
+            return true
+        }
+        for o in outcomes {
+            if let e = o.error { printError("left behind by an earlier run, not removed: \(o.path): \(e)") }
+        }
+    }
+
+    /// Takes everything down; returns what could not be removed.
+    func run() -> [String] {
+        var left: [String] = []
         if let mp = temporaryMountpoint {
             if let daemon { unmount(mp, daemon: daemon) }
-            // Never recursive: if the unmount failed, the store stays untouched.
-            if !MountTable.isMountPoint(mp) { rmdir(mp) }
+            if MountTable.isMountPoint(mp) { left.append("\(mp) is still mounted: not removed") }
             temporaryMountpoint = nil
             daemon = nil
         }
-        if let out = scratchOutput {
-            try? FileManager.default.removeItem(atPath: out)
-            scratchOutput = nil
-        }
-        if let dir = directory {
-            if rmdir(dir) != 0 && errno != ENOENT {
-                printError("left \(dir) behind: \(String(cString: strerror(errno)))")
+        scratchOutput = nil
+        if let s = scratch {
+            // Never into a mount: the remover stays on the scratch's filesystem.
+            do { try s.remove() } catch {
+                left.append("left \(s.path) behind: \(error)")
             }
-            directory = nil
+            scratch = nil
         }
+        return left
+    }
+
+    /// fusermount3 -u, else a lazy unmount; true once `mp` is no mount point.
+    static func unmountQuietly(_ mp: String) -> Bool {
+        if !MountTable.isMountPoint(mp) { return true }
+        if Spawn.runQuietly(["fusermount3", "-u", mp]) != 0 {
+            _ = Spawn.runQuietly(["fusermount3", "-uz", mp])
+        }
+        return !MountTable.isMountPoint(mp)
     }
 
     /// Unmounts the temporary mount and waits for its daemon (which stops a

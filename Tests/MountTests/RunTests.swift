@@ -577,4 +577,86 @@ final class RunTests: MountTestCase {
         XCTAssertEqual(r.stdout, "0\n1\n2\n3\n", "\(r)")  // 3: ls's own directory descriptor
         XCTAssertFalse(r.stdout.contains("behind a descriptor"))
     }
+
+    // MARK: scratch
+
+    /// An action that nests deeper than PATH_MAX in its scratch output: the
+    /// scratch goes all the same.
+    func testScratchDeeperThanPathMaxIsRemoved() throws {
+        let (m, root) = try mountWithInputRoot()
+        // 500 levels of 8-character names: 4,500 bytes of path below /out
+        // (made with relative chdirs: no path that long can be named).
+        let nest = """
+            import os
+            os.chdir("/out")
+            for level in range(500):
+                os.mkdir("aaaaaaaa")
+                os.chdir("aaaaaaaa")
+                if level == 250: os.chmod("..", 0o555)
+            open("f", "w").write("deep")
+            os.chmod(".", 0o500)
+            """
+        let r = run("--mount \(shq(m.mountpoint)) --input-root \(root) -- python3 -c \(shq(nest))")
+        XCTAssertEqual(r.status, 0, "\(r)")
+        XCTAssertEqual(r.stderr, "")
+        assertNothingLeft("deep scratch")
+    }
+
+    /// A scratch that cannot be removed (here: a mount put inside it while
+    /// the command ran) is a failed run, never exit 0 with a warning.
+    func testAFailedCleanupIsAnErrorExit() throws {
+        let (m, root) = try mountWithInputRoot()
+        let flag = tmp + "/flag"
+        let r = sh("""
+            cd \(shq(tmp)) || exit 99
+            export TMPDIR=\(shq(runTmp)) XDG_DATA_HOME=\(shq(xdg))
+            \(shq(casfs)) run --mount \(shq(m.mountpoint)) --input-root \(root) --writable-dir \(shq(flag)) \
+                -- sh -c 'mkdir /out/m && touch \(flag)/up && while [ ! -e \(flag)/go ]; do sleep 0.1; done' &
+            pid=$!
+            for i in $(seq 300); do [ -e \(shq(flag + "/up")) ] && break; sleep 0.1; done
+            mount -t tmpfs none \(shq(runTmp))/casfs-run-*/out/m || echo "cannot mount"
+            touch \(shq(flag + "/go"))
+            wait $pid
+            """)
+        defer { _ = sh("umount \(shq(runTmp))/casfs-run-*/out/m") }
+        XCTAssertEqual(r.status, 125, "\(r)")
+        XCTAssertFalse(r.stdout.contains("cannot mount"), "\(r)")
+        XCTAssertTrue(r.stderr.contains("left ") && r.stderr.contains("another filesystem"), r.stderr)
+        // The next run (once the mount is gone) takes the leftover away.
+        XCTAssertTrue(sh("umount \(shq(runTmp))/casfs-run-*/out/m").ok)
+        XCTAssertEqual(run("--mount \(shq(m.mountpoint)) --input-root \(root) -- true").status, 0)
+        assertNothingLeft("after a failed cleanup")
+    }
+
+    /// casfs run killed with SIGKILL (its sandbox dies with it): the
+    /// scratch and the temporary mount it left go at the start of the next
+    /// run, and the mount's daemon exits.
+    func testLeftoversOfAKilledRunGoAtTheNextStart() throws {
+        let (root, blobs) = try encodeInputRoot()
+        mustSh("XDG_DATA_HOME=\(shq(xdg)) \(shq(casfs)) put \(shq(blobs))/*")
+        let flag = tmp + "/flag"
+        let marker = "\(Int.random(in: 100_000...999_999))"
+        let killed = sh("""
+            cd \(shq(tmp)) || exit 99
+            export TMPDIR=\(shq(runTmp)) XDG_DATA_HOME=\(shq(xdg))
+            \(shq(casfs)) run --input-root \(root) --writable-dir \(shq(flag)) -- sh -c 'echo x > /out/f; touch \(flag)/up; exec sleep 6\(marker)' &
+            pid=$!
+            for i in $(seq 300); do [ -e \(shq(flag + "/up")) ] && break; sleep 0.1; done
+            kill -KILL $pid
+            wait $pid
+            """)
+        XCTAssertEqual(killed.status, 128 + SIGKILL, "\(killed)")
+        XCTAssertTrue(pollUntil(30) { !self.sh("pgrep -f 'sleep 6\(marker)'").ok }, "the sandbox outlived casfs run")
+        let left = try FileManager.default.contentsOfDirectory(atPath: runTmp)
+        XCTAssertEqual(left.count, 1, "\(left)")
+        let scratch = runTmp + "/" + (left.first ?? "")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: scratch + "/out/f"))
+        XCTAssertTrue(isFuseMounted(scratch + "/mnt"), "the temporary mount of the killed run")
+
+        let r = run("--input-root \(root) -- ./build.sh")
+        XCTAssertEqual(r.status, 0, "\(r)")
+        XCTAssertEqual(r.stderr, "")
+        assertNothingLeft("after a killed run")
+        XCTAssertTrue(pollUntil(30) { !self.sh("pgrep -f -- \(shq(self.xdg))").ok }, "a process of the store still runs")
+    }
 }
