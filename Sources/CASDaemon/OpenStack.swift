@@ -51,8 +51,7 @@ public final class OpenStack: @unchecked Sendable {
         var started = false
         do {
             if !redis.isRunning() {
-                try redis.start()
-                started = true
+                started = try redis.start()
             }
             stack = try DefaultConfig.make(dataDirectory: data, redis: redis, metrics: metrics)
         } catch {

@@ -3,14 +3,24 @@ import CASCore
 import CASProcess
 import Foundation
 import Redis
+import Synchronization
 
 /// A `redis-server` that casfs runs for itself on a unix socket in a state
 /// directory, with its data persisted there (append-only file), so the
 /// zero-config mount needs no Redis set up by hand.
+///
+/// One server per directory: a server holds `server.lock` (an flock on a
+/// descriptor it inherits at start, so the lock lasts exactly as long as
+/// the server and the children it forks) and a server is started only by
+/// whoever took that lock. The server runs in a session of its own, is
+/// known by a pidfd (never by a pid that could be reused), and is told
+/// apart from a slow or stopped one by that pidfd alone: a failed connect
+/// (EMFILE, a timeout) never reads as "the server is gone".
 public final class PrivateRedis: Sendable {
     public let directory: String
     public var socketPath: String { DefaultConfig.redisSocket(redisDirectory: directory) }
     public var pidFile: String { directory + "/redis.pid" }
+    public var lockFile: String { directory + "/server.lock" }
 
     public struct Failure: Error, CustomStringConvertible {
         public let description: String
@@ -18,6 +28,9 @@ public final class PrivateRedis: Sendable {
 
     /// The redis-server executable; nil means the one on PATH.
     public let executable: String?
+
+    /// The server this object started or found, by pidfd.
+    private let server = Mutex<ProcessHandle?>(nil)
 
     public init(directory: String, executable: String? = nil) {
         self.directory = directory
@@ -38,19 +51,87 @@ public final class PrivateRedis: Sendable {
         return (try? pool.ping()) != nil
     }
 
-    /// Starts the server (detached, in the background) and waits until it
-    /// answers. Throws with a clear message when redis-server is not installed.
-    public func start(timeout: Double = 15) throws {
-        guard let exe = executable.map({ access($0, X_OK) == 0 ? $0 : nil }) ?? PrivateRedis.findExecutable("redis-server") else {
-            throw Failure(description: "redis-server is not installed; casfs's zero-config mount runs its own Redis: install it with `apt-get install redis-server` (or pass --config with a !redis-connection)")
+    // MARK: the directory's lock
+
+    /// What `tryLock` found.
+    public enum LockState {
+        /// Taken: the descriptor holds it (close-on-exec); give it to `launch` or close it.
+        case taken(Int32)
+        /// A server (or a child it forked) holds the directory.
+        case held
+        /// The lock file could not be opened (EMFILE, ...): nothing can be said.
+        case unknown(Int32)
+    }
+
+    /// Tries to take the directory's lock without waiting.
+    public func tryLock() -> LockState {
+        let fd = open(lockFile, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { return .unknown(errno) }
+        return tryLock(fd)
+    }
+
+    /// Tries to take the lock on `fd` (the lock file, opened): on success the
+    /// descriptor is the lock; otherwise it is closed.
+    public func tryLock(_ fd: Int32) -> LockState {
+        if flock(fd, LOCK_EX | LOCK_NB) == 0 { return .taken(fd) }
+        let e = errno
+        close(fd)
+        return e == EWOULDBLOCK ? .held : .unknown(e)
+    }
+
+    /// True while a server (or a child it forked) holds the directory; nil
+    /// if that cannot be told (no descriptor to spare).
+    public func isHeld() -> Bool? {
+        switch tryLock() {
+        case .taken(let fd):
+            close(fd)
+            return false
+        case .held: return true
+        case .unknown: return nil
         }
-        do {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
-                                                    attributes: [.posixPermissions: 0o700])
-        } catch {
-            throw Failure(description: "cannot create the state directory \(directory): \(error.localizedDescription)")
+    }
+
+    // MARK: starting and stopping
+
+    /// Starts the server unless one holds the directory already, and waits
+    /// until it answers. With a server there, waits for it to answer (or to
+    /// go, then starts one). Throws with a clear message when redis-server
+    /// is not installed, and stops a server that does not come up.
+    /// Returns true if this call started it.
+    @discardableResult
+    public func start(timeout: Double = 15) throws -> Bool {
+        let exe = try findServer()
+        try prepareDirectory()
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            switch tryLock() {
+            case .taken(let fd):
+                try launch(exe: exe, lock: fd, timeout: max(1, deadline.timeIntervalSinceNow))
+                return true
+            case .held:
+                if isRunning() {
+                    adopt()
+                    return false
+                }
+            case .unknown(let e):
+                throw Failure(description: "cannot open \(lockFile): \(String(cString: strerror(e)))")
+            }
+            if Date() >= deadline {
+                throw Failure(description: "another redis-server holds \(directory) (\(lockFile)) and does not answer on \(socketPath) within \(Int(timeout)) s; see \(directory)/redis.log")
+            }
+            usleep(50_000)
         }
+    }
+
+    /// Starts a server holding `lock` (the directory's lock, taken; this
+    /// call closes it) and waits up to `timeout` seconds until it answers. A
+    /// server that exits or does not answer in time is stopped, and the
+    /// start fails.
+    public func launch(exe: String? = nil, lock: Int32, timeout: Double = 15) throws {
+        let lockInChild: Int32 = 3
+        let exe = try exe ?? findServer()
         unlink(socketPath)
+        unlink(pidFile)
         let args = [
             exe,
             "--port", "0",
@@ -60,32 +141,89 @@ public final class PrivateRedis: Sendable {
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", "",
-            "--daemonize", "yes",
+            "--daemonize", "no",
             "--pidfile", pidFile,
             "--logfile", directory + "/redis.log",
         ]
-        let status = try PrivateRedis.runToCompletion(args)
-        guard status == 0 else {
-            throw Failure(description: "redis-server failed to start (exit \(status)); see \(directory)/redis.log")
+        let spawned = Spawn.start(exe, args, stdout: .null, stderr: .inherit, descriptors: [lockInChild: lock],
+                                  newSession: true)
+        // The server's copy holds the lock from here on; a failed start lets go of it.
+        close(lock)
+        let pid: pid_t
+        switch spawned {
+        case .success(let p): pid = p
+        case .failure(let e): throw Failure(description: "\(e)")
+        }
+        guard let handle = ProcessHandle(pid: pid) else {
+            kill(pid, SIGKILL)
+            _ = Spawn.wait(pid)
+            throw Failure(description: "cannot watch redis-server (pid \(pid)): \(String(cString: strerror(errno)))")
         }
         let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            if isRunning() { return }
+        while true {
+            if isRunning() {
+                server.withLock { $0 = handle }
+                return
+            }
+            if handle.hasExited {
+                let end = Spawn.wait(pid, seconds: 1)
+                throw Failure(description: "redis-server failed to start (\(end.map { "\($0)" } ?? "exited")); see \(directory)/redis.log")
+            }
+            if Date() >= deadline { break }
             usleep(20_000)
         }
-        throw Failure(description: "redis-server did not answer on \(socketPath) within \(Int(timeout)) s; see \(directory)/redis.log")
+        // Did not come up: not left running.
+        handle.signal(SIGKILL)
+        _ = handle.waitForExit(timeout: 10)
+        _ = Spawn.wait(pid, seconds: 1)
+        throw Failure(description: "redis-server did not answer on \(socketPath) within \(Int(timeout)) s (stopped again); see \(directory)/redis.log")
     }
 
-    /// Shuts the server down (its append-only file is flushed) and waits for it to exit.
+    /// The server of this directory, by pidfd: the one this object started,
+    /// else the one its pid file names if that process serves this
+    /// directory. Nil if there is none (or it cannot be told).
+    public func serverHandle() -> ProcessHandle? {
+        if let h = server.withLock({ $0 }), !h.hasExited { return h }
+        adopt()
+        return server.withLock { $0 }
+    }
+
+    /// Takes the server its pid file names for this object's own, if that
+    /// process is a redis-server serving this directory.
+    private func adopt() {
+        guard let pid = serverPID(), serves(pid: pid), let handle = ProcessHandle(pid: pid),
+              !handle.hasExited, serves(pid: pid) else { return }
+        server.withLock { $0 = handle }
+    }
+
+    /// True if process `pid` is a redis-server listening on this
+    /// directory's socket: its command line (which redis-server rewrites
+    /// to `redis-server unixsocket:<path>`) names the socket. A stale pid
+    /// file's reused pid does not pass.
+    func serves(pid: pid_t) -> Bool {
+        guard let cmdline = try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/cmdline")) else { return false }
+        let text = String(decoding: cmdline.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
+        return text.contains("redis-server") && text.contains(socketPath)
+    }
+
+    /// Shuts the server down (its append-only file is flushed) and waits
+    /// for it to exit: SHUTDOWN, else SIGTERM (which redis-server takes as
+    /// a shutdown too), then SIGKILL after `timeout`. A zombie has exited.
     public func stop(timeout: Double = 15) {
-        let pid = serverPID()
+        let handle = serverHandle()
         let pool = RedisPool(RedisConfig(unixSocket: socketPath, connectTimeout: 1, commandTimeout: 5, maxConnections: 1))
-        _ = try? pool.command("SHUTDOWN")
+        let asked = (try? pool.command("SHUTDOWN")) != nil
         pool.close()
-        guard let pid else { return }
-        let deadline = Date().addingTimeInterval(timeout)
-        while kill(pid, 0) == 0 && Date() < deadline { usleep(20_000) }
-        if kill(pid, 0) == 0 { kill(pid, SIGKILL) }
+        guard let handle else { return }
+        if !asked || !handle.waitForExit(timeout: 1) { handle.signal(SIGTERM) }
+        if !handle.waitForExit(timeout: timeout) {
+            handle.signal(SIGKILL)
+            _ = handle.waitForExit(timeout: 10)
+        }
+        // Ours to reap if it was our child (not if another process started it).
+        var status: Int32 = 0
+        _ = waitpid(handle.pid, &status, WNOHANG)
+        server.withLock { if $0 === handle { $0 = nil } }
     }
 
     /// The server's process id, from its pid file.
@@ -95,15 +233,20 @@ public final class PrivateRedis: Sendable {
         return pid
     }
 
-    /// Runs a program (which daemonizes itself) and waits for it to return.
-    static func runToCompletion(_ args: [String]) throws -> Int32 {
-        let pid: pid_t
-        switch Spawn.quiet(args[0], args, keepStderr: true) {
-        case .success(let p): pid = p
-        case .failure(let e): throw Failure(description: "\(e)")
+    private func findServer() throws -> String {
+        guard let exe = executable.map({ access($0, X_OK) == 0 ? $0 : nil }) ?? PrivateRedis.findExecutable("redis-server") else {
+            throw Failure(description: "redis-server is not installed; casfs's zero-config mount runs its own Redis: install it with `apt-get install redis-server` (or pass --config with a !redis-connection)")
         }
-        guard let status = Spawn.wait(pid) else { throw Failure(description: "waiting for \(args[0]) failed") }
-        return status
+        return exe
+    }
+
+    private func prepareDirectory() throws {
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+        } catch {
+            throw Failure(description: "cannot create the state directory \(directory): \(error.localizedDescription)")
+        }
     }
 
     static func findExecutable(_ name: String) -> String? {

@@ -123,6 +123,7 @@ final class OperatorTests: MountTestCase {
         let second = try XCTUnwrap(m.redisPID())
         XCTAssertNotEqual(second, first)
         XCTAssertEqual(kill(second, 0), 0)
+        XCTAssertEqual(redisServers(m), [second], "exactly one server on the data directory")
         let (pb, db) = try localBlob(randomData(100_001, seed: 71))
         XCTAssertTrue(pollUntil(60) { self.sh("cp \(shq(pb)) \(shq(m.path(db)))").ok }, "cp does not work again; log:\n\(m.log.suffix(3000))")
         XCTAssertEqual(m.redis("EXISTS A:\(db)").trimmingCharacters(in: .whitespacesAndNewlines), "1")
@@ -132,6 +133,49 @@ final class OperatorTests: MountTestCase {
         // Unmounting still stops it.
         m.unmount()
         XCTAssertTrue(pollUntil(30) { kill(second, 0) != 0 || self.isZombie(second) }, "the restarted Redis outlived the mount")
+        XCTAssertEqual(redisServers(m), [], "a redis-server of the data directory outlived the mount")
+    }
+
+    /// The live redis-server processes serving `m`'s private Redis socket.
+    func redisServers(_ m: ZeroConfigMount) -> [pid_t] {
+        sh("pgrep -f \(shq("redis-server unixsocket:" + m.redisSocket))").stdout.split(separator: "\n")
+            .compactMap { pid_t($0) }.filter { !isZombie($0) && kill($0, 0) == 0 }
+    }
+
+    /// The daemon out of descriptors (its limit lowered to what it holds):
+    /// its private Redis is not taken for gone, no second server starts;
+    /// killed meanwhile, it is started again (once) when descriptors are
+    /// back; after the unmount no server of the data directory is left.
+    func testDescriptorExhaustionNeverStartsASecondRedis() throws {
+        let m = try zeroConfigMount()
+        let (pa, da) = try localBlob(randomData(50_000, seed: 72))
+        mustSh("cp \(shq(pa)) \(shq(m.path(da)))")
+        let first = try XCTUnwrap(m.redisPID())
+        XCTAssertEqual(redisServers(m), [first])
+        let limits = mustSh("prlimit --pid \(m.pid) --nofile --output SOFT,HARD --noheadings").split(separator: " ").map(String.init)
+        XCTAssertEqual(limits.count, 2, "\(limits)")
+        // No descriptor to spare: a soft limit of 3 makes every new descriptor
+        // of the daemon (open, socket, accept, pidfd) fail with EMFILE.
+        mustSh("prlimit --pid \(m.pid) --nofile=3:\(limits[1])")
+        // Reads that need a descriptor fail; the watchdog ticks several times meanwhile.
+        for _ in 0..<5 {
+            _ = sh("cat \(shq(m.path(da))) > /dev/null; ls \(shq(m.sha256)) > /dev/null")
+            usleep(400_000)
+        }
+        XCTAssertEqual(redisServers(m), [first], "the server was taken for gone")
+        // Killed while the daemon cannot even open the lock file: nothing is started.
+        XCTAssertEqual(kill(first, SIGKILL), 0)
+        usleep(2_000_000)
+        XCTAssertEqual(redisServers(m), [], "a server started without the lock being checked")
+        // Descriptors back: exactly one server again, and the mount serves.
+        mustSh("prlimit --pid \(m.pid) --nofile=\(limits[0]):\(limits[1])")
+        XCTAssertTrue(pollUntil(60) { self.redisServers(m).count == 1 }, "the private Redis did not come back; log:\n\(m.log.suffix(3000))")
+        XCTAssertTrue(pollUntil(60) { self.sh("cmp \(shq(pa)) \(shq(m.path(da)))").ok }, "log:\n\(m.log.suffix(3000))")
+        usleep(1_000_000)
+        XCTAssertEqual(redisServers(m).count, 1)
+        XCTAssertTrue(m.log.contains("not starting a server until it can be checked"), m.log)
+        m.unmount()
+        XCTAssertTrue(pollUntil(30) { self.redisServers(m).isEmpty }, "a redis-server of the data directory outlived the mount")
     }
 
     func isZombie(_ pid: pid_t) -> Bool {
