@@ -1,6 +1,7 @@
 import CASConfig
 import CASCore
 import CASFuse
+import CASProcess
 import CASStorage
 import Foundation
 import Logging
@@ -77,6 +78,7 @@ public final class MountDaemon: Sendable {
     public func services(ready: (@Sendable () -> Void)? = nil) -> [ServiceGroupConfiguration.ServiceConfiguration] {
         let reindex = self.reindex
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
+            Daemon.descriptorHygiene(),
             // A private Redis that dies is started again, and the entries it
             // had not yet written to its append-only file come back by a reindex.
             Daemon.essential(StoreService(stack, log: log) { reindex?.request() }, name: "storage"),
@@ -102,6 +104,8 @@ public final class MountDaemon: Sendable {
     public func run(ready: (@Sendable () -> Void)? = nil) async throws {
         // Paths are absolute from here on: do not keep the starting directory busy.
         _ = chdir("/")
+        // Nothing opened so far reaches a child through exec (fusermount3 at mount time).
+        Descriptors.markAllCloseOnExec()
         try await Daemon.group(services(ready: ready), log: log).run()
     }
 }

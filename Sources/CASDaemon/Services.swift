@@ -1,3 +1,4 @@
+import CASProcess
 import Foundation
 import Logging
 import ServiceLifecycle
@@ -13,6 +14,23 @@ import UnixSignals
 public enum Daemon {
     /// The signals that ask for an orderly stop.
     public static let shutdownSignals: [UnixSignal] = [.sigterm, .sigint, .sighup]
+
+    /// Readies this process to be a daemon: the soft limit of open
+    /// descriptors raised to the hard limit (so that a burst of clients or
+    /// files does not run it out; the metrics server keeps its own share
+    /// small), and every descriptor open so far made close-on-exec.
+    public static func prepareProcess(log: Logger) {
+        if let (before, after) = Descriptors.raiseLimitToHard(), after > before {
+            log.debug("open descriptor limit raised from \(before) to \(after)")
+        }
+        Descriptors.markAllCloseOnExec()
+    }
+
+    /// Every second, makes close-on-exec what libraries opened without it
+    /// (SwiftNIO's sockets for gRPC): an auxiliary service.
+    public static func descriptorHygiene() -> ServiceGroupConfiguration.ServiceConfiguration {
+        auxiliary(PeriodicService(interval: 1) { Descriptors.markAllCloseOnExec() }, name: "close-on-exec")
+    }
 
     /// A service that ends the whole group (gracefully) when it returns or throws.
     public static func essential(_ service: any Service, name: String) -> ServiceGroupConfiguration.ServiceConfiguration {

@@ -149,7 +149,7 @@ final class WriteHandle: @unchecked Sendable {
 
     func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         let n = lock.withLock { size }
-        return try FileSource(fd: dup(fd), size: n).read(into: buffer, offset: Int64(bitPattern: offset))
+        return try FileSource(fd: fcntl(fd, F_DUPFD_CLOEXEC, 0), size: n).read(into: buffer, offset: Int64(bitPattern: offset))
     }
 
     /// Stores the bytes if they are complete (lock held). nil: incomplete.
@@ -159,7 +159,7 @@ final class WriteHandle: @unchecked Sendable {
         if triedSinceChange { return EIO }
         triedSinceChange = true
         let computed = hasher != nil && hashedEnd == size ? hasher!.finalize() : nil
-        let copy = dup(fd)
+        let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
         guard copy >= 0 else { return EIO }
         do {
             try storage.commitWrite(digest, FileSource(fd: copy, size: size, computedDigest: computed))
@@ -209,7 +209,7 @@ final class WriteHandle: @unchecked Sendable {
         lock.withLock {
             if existed && !mayWrite { return }
             if commitIfComplete(storage) == 0 { return }
-            if size != digest.size, let copy = Optional(dup(fd)), copy >= 0 {
+            if size != digest.size, let copy = Optional(fcntl(fd, F_DUPFD_CLOEXEC, 0)), copy >= 0 {
                 // Let the storage's check see (and count) the wrong length.
                 _ = try? storage.commitWrite(digest, FileSource(fd: copy, size: size))
             }

@@ -70,7 +70,7 @@ public final class DeferredWriteJournal: Sendable {
     public func source(_ d: Digest) -> BlobSource? {
         guard contains(d) else { return nil }
         guard let f = try? FileSource(path: path(d)), f.size == d.size else { return nil }
-        return FileSource(fd: dup(f.fd), size: f.size, verified: true)
+        return FileSource(fd: fcntl(f.fd, F_DUPFD_CLOEXEC, 0), size: f.size, verified: true)
     }
 
     func path(_ d: Digest) -> String { directory + "/" + d.description }
@@ -223,7 +223,7 @@ public final class DeferredWriteJournal: Sendable {
         do {
             let src = try FileSource(path: path(d))
             guard src.size == d.size else { throw StorageError.sizeMismatch(expected: d, actualSize: src.size) }
-            try fallback.commitWrite(d, FileSource(fd: dup(src.fd), size: d.size, verified: true))
+            try fallback.commitWrite(d, FileSource(fd: fcntl(src.fd, F_DUPFD_CLOEXEC, 0), size: d.size, verified: true))
         } catch {
             failure = error
         }

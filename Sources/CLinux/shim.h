@@ -38,4 +38,8 @@ static inline int casfs_spawn_addclosefrom(posix_spawn_file_actions_t *actions, 
 static inline int casfs_pipe_cloexec(int fds[2]) { return (int)syscall(SYS_pipe2, fds, O_CLOEXEC); }
 // glibc's POSIX_SPAWN_SETSID (declared only with _GNU_SOURCE).
 static inline short casfs_posix_spawn_setsid(void) { return 0x80; }
+// accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK) (declared only with _GNU_SOURCE).
+static inline int casfs_accept_cloexec_nonblock(int fd) {
+    return (int)syscall(SYS_accept4, fd, NULL, NULL, 02000000 | 04000);
+}
 #endif

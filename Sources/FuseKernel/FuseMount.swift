@@ -1,4 +1,5 @@
 import CFuse
+import CLinux
 import Foundation
 import Glibc
 
@@ -51,6 +52,7 @@ public final class FuseMount: @unchecked Sendable {
         }
         self.session = se
         self.fd = fuse_session_fd(se)
+        _ = fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC)
         self.mountpoint = mountpoint
     }
 
@@ -72,7 +74,11 @@ public final class FuseMount: @unchecked Sendable {
         let words: [String] = ["fusermount3", "-u", "-z", mountpoint]
         let argv: [UnsafeMutablePointer<CChar>?] = words.map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
-        if posix_spawnp(&pid, "fusermount3", nil, nil, argv, environ) == 0 {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        casfs_spawn_addclosefrom(&actions, 3)
+        if posix_spawnp(&pid, "fusermount3", &actions, nil, argv, environ) == 0 {
             var status: Int32 = 0
             waitpid(pid, &status, 0)
         }
@@ -96,8 +102,8 @@ public final class FuseMount: @unchecked Sendable {
     /// Runs `body` with stderr going to a pipe; returns its result and what it printed.
     static func capturingStderr<T>(_ body: () -> T) -> (T, String) {
         var p: [Int32] = [0, 0]
-        guard pipe(&p) == 0 else { return (body(), "") }
-        let saved = dup(2)
+        guard casfs_pipe_cloexec(&p) == 0 else { return (body(), "") }
+        let saved = fcntl(2, F_DUPFD_CLOEXEC, 0)
         _ = fcntl(p[0], F_SETFL, fcntl(p[0], F_GETFL) | O_NONBLOCK)
         dup2(p[1], 2)
         let result = body()

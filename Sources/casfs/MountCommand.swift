@@ -127,6 +127,7 @@ struct MountCommand: ParsableCommand {
     private func serve(ready: Int32?) throws {
         setUpLogging()
         let log = Logger(label: "casfs.mount")
+        Daemon.prepareProcess(log: log)
         // Read once and hidden from what the daemon starts (a private Redis).
         let systemd = SystemdNotify.take()
         let overrides = try parsedOverrides()
