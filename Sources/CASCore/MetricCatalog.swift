@@ -40,6 +40,10 @@ public enum MetricCatalog {
     public static let indexEvictedBytes = MetricInfo("casfs_index_evicted_bytes_total", "Bytes deleted by cleanup.")
     public static let indexAdded = MetricInfo("casfs_index_blobs_added_total", "Blobs newly added to the index.")
     public static let indexRaces = MetricInfo("casfs_index_delete_races_total", "Deletes that met a concurrent re-add and kept the blob.")
+    // Index health (configured and zero-config mounts check it periodically).
+    public static let indexProblem = MetricInfo("casfs_index_problem", "1 while the index has this problem (kind: emptier_than_store, total_size_missing, evicting_policy), else 0.")
+    public static let indexLossDetected = MetricInfo("casfs_index_loss_detected_total", "Times a check found the index lost (much emptier than its store, or total_size missing).")
+    public static let indexReindexes = MetricInfo("casfs_index_background_reindexes_total", "Background passes that made the index agree with its store.")
     public static let redisConnections = MetricInfo("casfs_redis_connections", "Open connections to Redis.")
     public static let redisErrors = MetricInfo("casfs_redis_errors_total", "Failed attempts to reach Redis or run commands there (each failed retry counts), and error replies.")
     public static let redisRetries = MetricInfo("casfs_redis_retries_total", "Redis commands sent again after a failed attempt.")

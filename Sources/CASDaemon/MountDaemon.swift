@@ -19,6 +19,8 @@ public final class MountDaemon: Sendable {
     public let mountpoint: String
     public let metrics: MetricsService?
     public let reindex: BackgroundReindex?
+    /// Checks the index for loss (every index, configured or zero-config).
+    public let indexHealth: IndexHealthMonitor?
     private let temporary: Bool
     private let log: Logger
 
@@ -43,12 +45,20 @@ public final class MountDaemon: Sendable {
             throw error
         }
         fileSystem = MountDaemon.fileSystem(stack: stack.stack, options: options, stagingDirectory: stagingDirectory, log: log)
-        if let data = stack.dataDirectory, let index = stack.index {
-            // A partly lost index (Redis data lost under load) is repaired in
-            // the background: blobs on disk it lacks come back.
-            reindex = BackgroundReindex(index: index, name: data, log: log)
+        if let index = stack.index {
+            // A partly lost index (Redis data lost under load, restarted
+            // empty, keys evicted) is repaired in the background: blobs on
+            // disk it lacks come back.
+            let name = stack.dataDirectory ?? "the mount"
+            let reindex = BackgroundReindex(index: index, name: name, log: log, metrics: stack.metrics)
+            self.reindex = reindex
+            let monitor = IndexHealthMonitor(index: index, name: name, metrics: stack.metrics, reindex: reindex, log: log)
+            // What a pass repaired shows at once (not at the next periodic check).
+            reindex.whenPassEnds { monitor.check() }
+            indexHealth = monitor
         } else {
             reindex = nil
+            indexHealth = nil
         }
     }
 
@@ -84,7 +94,12 @@ public final class MountDaemon: Sendable {
             Daemon.essential(StoreService(stack, log: log) { reindex?.request() }, name: "storage"),
         ]
         if let metrics { services.append(Daemon.essential(metrics, name: "metrics")) }
-        if let reindex { services.append(Daemon.essential(ReindexService(reindex), name: "reindex")) }
+        if let reindex {
+            // The zero-config store is reconciled at every start; a configured
+            // one when its index is found lost.
+            services.append(Daemon.essential(ReindexService(reindex, initialPass: stack.dataDirectory != nil), name: "reindex"))
+        }
+        if let indexHealth { services.append(Daemon.essential(IndexHealthService(indexHealth), name: "index-health")) }
         // A zero-config mount tells other commands (casfs run) where it is.
         let record = stack.mountPointRecorder(temporary ? nil : mountpoint)
         let stack = self.stack

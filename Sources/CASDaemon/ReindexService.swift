@@ -1,3 +1,4 @@
+import CASCore
 import CASStorage
 import Foundation
 import Logging
@@ -21,11 +22,20 @@ public final class BackgroundReindex: Sendable {
     private let state = Mutex(State())
     private let idle = Mutex<DispatchSemaphore?>(nil)
 
+    private let passesCounter: MetricCounter?
+    private let afterPass = Mutex<(@Sendable () -> Void)?>(nil)
+
+    /// `body` runs after each pass (on the pass's thread).
+    public func whenPassEnds(_ body: @escaping @Sendable () -> Void) {
+        afterPass.withLock { $0 = body }
+    }
+
     /// - Parameter name: what the store is called in the log (its directory).
-    public init(index: RedisIndex, name: String, log: Logger) {
+    public init(index: RedisIndex, name: String, log: Logger, metrics: Metrics? = nil) {
         self.index = index
         self.name = name
         self.log = log
+        passesCounter = metrics?.counter(MetricCatalog.indexReindexes)
     }
 
     /// Asks for a pass (started now unless one runs; then once it ends).
@@ -83,6 +93,10 @@ public final class BackgroundReindex: Sendable {
     }
 
     private func pass() {
+        defer {
+            passesCounter?.add(1)
+            afterPass.withLock { $0 }?()
+        }
         do {
             let r = try index.reconcile()
             if r.added > 0 || r.dropped > 0 {

@@ -31,6 +31,7 @@ struct StatCommand: ParsableCommand {
     func run() throws {
         var store: [String: Int64] = [:]
         var live: [String: Double] = [:]
+        var problems: [String] = []
         do {
             if let mount { live = try liveCounters(mount) }
             if opensStore {
@@ -39,6 +40,7 @@ struct StatCommand: ParsableCommand {
                 if let index = stack.index {
                     store["total_size"] = try index.totalSize()
                     store["blob_count"] = try index.blobCount()
+                    problems = try index.checkHealth().problems
                 } else if mount == nil {
                     throw CLIError("stat needs a !redis-index in the configuration (or --mount to show a mount's counters)")
                 }
@@ -47,9 +49,15 @@ struct StatCommand: ParsableCommand {
             printError(error)
             throw ExitCode.failure
         }
+        // A mount reports what its own periodic check found.
+        for (kind, line) in StatCommand.liveProblems where live.contains(where: { $0.key == "casfs_index_problem{kind=\"\(kind)\"}" && $0.value > 0 }) {
+            let text = "mount: \(line)"
+            if !problems.contains(where: { $0.hasPrefix(line) }) { problems.append(text) }
+        }
         if json {
             var out: [String: Any] = store
             if !live.isEmpty { out["mount"] = live }
+            out["index_problems"] = problems
             let data = try JSONSerialization.data(withJSONObject: out, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
             return
@@ -57,6 +65,14 @@ struct StatCommand: ParsableCommand {
         if let n = store["blob_count"], let t = store["total_size"] {
             print("blobs:       \(n)")
             print("total size:  \(humanBytes(max(0, t))) (\(t) bytes)\(t < 0 ? " — negative: run `casfs reindex`" : "")")
+        }
+        if store["blob_count"] != nil || live.keys.contains(where: { $0.hasPrefix(MetricCatalog.indexProblem.name) }) {
+            if problems.isEmpty {
+                print("index:       ok")
+            } else {
+                for p in problems { print("index:       \(p)") }
+                print("             (a mount reindexes a lost index in the background; `casfs reindex` does it now)")
+            }
         }
         guard !live.isEmpty else { return }
         func sum(_ m: MetricInfo) -> Int64 {
@@ -83,6 +99,13 @@ struct StatCommand: ParsableCommand {
             print("trees:       \(sum(MetricCatalog.treeCached)) Directory messages cached, \(sum(MetricCatalog.treeHits)) hits, \(sum(MetricCatalog.treeLoads)) loads")
         }
     }
+
+    /// The index problems a mount shows as `casfs_index_problem{kind}` gauges.
+    static let liveProblems: [(String, String)] = [
+        ("emptier_than_store", "the index is much emptier than its store"),
+        ("total_size_missing", "the index has no total_size counter although the store holds blobs"),
+        ("evicting_policy", "the index's Redis evicts keys when full (maxmemory-policy is not noeviction)"),
+    ]
 
     /// Whether the store's totals are shown too: always with --config or
     /// without --mount; with only --mount, when it is the zero-config mount
