@@ -57,7 +57,7 @@ struct StatCommand: ParsableCommand {
         if json {
             var out: [String: Any] = store
             if !live.isEmpty { out["mount"] = live }
-            out["index_problems"] = problems
+            if !problems.isEmpty { out["index_problems"] = problems }
             let data = try JSONSerialization.data(withJSONObject: out, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
             return
