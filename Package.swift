@@ -51,9 +51,19 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // A REAPI v2 CAS over gRPC (generated client stubs + RemoteStorage).
-        // Only CASConfig and the tests depend on it.
+        // CASConfig, CASWorker and the tests depend on it.
         .target(name: "RemoteCAS", dependencies: [
             "CASCore", "REAPI",
+            .product(name: "GRPCCore", package: "grpc-swift-2"),
+            .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+            .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // `casfs worker`: a bot of BuildGrid's Bots API running each action
+        // on its lazy input root (Bots client, action runner, result upload).
+        .target(name: "CASWorker", dependencies: [
+            "CASCore", "CASTree", "REAPI", "RemoteCAS",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
