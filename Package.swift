@@ -93,6 +93,7 @@ let package = Package(
         ]),
         .executableTarget(name: "casfs", dependencies: [
             "CASCore", "CASStorage", "CASConfig", "CASFuse", "CASTree", "Redis", "CLinux", "MetricsServer",
+            "CASWorker", "RemoteCAS",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
