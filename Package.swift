@@ -64,7 +64,7 @@ let package = Package(
         // `casfs worker`: a bot of BuildGrid's Bots API running each action
         // on its lazy input root (Bots client, action runner, result upload).
         .target(name: "CASWorker", dependencies: [
-            "CASCore", "CASTree", "REAPI", "RemoteCAS",
+            "CASCore", "CASTree", "REAPI", "RemoteCAS", "CASSandbox",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),

@@ -1,3 +1,4 @@
+import CASSandbox
 import Foundation
 import Synchronization
 
@@ -32,30 +33,30 @@ public enum SandboxOutcome: Sendable, Equatable {
 
 /// Lets the lease's owner stop a running command.
 public final class Cancellation: Sendable {
-    private let state = Mutex<(cancelled: Bool, group: pid_t?)>((false, nil))
+    private let state = Mutex<(cancelled: Bool, stop: (@Sendable () -> Void)?)>((false, nil))
 
     public init() {}
 
     public var isCancelled: Bool { state.withLock { $0.cancelled } }
 
-    /// Kills the command's process group, now or as soon as it starts.
+    /// Stops the command, now or as soon as it starts.
     public func cancel() {
-        let group = state.withLock { s -> pid_t? in
+        let stop = state.withLock { s -> (@Sendable () -> Void)? in
             s.cancelled = true
-            return s.group
+            return s.stop
         }
-        if let group { kill(-group, SIGKILL) }
+        stop?()
     }
 
-    /// Records the running process group; false if already cancelled.
-    func started(_ group: pid_t) -> Bool {
+    /// Records how to stop the running command; false if already cancelled.
+    func started(_ stop: @escaping @Sendable () -> Void) -> Bool {
         state.withLock { s in
-            s.group = group
+            s.stop = stop
             return !s.cancelled
         }
     }
 
-    func ended() { state.withLock { $0.group = nil } }
+    func ended() { state.withLock { $0.stop = nil } }
 }
 
 public protocol ActionSandbox: Sendable {
@@ -64,127 +65,66 @@ public protocol ActionSandbox: Sendable {
     func run(_ request: SandboxRequest, cancellation: Cancellation) throws(WorkerFailure) -> SandboxOutcome
 }
 
-/// The sandbox of `casfs run`: the command runs through `casfs run --mount
-/// <the worker's mount> --bind <exec root>:/execroot --chdir
-/// /execroot/<working directory>`, so it sees what casfs run shows (the
-/// system read-only with secrets masked, the mount read-only at /cas, a
-/// private /tmp, /dev, /proc; no capabilities; no network unless asked) plus
-/// its writable exec root at `/execroot`.
-public struct CasfsRunSandbox: ActionSandbox {
+/// The sandbox of `casfs run` (CASSandbox): the command sees the system
+/// read-only with secrets masked, the worker's mount read-only at /cas, a
+/// private /tmp, /dev and /proc, no capabilities, no network unless asked,
+/// and its writable exec root at `/execroot`, where it starts in the
+/// working directory. Killing bwrap ends the whole sandbox (its PID namespace).
+public struct BubblewrapSandbox: ActionSandbox {
     public static let execRootInside = "/execroot"
-    /// casfs run's exit status for its own errors.
-    static let ownErrorStatus: Int32 = 125
 
-    public let casfs: String
+    let sandbox: Sandbox
     public let mount: String
 
-    public init(casfs: String, mount: String) {
-        self.casfs = casfs
+    public init(mount: String) throws {
+        sandbox = try Sandbox()
         self.mount = mount
     }
 
-    public func run(_ request: SandboxRequest, cancellation: Cancellation) throws(WorkerFailure) -> SandboxOutcome {
-        let inside = ([Self.execRootInside] + request.workingDirectory).joined(separator: "/")
-        var argv = [casfs, "run", "--mount", mount, "--bind", "\(request.execRoot):\(Self.execRootInside)", "--chdir", inside]
-        if request.network { argv.append("--network") }
-        argv += ["--"] + request.arguments
-        let env = request.environment.map { "\($0.0)=\($0.1)" }
+    func spec(_ request: SandboxRequest) -> SandboxSpec {
+        var env: [String: String] = [:]
+        for (k, v) in request.environment { env[k] = v }
+        return SandboxSpec(
+            mount: mount,
+            mounts: [.bind(SandboxBind(source: request.execRoot, destination: Self.execRootInside, writable: true))],
+            workingDirectory: ([Self.execRootInside] + request.workingDirectory).joined(separator: "/"),
+            network: request.network, environment: env, namesPaths: false)
+    }
 
-        let out = open(request.stdoutPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        let err = open(request.stderrPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        defer {
-            if out >= 0 { close(out) }
-            if err >= 0 { close(err) }
+    /// Fail closed, once: builds the sandbox around `execRoot` (an empty
+    /// directory) and checks that nothing inside keeps a privilege.
+    public func check(execRoot: String) throws {
+        try sandbox.check(spec(SandboxRequest(execRoot: execRoot, workingDirectory: [], arguments: ["true"],
+                                               environment: [], stdoutPath: "", stderrPath: "", timeout: nil,
+                                               network: false)))
+    }
+
+    public func run(_ request: SandboxRequest, cancellation: Cancellation) throws(WorkerFailure) -> SandboxOutcome {
+        let run: SandboxRun
+        do {
+            run = try sandbox.start(spec(request), command: request.arguments, stdin: .null,
+                                    stdout: .file(request.stdoutPath), stderr: .file(request.stderrPath))
+        } catch {
+            throw WorkerFailure(.internalError, "the sandbox could not start: \(error)")
         }
-        guard out >= 0, err >= 0 else {
-            throw WorkerFailure(.internalError, "cannot create the action's stdout/stderr files in \(request.stdoutPath): \(errnoText())")
-        }
-        let pid = try ChildProcess.spawn(casfs, argv, environment: env, stdout: out, stderr: err)
-        guard cancellation.started(pid) else {
-            kill(-pid, SIGKILL)
-            _ = ChildProcess.wait(pid, timeout: nil)
+        guard cancellation.started({ run.kill() }) else {
+            run.kill()
+            _ = run.wait()
             cancellation.ended()
             return .cancelled
         }
-        let status = ChildProcess.wait(pid, timeout: request.timeout)
+        let result = run.wait(timeout: request.timeout)
         cancellation.ended()
-        guard let status else {
-            // The deadline: the whole group goes (casfs run, bwrap; the
-            // sandbox's own processes die with bwrap's PID namespace).
-            kill(-pid, SIGKILL)
-            _ = ChildProcess.wait(pid, timeout: nil)
-            return .timedOut
-        }
+        if result.timedOut { return .timedOut }
         if cancellation.isCancelled { return .cancelled }
-        if status == Self.ownErrorStatus, let said = Self.ownError(request.stderrPath) {
-            throw WorkerFailure(.internalError, "the sandbox could not run the command: \(said)")
+        if !result.started {
+            // bwrap said why on the command's stderr. A command that cannot
+            // be started is the action's failure (as a shell's 127); anything
+            // else is the sandbox's.
+            let said = (FileManager.default.contents(atPath: request.stderrPath)).map { String(decoding: $0.prefix(4096), as: UTF8.self) } ?? ""
+            if said.contains("execvp") { return .exited(127) }
+            throw WorkerFailure(.internalError, "the sandbox could not be set up: \(said.trimmingCharacters(in: .whitespacesAndNewlines))")
         }
-        return .exited(status)
-    }
-
-    /// casfs run's own one-line error (`casfs: ...`) at the start of the
-    /// stderr file, if that is all there is.
-    static func ownError(_ path: String) -> String? {
-        guard let data = FileManager.default.contents(atPath: path), data.count < 4096 else { return nil }
-        let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-        guard text.hasPrefix("casfs: "), !text.contains("\n") else { return nil }
-        return String(text.dropFirst(7))
-    }
-}
-
-/// posix_spawn in a process group of its own, with stdin from /dev/null,
-/// default signal handling and only the given descriptors.
-enum ChildProcess {
-    static func spawn(_ exe: String, _ argv: [String], environment: [String], stdout: Int32, stderr: Int32) throws(WorkerFailure) -> pid_t {
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        var none = sigset_t()
-        sigemptyset(&none)
-        posix_spawnattr_setsigmask(&attr, &none)
-        var defaults = sigset_t()
-        sigfillset(&defaults)
-        sigdelset(&defaults, SIGKILL)
-        sigdelset(&defaults, SIGSTOP)
-        posix_spawnattr_setsigdefault(&attr, &defaults)
-        posix_spawnattr_setpgroup(&attr, 0)
-        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP))
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, stdout, 1)
-        posix_spawn_file_actions_adddup2(&actions, stderr, 2)
-        let cArgs = argv.map { strdup($0) } + [nil]
-        let cEnv = environment.map { strdup($0) } + [nil]
-        defer {
-            cArgs.forEach { free($0) }
-            cEnv.forEach { free($0) }
-        }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, exe, &actions, &attr, cArgs, cEnv)
-        guard rc == 0 else { throw WorkerFailure(.internalError, "cannot start \(exe): \(errnoText(rc))") }
-        return pid
-    }
-
-    /// The exit status (128+N for signal N), or nil when `timeout` seconds
-    /// passed first (the child is then still running).
-    static func wait(_ pid: pid_t, timeout: Double?) -> Int32? {
-        let deadline = timeout.map { Date().addingTimeInterval($0) }
-        var pause: useconds_t = 1_000
-        while true {
-            var status: Int32 = 0
-            let r = waitpid(pid, &status, deadline == nil ? 0 : WNOHANG)
-            if r == pid {
-                let sig = status & 0x7f
-                return sig == 0 ? (status >> 8) & 0xff : 128 + sig
-            }
-            if r < 0 && errno != EINTR { return -1 }
-            if let deadline {
-                if Date() >= deadline { return nil }
-                usleep(pause)
-                pause = min(pause * 2, 10_000)
-            }
-        }
+        return .exited(result.status)
     }
 }

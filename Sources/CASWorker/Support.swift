@@ -70,11 +70,5 @@ extension Date {
     var timestamp: Google_Protobuf_Timestamp { Google_Protobuf_Timestamp(date: self) }
 }
 
-/// A message of the error, for logs and statuses.
-func describe(_ error: any Error) -> String {
-    if let e = error as? CustomStringConvertible { return e.description }
-    return String(describing: error)
-}
-
 /// strerror as a Swift string.
 func errnoText(_ code: Int32 = errno) -> String { String(cString: strerror(code)) }

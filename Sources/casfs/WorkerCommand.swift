@@ -1,7 +1,9 @@
 import ArgumentParser
 import CASConfig
 import CASCore
+import CASDaemon
 import CASFuse
+import CASProcess
 import CASStorage
 import CASWorker
 import Foundation
@@ -160,20 +162,35 @@ struct WorkerCommand: ParsableCommand {
         defer { metricsServer?.stop() }
 
         // The mount: read-only and open-less, served by threads of this process.
-        let mount = try WorkerMount.start(stack: stack, mountpoint: layout.mount, log: log)
+        var options = stack.stack.mount
+        options.writable = false
+        options.fsName = "casfs-worker"
+        let fs = MountDaemon.fileSystem(stack: stack.stack, options: options, stagingDirectory: layout.scratch, log: log)
+        let mount = try ServedMount.start(fs, mountpoint: layout.mount, log: log)
         stopStack = false
         defer {
-            mount.stop()
+            do { try mount.stop() } catch { log.error("unmounting \(layout.mount): \(error)") }
             stack.close()
         }
+        guard mount.waitUntilReady(timeout: 60) else {
+            throw CLIError("the CAS mount on \(layout.mount) did not come up")
+        }
+        log.info("CAS mounted on \(layout.mount)")
 
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        // Fail closed: the sandbox is built and checked once before any lease.
+        let sandbox = try BubblewrapSandbox(mount: layout.mount)
+        let probe = layout.scratch + "/sandbox-check"
+        try FileManager.default.createDirectory(atPath: probe, withIntermediateDirectories: true)
+        do { try sandbox.check(execRoot: probe) } catch {
+            throw CLIError("the action sandbox cannot be built: \(error)")
+        }
+        rmdir(probe)
         var runnerSettings = RunnerSettings(mount: layout.mount, scratchDirectory: layout.scratch, workerName: botID,
                                             networkAllowed: platform.contains { $0.0 == "network" && $0.1 == "on" })
         runnerSettings.staging = RunnerSettings.InputStaging(rawValue: inputStaging) ?? .lazy
         let runner = ActionRunner(
             settings: runnerSettings,
-            fetch: stack.storage, upload: remote, sandbox: CasfsRunSandbox(casfs: exe, mount: layout.mount),
+            fetch: stack.storage, upload: remote, sandbox: sandbox,
             metrics: workerMetrics)
         let client = try RemoteChannel.client(url: server, credentials: credentials)
         var settings = BotSettings(instanceName: instanceName, botID: botID, capacity: capacity, properties: platform)
@@ -219,9 +236,9 @@ struct WorkerLayout {
             throw CLIError("another casfs worker uses the cache directory \(root)")
         }
         // What a worker killed before it could clean up left behind.
-        if isMountPoint(mount) { FuseMount.detach(mount) }
+        if MountTable.isMountPoint(mount) { FuseMount.detach(mount) }
         if let left = try? FileManager.default.contentsOfDirectory(atPath: scratch) {
-            for dir in left where isMountPoint(scratch + "/" + dir + "/root") {
+            for dir in left where MountTable.isMountPoint(scratch + "/" + dir + "/root") {
                 _ = umount2(scratch + "/" + dir + "/root", Int32(MNT_DETACH))
             }
         }
@@ -290,50 +307,6 @@ private func runQuietlyForWorker(_ argv: [String]) -> Int32 {
         return status
     case .failure:
         return -1
-    }
-}
-
-/// The worker's casfs mount, served by threads of this process until `stop()`.
-final class WorkerMount: @unchecked Sendable {
-    let mountpoint: String
-    private let finished: DispatchSemaphore
-
-    private init(mountpoint: String, finished: DispatchSemaphore) {
-        self.mountpoint = mountpoint
-        self.finished = finished
-    }
-
-    static func start(stack: OpenStack, mountpoint: String, log: Logger) throws -> WorkerMount {
-        var options = stack.stack.mount
-        options.writable = false
-        options.fsName = "casfs-worker"
-        let fs = CASFileSystem(storage: stack.storage, index: stack.index, options: options,
-                               stagingDirectory: "/var/tmp", spaceDirectories: [], recordAccess: nil,
-                               metrics: stack.metrics)
-        let ready = DispatchSemaphore(value: 0)
-        let failure = Mutex<String?>(nil)
-        let finished = DispatchSemaphore(value: 0)
-        let thread = Thread {
-            do {
-                try fs.serve(mountpoint: mountpoint) { ready.signal() }
-            } catch {
-                failure.withLock { $0 = "\(error)" }
-                ready.signal()
-            }
-            finished.signal()
-        }
-        thread.name = "casfs-worker-mount"
-        thread.start()
-        ready.wait()
-        if let f = failure.withLock({ $0 }) { throw CLIError("cannot mount the CAS on \(mountpoint): \(f)") }
-        log.info("CAS mounted on \(mountpoint)")
-        return WorkerMount(mountpoint: mountpoint, finished: finished)
-    }
-
-    /// Unmounts and waits for the serving threads to end.
-    func stop() {
-        FuseMount.detach(mountpoint)
-        _ = finished.wait(timeout: .now() + 30)
     }
 }
 
