@@ -145,6 +145,10 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "RemoteTests", dependencies: ["CASCore", "RemoteCAS", "REAPI", "TestSupport"]),
+        .testTarget(name: "WorkerTests", dependencies: [
+            "CASCore", "CASWorker", "REAPI", "TestSupport",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
         .testTarget(name: "TreeTests", dependencies: [
             "CASCore", "CASStorage", "CASTree", "REAPI",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
