@@ -70,6 +70,12 @@ schedulers:
     bot-session-keepalive-timeout: 60
     poll-interval: 0.1
     bot-poll-interval: 0.1
+    # The default assigner runs every 1-2 s, which an idle bot waits for
+    # with every action.
+    assigners:
+      - !priority-age-assigner
+        interval: 0.05
+        jitter-factor: 0.1
 instances:
   - name: "$INSTANCE"
     services:

@@ -123,6 +123,10 @@ public final class BuildGridExecution: @unchecked Sendable {
                 max-execution-timeout: 600
                 poll-interval: 0.1
                 bot-poll-interval: 0.1
+                assigners:
+                  - !priority-age-assigner
+                    interval: 0.05
+                    jitter-factor: 0.1
             instances:
               - name: "\(instance)"
                 services:
