@@ -169,7 +169,18 @@ struct WorkerCommand: ParsableCommand {
         let mount = try ServedMount.start(fs, mountpoint: layout.mount, log: log)
         stopStack = false
         defer {
-            do { try mount.stop() } catch { log.error("unmounting \(layout.mount): \(error)") }
+            // Bounded: a lazily detached exec root still in use by a dying
+            // sandbox keeps the FUSE connection alive; the process's exit
+            // then ends it.
+            let stopped = DispatchSemaphore(value: 0)
+            let t = Thread {
+                do { try mount.stop() } catch { log.error("unmounting \(layout.mount): \(error)") }
+                stopped.signal()
+            }
+            t.start()
+            if stopped.wait(timeout: .now() + 15) == .timedOut {
+                log.warning("the mount on \(layout.mount) still had users 15 s after the unmount; exiting anyway")
+            }
             stack.close()
         }
         guard mount.waitUntilReady(timeout: 60) else {
