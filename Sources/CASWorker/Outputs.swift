@@ -103,7 +103,9 @@ struct OutputCollector {
             var d = Build_Bazel_Remote_Execution_V2_OutputDirectory()
             d.path = name
             d.treeDigest = REDigest(treeDigest)
-            d.rootDirectoryDigest = REDigest(rootDigest)
+            // TREE_ONLY: root_directory_digest would promise each Directory
+            // blob in the CAS as well, which only the Tree holds.
+            _ = rootDigest
             out.directories.append(d)
         default:
             throw WorkerFailure(.failedPrecondition, "the output \(given) is neither a file, a directory nor a symlink")
