@@ -65,6 +65,50 @@ public enum Daemon {
         defer { listener.cancel() }
         return try await runOnThread(body)
     }
+
+    /// From synchronous code outside a service group: `handler` gets each of
+    /// `signals` received (on a task of its own) until the subscription is
+    /// cancelled. Returns once the signals are trapped.
+    public static func onSignals(_ signals: [UnixSignal], handler: @escaping @Sendable (Int32) -> Void) -> SignalSubscription {
+        let registered = DispatchSemaphore(value: 0)
+        let task = Task.detached {
+            let sequence = await UnixSignalsSequence(trapping: signals)
+            registered.signal()
+            for await s in sequence { handler(s.rawValue) }
+        }
+        registered.wait()
+        return SignalSubscription(task)
+    }
+
+    /// From synchronous code outside a service group: what
+    /// `descriptorHygiene()` does, on a thread of its own until stopped.
+    public static func startDescriptorHygiene(interval: Double = 1) -> SignalSubscription {
+        let stopper = Stopper()
+        let t = Thread {
+            while !stopper.isStopped {
+                Descriptors.markAllCloseOnExec()
+                stopper.sleep(interval)
+            }
+        }
+        t.name = "casfs-close-on-exec"
+        t.start()
+        return SignalSubscription { stopper.stop() }
+    }
+}
+
+/// Something running in the background that `cancel()` ends.
+public final class SignalSubscription: Sendable {
+    private let end: @Sendable () -> Void
+
+    init(_ task: Task<Void, Never>) {
+        end = { task.cancel() }
+    }
+
+    init(_ end: @escaping @Sendable () -> Void) {
+        self.end = end
+    }
+
+    public func cancel() { end() }
 }
 
 /// Runs blocking `body` on a new thread (not on the concurrency pool) and

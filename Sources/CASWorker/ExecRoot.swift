@@ -1,3 +1,4 @@
+import CASSandbox
 import Foundation
 
 /// An action's exec root: the lazy input root `<mount>/tree/<digest>` (read
@@ -90,20 +91,8 @@ final class ExecRoot {
 /// symlinks or crossing into other filesystems.
 enum ScratchRemover {
     static func remove(_ path: String) {
-        var st = stat()
-        guard lstat(path, &st) == 0 else { return }
-        let candidates: [String] = ["/usr/bin/rm", "/bin/rm"]
-        let rm = candidates.first { access($0, X_OK) == 0 } ?? "/bin/rm"
-        var pid: pid_t = 0
-        let words: [String] = [rm, "-rf", "--one-file-system", "--", path]
-        let argv: [UnsafeMutablePointer<CChar>?] = words.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        guard posix_spawn(&pid, rm, nil, nil, argv, nil) == 0 else {
-            log.error("cannot remove \(path): rm did not start")
-            return
+        do { try TreeRemover.remove(path) } catch {
+            log.error("\(error)")
         }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        if status != 0 { log.error("removing \(path) failed (rm exited with \(status >> 8))") }
     }
 }

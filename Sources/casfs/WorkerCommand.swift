@@ -2,6 +2,7 @@ import ArgumentParser
 import CASConfig
 import CASCore
 import CASDaemon
+import CASSandbox
 import CASFuse
 import CASProcess
 import CASStorage
@@ -139,6 +140,10 @@ struct WorkerCommand: ParsableCommand {
 
     private func serve() throws {
         let log = Logger(label: "casfs.worker")
+        // A descriptor limit to match the actions' load; nothing it opens (gRPC's sockets included) reaches a child.
+        Daemon.prepareProcess(log: log)
+        let hygiene = Daemon.startDescriptorHygiene()
+        defer { hygiene.cancel() }
         guard geteuid() == 0 else {
             throw CLIError("casfs worker must run as root: it mounts the CAS and an overlayfs exec root for each action")
         }
@@ -209,7 +214,7 @@ struct WorkerCommand: ParsableCommand {
         let bot = BotWorker(client: client, settings: settings, runner: runner, metrics: workerMetrics)
 
         let connections = Task.detached { try? await client.runConnections() }
-        let stopper = StopSignals { bot.stop() }
+        let stopper = Daemon.onSignals([.sigterm, .sigint]) { _ in bot.stop() }
         defer { stopper.cancel() }
         log.info("casfs worker \(botID): \(capacity) at once, platform \(platform.map { "\($0.0)=\($0.1)" }.joined(separator: ",")), scheduler \(server), CAS \(casURL), instance '\(instanceName)', mount \(layout.mount)")
         let done = DispatchSemaphore(value: 0)
@@ -303,65 +308,10 @@ struct WorkerLayout {
 }
 
 enum ScratchCleaner {
-    /// Removes `path` and everything below it (rm -rf, one filesystem).
+    /// Removes `path` and everything below it (as rm -rf --one-file-system does, at any depth).
     static func remove(_ path: String) {
-        guard FileManager.default.fileExists(atPath: path) else { return }
-        _ = runQuietlyForWorker(["/bin/rm", "-rf", "--one-file-system", "--", path])
-    }
-}
-
-private func runQuietlyForWorker(_ argv: [String]) -> Int32 {
-    switch Spawn.quiet(argv[0], argv) {
-    case .success(let pid):
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        return status
-    case .failure:
-        return -1
-    }
-}
-
-/// SIGTERM and SIGINT call `handler` (on a thread of its own), once per signal.
-final class StopSignals: Sendable {
-    nonisolated(unsafe) static var writeFD: Int32 = -1
-    private let readFD: Int32
-    private let writeFD: Int32
-
-    init(_ handler: @escaping @Sendable () -> Void) {
-        var fds: [Int32] = [-1, -1]
-        _ = pipe(&fds)
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        readFD = fds[0]
-        writeFD = fds[1]
-        Self.writeFD = writeFD
-        for s in [SIGINT, SIGTERM] {
-            var action = sigaction()
-            action.__sigaction_handler.sa_handler = workerSignalToPipe
-            sigemptyset(&action.sa_mask)
-            action.sa_flags = SA_RESTART
-            sigaction(s, &action, nil)
+        do { try TreeRemover.remove(path) } catch {
+            FileHandle.standardError.write(Data("casfs: \(error)\n".utf8))
         }
-        let fd = readFD
-        let t = Thread {
-            var b: UInt8 = 0
-            while true {
-                let n = read(fd, &b, 1)
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 || b == 2 { return }
-                handler()
-            }
-        }
-        t.name = "casfs-worker-signals"
-        t.start()
     }
-
-    func cancel() {
-        var b: UInt8 = 2
-        _ = write(writeFD, &b, 1)
-    }
-}
-
-private func workerSignalToPipe(_: Int32) {
-    var b: UInt8 = 1
-    _ = write(StopSignals.writeFD, &b, 1)
 }
