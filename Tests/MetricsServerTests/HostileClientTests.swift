@@ -147,11 +147,22 @@ final class HostileClientTests: XCTestCase {
         let c = try TCPClient(port: s.port)
         c.send(get)
         XCTAssertNotNil(c.receiveResponse())
-        // Every socket of this process is close-on-exec once the server holds one.
-        for fd in ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []) {
-            let target = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? ""
-            guard target.hasPrefix("socket:"), let n = Int32(fd), n != c.fd else { continue }
-            XCTAssertNotEqual(fcntl(n, F_GETFD) & FD_CLOEXEC, 0, "socket descriptor \(fd) is not close-on-exec")
+        // The server's sockets (the listener, and the connection it accepted:
+        // both have the server's port as their local port) are close-on-exec.
+        var checked = 0
+        for fd in ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).compactMap({ Int32($0) }) {
+            var storage = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let port: Int? = withUnsafeMutablePointer(to: &storage) { p in
+                p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                    guard getsockname(fd, sa, &length) == 0, sa.pointee.sa_family == sa_family_t(AF_INET) else { return nil }
+                    return sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin_port)) }
+                }
+            }
+            guard port == s.port else { continue }
+            checked += 1
+            XCTAssertNotEqual(fcntl(fd, F_GETFD) & FD_CLOEXEC, 0, "socket descriptor \(fd) of the server is not close-on-exec")
         }
+        XCTAssertEqual(checked, 2, "the listener and one accepted connection")
     }
 }
