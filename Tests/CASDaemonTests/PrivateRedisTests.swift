@@ -74,7 +74,8 @@ final class PrivateRedisTests: XCTestCase {
         for d in dirs {
             let r = PrivateRedis(directory: d)
             r.stop(timeout: 5)
-            _ = runShell("pkill -KILL -f \(shq(d + "/redis.sock"))")
+            // A server a test left running (by its pid, found by its socket).
+            for pid in servers(r) { kill(pid, SIGKILL) }
             try? FileManager.default.removeItem(atPath: d)
         }
         dirs = []
