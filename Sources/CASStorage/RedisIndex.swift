@@ -353,9 +353,9 @@ public final class RedisIndex: Storage, BlobIndex {
 
     /// Present in the index (refreshed) and in the storage (which decides
     /// whether its copy can be trusted).
-    public func skipsWrite(_ digest: Digest) throws -> Bool {
+    public func skipsWrite(_ digest: Digest, _ source: BlobSource) throws -> Bool {
         guard try missingBlobs([digest]).isEmpty else { return false }
-        return try storage.skipsWrite(digest)
+        return try storage.skipsWrite(digest, source)
     }
 
     public func recordVerified(_ digest: Digest, _ source: BlobSource) {
@@ -381,6 +381,30 @@ public final class RedisIndex: Storage, BlobIndex {
             indexLog.error("bulk delete failed: \(error)")
             return digests.map(\.hash)
         }
+    }
+
+    /// Removes a damaged copy of `digest` from the index and the store:
+    /// the key first (DEL, and DECRBY if it was there), then the copy, but
+    /// only the one `withdraw` still finds (it returns nil when another
+    /// writer replaced the copy meanwhile). A copy present afterwards (that
+    /// writer's) is indexed again, so no key is lost for bytes that are
+    /// there and no key is left for bytes that are gone. True if the damaged
+    /// copy was removed.
+    public func removeDamaged(_ digest: Digest, withdraw: () throws -> WithdrawnBlob?,
+                              discard: (WithdrawnBlob) -> Void) throws -> Bool {
+        let hadKey = try !deleteFromIndex([digest]).isEmpty
+        let withdrawn: WithdrawnBlob?
+        do { withdrawn = try withdraw() } catch {
+            if hadKey { _ = try? addToIndex([digest]) }
+            throw error
+        }
+        if let withdrawn { discard(withdrawn) }
+        if hadKey, try storage.hasBlob(digest) {
+            try addToIndex([digest])
+        } else if hadKey {
+            indexLog.notice("removed the damaged copy of \(digest) and its index entry")
+        }
+        return withdrawn != nil
     }
 
     /// EXPIRE every digest asked (one pipeline); those where nothing was

@@ -221,14 +221,16 @@ public final class WithCacheStorage: Storage {
 
     // MARK: writes
 
-    /// Deferred: present in the cache or the journal (the fallback is not
-    /// asked, so that a stalled fallback never slows a write). Otherwise the
-    /// fallback decides.
-    public func skipsWrite(_ d: Digest) throws -> Bool {
+    /// Deferred: present and intact in the cache, or in the journal (the
+    /// fallback is not asked, so that a stalled fallback never slows a
+    /// write). Otherwise the fallback decides, and a damaged copy in the
+    /// cache is not kept either.
+    public func skipsWrite(_ d: Digest, _ source: BlobSource) throws -> Bool {
         if let journal {
-            return (try? cache.hasBlob(d)) == true || journal.contains(d)
+            return (try? cache.skipsWrite(d, source)) == true || journal.contains(d)
         }
-        return try fallback.skipsWrite(d)
+        guard try fallback.skipsWrite(d, source) else { return false }
+        return (try? cache.hasBlob(d)) != true || (try? cache.skipsWrite(d, source)) == true
     }
 
     public func commitWrite(_ d: Digest, _ source: BlobSource) throws {

@@ -1,3 +1,6 @@
+import CASConfig
+import CASCore
+import CASFuse
 import CASStorage
 import Foundation
 import Logging
@@ -15,4 +18,13 @@ func reindexInBackground(_ index: RedisIndex, data: String, log: Logger) {
             log.error("reindexing \(data) failed: \(error)")
         }
     }
+}
+
+/// With `scrub-interval`, re-hashes the stack's disk stores in the
+/// background (`BackgroundScrub`); a repaired blob's cached pages are
+/// dropped from the kernel. Stop it before the storage stops.
+func scrubInBackground(_ stack: StorageStack, _ options: MountOptions, _ fs: CASFileSystem) -> BackgroundScrub? {
+    guard options.scrubInterval > 0 else { return nil }
+    return BackgroundScrub.start(stack.scrubTargets, interval: options.scrubInterval, rate: options.scrubRate,
+                                 metrics: stack.metrics) { [weak fs] d in fs?.blobChanged(d) }
 }

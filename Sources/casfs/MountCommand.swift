@@ -141,6 +141,7 @@ struct MountCommand: ParsableCommand {
         let stack = try OpenStack(configPath: config, keepRedis: true)
         var mountOptions = stack.stack.mount
         overrides.apply(to: &mountOptions)
+        mountOptions.configPath = config.map(absolute)
         if overrides.noOpen == true && mountOptions.writable {
             stack.close()
             throw ValidationError("-o noopen needs a read-only mount (-o ro)")
@@ -190,6 +191,8 @@ struct MountCommand: ParsableCommand {
             }
         }
         defer { stack.close() }
+        let scrub = scrubInBackground(stack.stack, mountOptions, fs)
+        defer { scrub?.stop() }
         // Once the mount is gone, the store is no longer recorded as served
         // (a new mount waits for this daemon to finish instead of being
         // turned away), and the Redis that close() stops is not restarted.

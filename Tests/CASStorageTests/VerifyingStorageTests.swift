@@ -29,7 +29,8 @@ final class VerifyingStorageTests: XCTestCase {
 
     func testForeignFileIsHashedOnceThenCarriesAProof() throws {
         let (v, disk, m) = try make()
-        let (d, data) = blob("written by someone else")
+        let data = patterned(2 << 20)
+        let d = Digest.of(data)
         try plant(disk, d, data)
         XCTAssertFalse(try XCTUnwrap(disk.openBlob(d)).isVerified)
         XCTAssertEqual(try v.openBlob(d)?.readAll(), data)
@@ -38,6 +39,81 @@ final class VerifyingStorageTests: XCTestCase {
         let again = VerifyingStorage(try DiskStorage(root: disk.root), sourceName: "disk", metrics: m)
         XCTAssertTrue(try XCTUnwrap(again.openBlob(d)).isVerified)
         XCTAssertEqual(m.value(MetricCatalog.verifications), 1)
+    }
+
+    /// Small files keep their proof in memory only: hashed once per
+    /// process, again after a restart (cheap), with no record on disk.
+    func testSmallFileProofIsKeptInMemory() throws {
+        let (v, disk, m) = try make()
+        let (d, data) = blob("small and foreign")
+        try plant(disk, d, data)
+        XCTAssertEqual(try v.openBlob(d)?.readAll(), data)
+        XCTAssertTrue(try XCTUnwrap(v.openBlob(d)).isVerified)
+        XCTAssertEqual(m.value(MetricCatalog.verifications), 1)
+        XCTAssertNil(try? FileManager.default.destinationOfSymbolicLink(atPath: disk.root + "/casfs-proofs/\(d.hash.prefix(2))/\(d.hash.dropFirst(2))"))
+        let again = VerifyingStorage(try DiskStorage(root: disk.root), sourceName: "disk", metrics: m)
+        XCTAssertEqual(try again.openBlob(d)?.readAll(), data)
+        XCTAssertEqual(m.value(MetricCatalog.verifications), 2)
+    }
+
+    /// A proof binds the change time: bytes changed in place with the
+    /// modification time set back (`touch -r`) void it, in this process
+    /// and after a restart, for small and large files.
+    func testChangeThatRestoresMtimeVoidsTheProof() throws {
+        for size in [100, 3 << 20] {
+            for restart in [false, true] {
+                let (v, disk, m) = try make()
+                let data = patterned(size)
+                let d = Digest.of(data)
+                try disk.commitWrite(d, DataSource(data))
+                XCTAssertTrue(try XCTUnwrap(v.openBlob(d)).isVerified)
+                let path = disk.objectPath(d)
+                var before = stat()
+                XCTAssertEqual(stat(path, &before), 0)
+                let fd = open(path, O_WRONLY)
+                var b: UInt8 = data[size / 2] ^ 0xff
+                XCTAssertEqual(pwrite(fd, &b, 1, off_t(size / 2)), 1)
+                close(fd)
+                var times = [before.st_atim, before.st_mtim]
+                XCTAssertEqual(utimensat(AT_FDCWD, path, &times, 0), 0)
+                var after = stat()
+                XCTAssertEqual(stat(path, &after), 0)
+                XCTAssertEqual(after.st_mtim.tv_sec, before.st_mtim.tv_sec)
+                XCTAssertEqual(after.st_mtim.tv_nsec, before.st_mtim.tv_nsec)
+                let store = restart ? VerifyingStorage(try DiskStorage(root: disk.root), sourceName: "disk", metrics: m) : v
+                XCTAssertFalse(try XCTUnwrap(disk.openBlob(d)).isVerified, "\(size) bytes: the proof survived the change")
+                XCTAssertThrowsError(try store.openBlob(d)?.readAll(), "\(size) bytes: damaged bytes were served") { e in
+                    guard case StorageError.corrupt = e else { return XCTFail("\(e)") }
+                }
+            }
+        }
+    }
+
+    /// A verified write of a blob whose stored copy is damaged but still
+    /// proven (media damage changes no metadata) replaces the copy.
+    func testVerifiedRewriteReplacesADamagedProvenCopy() throws {
+        let (_, disk, _) = try make()
+        let data = patterned(3 << 20)
+        let d = Digest.of(data)
+        try disk.commitWrite(d, DataSource(data))
+        let path = disk.objectPath(d)
+        let proven = try XCTUnwrap(disk.openBlob(d) as? BlobSource)
+        XCTAssertTrue(proven.isVerified)
+        // Damage without a trace in the metadata: the bytes change, then the
+        // proof record is made to name the new change time (as if the
+        // medium had changed under an unchanged inode).
+        let fd = open(path, O_WRONLY)
+        var b: UInt8 = data[12345] ^ 0x01
+        XCTAssertEqual(pwrite(fd, &b, 1, 12345), 1)
+        close(fd)
+        var st = stat()
+        XCTAssertEqual(stat(path, &st), 0)
+        disk.recordProof(d, FileStamp(st))
+        XCTAssertTrue(try XCTUnwrap(disk.openBlob(d)).isVerified, "the damage is invisible to the proof")
+        XCTAssertFalse(try disk.skipsWrite(d, DataSource(data)), "a rewrite of a damaged copy is not skipped")
+        try disk.commitWrite(d, DataSource(data))
+        XCTAssertEqual(FileManager.default.contents(atPath: path), data, "the damaged copy was replaced")
+        XCTAssertTrue(try disk.skipsWrite(d, DataSource(data)))
     }
 
     func testChangedFileLosesItsProofAndCorruptionIsRepaired() throws {
