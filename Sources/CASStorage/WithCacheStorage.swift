@@ -241,15 +241,21 @@ public final class WithCacheStorage: Storage {
             try fallback.commitWrite(d, source)
             return
         }
-        guard let journal else {
-            try fallback.commitWrite(d, source)
-            return
-        }
         do {
-            try journal.add(d, source)
+            guard let journal else {
+                try fallback.commitWrite(d, source)
+                return
+            }
+            do {
+                try journal.add(d, source)
+            } catch {
+                log.error("journaling the deferred write of \(d) failed, writing through: \(error)")
+                try fallback.commitWrite(d, source)
+            }
         } catch {
-            log.error("journaling the deferred write of \(d) failed, writing through: \(error)")
-            try fallback.commitWrite(d, source)
+            // The write failed: the cache does not keep what the fallback refused.
+            do { try cache.deleteBlob(d) } catch { log.warning("cache delete of \(d) after a failed write failed: \(error)") }
+            throw error
         }
     }
 
@@ -258,7 +264,11 @@ public final class WithCacheStorage: Storage {
         if let e = cacheResults.lazy.compactMap({ $0 }).first {
             log.warning("cache failed to store some blobs of a batch: \(e)")
         }
-        guard let journal else { return fallback.bulkUpdateBlobs(blobs) }
+        guard let journal else {
+            let statuses = fallback.bulkUpdateBlobs(blobs)
+            dropFailed(blobs, statuses)
+            return statuses
+        }
         var statuses = [StorageError?](repeating: nil, count: blobs.count)
         var direct: [Int] = []
         for (i, (d, data)) in blobs.enumerated() {
@@ -268,7 +278,16 @@ public final class WithCacheStorage: Storage {
             let results = fallback.bulkUpdateBlobs(direct.map { blobs[$0] })
             for (k, i) in direct.enumerated() { statuses[i] = k < results.count ? results[k] : .io(errno: EIO, "no status") }
         }
+        dropFailed(blobs, statuses)
         return statuses
+    }
+
+    /// The cache does not keep blobs whose write failed.
+    private func dropFailed(_ blobs: [(Digest, Data)], _ statuses: [StorageError?]) {
+        let failed = zip(blobs, statuses).compactMap { $1 == nil ? nil : $0.0 }
+        guard !failed.isEmpty else { return }
+        let left = cache.bulkDelete(failed)
+        if !left.isEmpty { log.warning("cache failed to drop \(left.count) blobs whose write failed") }
     }
 
     public func missingBlobs(_ ds: [Digest]) throws -> [Digest] {
