@@ -129,7 +129,8 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
         if let ready = onReady.withLock({ r -> (@Sendable () -> Void)? in defer { r = nil }; return r }) { ready() }
     }
 
-    func whenReady(_ body: @escaping @Sendable () -> Void) { onReady.withLock { $0 = body } }
+    /// `body` runs once, when the kernel has initialised the connection.
+    public func whenReady(_ body: @escaping @Sendable () -> Void) { onReady.withLock { $0 = body } }
 
     var channel: FuseChannel? { channelBox.withLock { $0 } }
 

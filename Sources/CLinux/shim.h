@@ -9,6 +9,11 @@
 #include <sys/vfs.h>
 #include <fcntl.h>
 #include <malloc.h>
+#include <sys/syscall.h>
+#include <sys/resource.h>
+#include <spawn.h>
+#include <unistd.h>
+#include <signal.h>
 
 // ioctl is variadic in C, which Swift cannot call.
 static inline int casfs_ioctl(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
@@ -20,6 +25,20 @@ static inline long casfs_filesystem_type(const char *path) {
     struct statfs s;
     return statfs(path, &s) == 0 ? (long)s.f_type : -1;
 }
+// pidfd_open(2) and pidfd_send_signal(2) (glibc 2.36 has wrappers only in
+// <sys/pidfd.h>): -1 and errno on failure (ENOSYS before Linux 5.3).
+static inline int casfs_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+static inline int casfs_pidfd_send_signal(int pidfd, int sig) {
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+}
+// posix_spawn: close every descriptor from `from` up in the child (glibc 2.34).
+static inline int casfs_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, from);
+}
+// pipe2(fds, O_CLOEXEC) (declared only with _GNU_SOURCE).
+static inline int casfs_pipe_cloexec(int fds[2]) { return (int)syscall(SYS_pipe2, fds, O_CLOEXEC); }
+// glibc's POSIX_SPAWN_SETSID (declared only with _GNU_SOURCE).
+static inline short casfs_posix_spawn_setsid(void) { return 0x80; }
 // mkostemp is a GNU extension: declared here for Swift.
 extern int mkostemp(char *template_, int flags);
 static inline int casfs_mkstemp_cloexec(char *template_) { return mkostemp(template_, O_CLOEXEC); }

@@ -1,9 +1,11 @@
 import ArgumentParser
 import CASConfig
 import CASCore
+import CASDaemon
 import CASStorage
 import CLinux
 import Foundation
+import Synchronization
 
 /// Re-hashes every object of the disk stores and repairs what is damaged.
 struct ScrubCommand: ParsableCommand {
@@ -49,50 +51,66 @@ struct ScrubCommand: ParsableCommand {
             throw ExitCode(2)
         }
         lineBufferStdout()
-        CleanupSignals.install()
-        var damaged: Int64 = 0
+        let stop = ScrubStop()
+        let outcome: ScrubOutcome
         do {
-            var configPath = config
-            if let mount { configPath = try ScrubCommand.configOfMount(mount) }
-            let stack = try OpenStack(configPath: configPath)
-            defer { stack.close() }
-            let targets = stack.stack.scrubTargets
-            guard !targets.isEmpty else { throw CLIError("the configuration has no !disk-storage to scrub") }
-            for t in targets {
-                let bar = ScrubBar(enabled: !quiet && isatty(2) != 0, name: t.name)
-                let scrubber = Scrubber(t, rate: bytesPerSecond, dryRun: dryRun,
-                                        metrics: MetricScope(stack.metrics, node: t.name),
-                                        shouldStop: { CleanupSignals.stopped })
-                let s = try scrubber.run(report: { f in
-                    bar.clear()
-                    print("damaged: sha256/\(f.digest) in \(t.name) (\(t.disk.root)): \(f.problem); \(Scrubber.describe(f.repair))")
-                    if let mount, f.repair != .leftAlone { ScrubCommand.dropCachedPages(mount, f.digest) }
-                }, progress: { bar.update($0) })
-                bar.clear()
-                damaged += s.damaged
-                let resumed = s.resumedAfter.map { " (resumed after \($0.prefix(12))…)" } ?? ""
-                var line = "\(t.name) (\(t.disk.root)): \(s.objects) files checked (\(humanBytes(s.bytes)))\(resumed), \(s.damaged) damaged"
-                if s.damaged > 0 && !dryRun { line += ": \(s.repaired) repaired, \(s.removed) removed" }
-                if s.skipped > 0 { line += "; \(s.skipped) changed or removed while checked, left to the next pass" }
-                print(line)
-                guard s.complete else {
-                    print("stopped; the next scrub resumes where this one stopped")
-                    throw ExitCode(damaged > 0 ? 1 : 2)
+            // SIGINT and SIGTERM stop the pass after the file being read; its cursor is kept.
+            outcome = try runBlocking {
+                try await Daemon.withSignals([.sigterm, .sigint], onSignal: { _ in stop.set() }) {
+                    try self.scrub(rate: bytesPerSecond, stop: stop)
                 }
             }
-        } catch let e as ExitCode {
-            throw e
         } catch {
             printError(error)
             throw ExitCode(2)
         }
-        if damaged > 0 { throw ExitCode(1) }
+        switch outcome {
+        case .clean: return
+        case .damaged: throw ExitCode(1)
+        case .stopped: throw ExitCode(2)
+        }
+    }
+
+    enum ScrubOutcome: Sendable { case clean, damaged, stopped }
+
+    private func scrub(rate bytesPerSecond: Int64, stop: ScrubStop) throws -> ScrubOutcome {
+        var configPath = config
+        if let mount { configPath = try ScrubCommand.configOfMount(mount) }
+        let stack = try OpenStack(configPath: configPath)
+        defer { stack.close() }
+        let targets = stack.stack.scrubTargets
+        guard !targets.isEmpty else { throw CLIError("the configuration has no !disk-storage to scrub") }
+        var damaged: Int64 = 0
+        for t in targets {
+            let bar = ScrubBar(enabled: !quiet && isatty(2) != 0, name: t.name)
+            let scrubber = Scrubber(t, rate: bytesPerSecond, dryRun: dryRun,
+                                    metrics: MetricScope(stack.metrics, node: t.name),
+                                    shouldStop: { stop.isSet })
+            let mount = self.mount
+            let s = try scrubber.run(report: { f in
+                bar.clear()
+                print("damaged: sha256/\(f.digest) in \(t.name) (\(t.disk.root)): \(f.problem); \(Scrubber.describe(f.repair))")
+                if let mount, f.repair != .leftAlone { ScrubCommand.dropCachedPages(mount, f.digest) }
+            }, progress: { bar.update($0) })
+            bar.clear()
+            damaged += s.damaged
+            let resumed = s.resumedAfter.map { " (resumed after \($0.prefix(12))…)" } ?? ""
+            var line = "\(t.name) (\(t.disk.root)): \(s.objects) files checked (\(humanBytes(s.bytes)))\(resumed), \(s.damaged) damaged"
+            if s.damaged > 0 && !dryRun { line += ": \(s.repaired) repaired, \(s.removed) removed" }
+            if s.skipped > 0 { line += "; \(s.skipped) changed or removed while checked, left to the next pass" }
+            print(line)
+            guard s.complete else {
+                print("stopped; the next scrub resumes where this one stopped")
+                return damaged > 0 ? .damaged : .stopped
+            }
+        }
+        return damaged > 0 ? .damaged : .clean
     }
 
     /// The configuration file of the casfs mount at `path`; nil for the
     /// zero-config mount of this data directory.
     static func configOfMount(_ path: String) throws -> String? {
-        guard isCasfsMount(path) else { throw CLIError("\(path) is not a casfs mount") }
+        guard MountTable.isCasfsMount(path) else { throw CLIError("\(path) is not a casfs mount") }
         let name = "user.casfs.config"
         var buf = [UInt8](repeating: 0, count: 4097)
         let n = getxattr(path, name, &buf, buf.count)
@@ -112,6 +130,13 @@ struct ScrubCommand: ParsableCommand {
         _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
         close(fd)
     }
+}
+
+/// Set by SIGINT or SIGTERM.
+final class ScrubStop: Sendable {
+    private let flag = Atomic<Bool>(false)
+    func set() { flag.store(true, ordering: .relaxed) }
+    var isSet: Bool { flag.load(ordering: .relaxed) }
 }
 
 /// One line on stderr: how far the scrub of a store is.
