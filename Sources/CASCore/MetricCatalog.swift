@@ -15,6 +15,8 @@ public enum MetricCatalog {
     public static let deferredOldestAge = MetricInfo("casfs_deferred_write_oldest_age_seconds", "Age of the oldest deferred fallback write not yet sent.")
     public static let deferredSent = MetricInfo("casfs_deferred_writes_sent_total", "Deferred fallback writes that reached the fallback.")
     public static let deferredFailures = MetricInfo("casfs_deferred_write_failures_total", "Attempts of deferred fallback writes that failed (each is retried).")
+    public static let deferredRefused = MetricInfo("casfs_deferred_writes_refused_total", "Deferred fallback writes no longer sent because the fallback refused them for good.")
+    public static let journalDamaged = MetricInfo("casfs_journal_damaged_entries_total", "Deferred-write journal entries refused (damaged bytes, links, wrong length) and moved aside.")
     // Replicated storages.
     public static let replicaRepairs = MetricInfo("casfs_replica_repairs_total", "Blobs copied to a replica that lacked them (read-repair and background replication).")
     public static let replicaRepairFailures = MetricInfo("casfs_replica_repair_failures_total", "Copies of blobs to a replica that lacked them that failed.")

@@ -65,7 +65,15 @@ public final class WithCacheStorage: Storage {
     public func start() throws {
         try cache.start()
         try fallback.start()
-        journal?.start(sendingTo: fallback) { [outage] error in outage.record(error) }
+        journal?.start(sendingTo: fallback, onSend: { [outage] error in outage.record(error) },
+                       repairSource: { [cache] d in WithCacheStorage.provenCopy(cache, d) })
+    }
+
+    /// The cache's copy of `d` if it is proven, or verified now; else nil.
+    static func provenCopy(_ cache: any Storage, _ d: Digest) -> BlobSource? {
+        guard let src = try? cache.getBlob(d) else { return nil }
+        if src.isVerified { return src }
+        return (try? src.verify(d)) != nil ? src : nil
     }
 
     /// Sends what the journal holds (bounded wait), then stops both sides.
