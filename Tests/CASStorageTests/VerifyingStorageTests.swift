@@ -1,6 +1,7 @@
 import CASCore
 import CASStorage
 import Foundation
+import Synchronization
 import XCTest
 
 final class VerifyingStorageTests: XCTestCase {
@@ -191,5 +192,96 @@ final class VerifyingStorageTests: XCTestCase {
         XCTAssertEqual(try v.bulkReadBlobs([good, bad]), [good: gdata])
         XCTAssertFalse(try disk.hasBlob(bad))
         _ = bdata
+    }
+}
+
+/// Readers of one large unverified blob proceed in parallel: a reader of a
+/// range already hashed is not held up by the reader extending the hash,
+/// which reads without a lock; the read that reaches the end still waits
+/// for the whole check.
+final class StreamCheckConcurrencyTests: XCTestCase {
+    /// Serves `data`; reads at or past `gateAt` wait until the gate opens.
+    final class GatedStorage: Storage, @unchecked Sendable {
+        let data: Data
+        let gateAt: Int64
+        let gate = DispatchSemaphore(value: 0)
+        let blocked = DispatchSemaphore(value: 0)
+        init(_ data: Data, gateAt: Int64) {
+            self.data = data
+            self.gateAt = gateAt
+        }
+        func hasBlob(_ d: Digest) throws -> Bool { true }
+        func getBlob(_ d: Digest) throws -> BlobSource? { try openBlob(d) }
+        func openBlob(_ d: Digest) throws -> BlobSource? {
+            let data = self.data, gateAt = self.gateAt, gate = self.gate, blocked = self.blocked
+            return RangeSource(size: Int64(data.count)) { offset, length in
+                if offset >= gateAt {
+                    blocked.signal()
+                    gate.wait()
+                    gate.signal()
+                }
+                return data.subdata(in: Int(offset)..<Int(offset) + length)
+            }
+        }
+        func deleteBlob(_ d: Digest) throws {}
+        func commitWrite(_ d: Digest, _ s: BlobSource) throws {}
+    }
+
+    func testReadersOfHashedRangesDoNotWaitForTheExtender() throws {
+        let data = patterned(8 << 20)
+        let d = Digest.of(data)
+        let inner = GatedStorage(data, gateAt: 2 << 20)
+        let v = VerifyingStorage(inner, sourceName: "gated", wholeCheckLimit: 1 << 20)
+        let a = try XCTUnwrap(v.openBlob(d))
+        let mib = 1 << 20
+        XCTAssertEqual(try a.read(offset: 0, length: mib), data.prefix(mib))
+        XCTAssertEqual(try a.read(offset: Int64(mib), length: mib), data.subdata(in: mib..<2 * mib))
+        // A continues in order and blocks inside the source, as the extender.
+        let aDone = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            XCTAssertEqual(try? a.read(offset: Int64(2 * mib), length: mib), data.subdata(in: 2 * mib..<3 * mib))
+            aDone.signal()
+        }
+        XCTAssertEqual(inner.blocked.wait(timeout: .now() + 60), .success)
+        // B reads what is hashed: it does not wait for A.
+        let b = try XCTUnwrap(v.openBlob(d))
+        let bDone = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            XCTAssertEqual(try? b.read(offset: 512 << 10, length: mib), data.subdata(in: (512 << 10)..<(512 << 10) + mib))
+            bDone.signal()
+        }
+        XCTAssertEqual(bDone.wait(timeout: .now() + 60), .success, "a reader of a hashed range waited for the extender")
+        // C reads the end: it cannot finish before the whole blob is checked.
+        let c = try XCTUnwrap(v.openBlob(d))
+        let cDone = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            XCTAssertEqual(try? c.read(offset: Int64(data.count - 100), length: 100), data.suffix(100))
+            cDone.signal()
+        }
+        XCTAssertEqual(cDone.wait(timeout: .now() + 1), .timedOut, "the end was served before the blob was verified")
+        inner.gate.signal()
+        XCTAssertEqual(aDone.wait(timeout: .now() + 60), .success)
+        XCTAssertEqual(cDone.wait(timeout: .now() + 60), .success)
+        XCTAssertTrue(try XCTUnwrap(v.openBlob(d)).read(offset: 0, length: 1).count == 1)
+    }
+
+    func testManyReadersOfADamagedBlobAllFail() throws {
+        var data = patterned(6 << 20)
+        let d = Digest.of(data)
+        data[5 << 20] ^= 0xff
+        let inner = GatedStorage(data, gateAt: Int64.max)
+        let v = VerifyingStorage(inner, sourceName: "damaged", wholeCheckLimit: 1 << 20)
+        let served = Mutex<[Bool]>([])
+        DispatchQueue.concurrentPerform(iterations: 8) { i in
+            guard let src = try? v.openBlob(d) else { return }
+            var ok = true
+            var off: Int64 = i % 2 == 0 ? 0 : Int64(i) << 19
+            while off < d.size {
+                guard (try? src.read(offset: off, length: 1 << 18)) != nil else { ok = false; break }
+                off += 1 << 18
+            }
+            served.withLock { $0.append(ok) }
+        }
+        XCTAssertFalse(served.withLock { $0.contains(true) }, "a reader finished with damaged bytes")
     }
 }
