@@ -43,7 +43,7 @@ public enum MetricCatalog {
     public static let writesSkipped = MetricInfo("casfs_writes_skipped_total", "Verified writes of blobs already present (no-ops).")
     public static let writesRejected = MetricInfo("casfs_writes_rejected_total", "Writes whose bytes did not match their name.")
     // Memory.
-    public static let memoryBytes = MetricInfo("casfs_memory_bytes", "Bytes held by a memory (LRU) storage.")
+    public static let memoryBytes = MetricInfo("casfs_memory_bytes", "Bytes of blobs a memory (LRU) storage holds: listed, being read in, or deleted and still read.")
     public static let memoryMaxBytes = MetricInfo("casfs_memory_max_bytes", "Capacity of a memory (LRU) storage.")
     public static let memoryBlobs = MetricInfo("casfs_memory_blobs", "Blobs held by a memory (LRU) storage.")
     // Redis index.

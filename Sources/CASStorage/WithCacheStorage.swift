@@ -162,11 +162,22 @@ public final class WithCacheStorage: Storage {
                 if let cached = try cache.openBlob(d) { return cached }
             } catch {
                 counters.fillFailures.add()
+                if refusedForNow(d) {
+                    // A memory cache short of room for now: served from the fallback this time.
+                    log.debug("not caching \(d) now: \(error)")
+                    return src
+                }
                 log.info("not caching \(d): \(error)")
             }
             uncacheable.insert(d)
             return src
         }.value
+    }
+
+    /// True if the cache could hold `d` and refused it only for lack of room now.
+    private func refusedForNow(_ d: Digest) -> Bool {
+        guard let bounded = cache as? CapacityBounded else { return false }
+        return d.size <= bounded.capacity
     }
 
     private func fillInBackground(_ d: Digest) {
@@ -245,7 +256,11 @@ public final class WithCacheStorage: Storage {
         do {
             try cache.commitWrite(d, source)
         } catch {
-            log.warning("cache write of \(d) failed, writing through: \(error)")
+            if refusedForNow(d) {
+                log.debug("cache has no room for \(d) now, writing through: \(error)")
+            } else {
+                log.warning("cache write of \(d) failed, writing through: \(error)")
+            }
             try fallback.commitWrite(d, source)
             return
         }

@@ -47,4 +47,5 @@ static inline int casfs_o_direct(void) { return __O_DIRECT; }
 // glibc's allocator: return freed memory to the system, bound the arenas.
 static inline int casfs_malloc_trim(size_t pad) { return malloc_trim(pad); }
 static inline int casfs_mallopt_arena_max(int n) { return mallopt(M_ARENA_MAX, n); }
+static inline int casfs_mallopt_mmap_threshold(int n) { return mallopt(M_MMAP_THRESHOLD, n); }
 #endif

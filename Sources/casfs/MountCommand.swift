@@ -3,6 +3,7 @@ import CASConfig
 import CASCore
 import CASDaemon
 import CASFuse
+import CASStorage
 import Foundation
 import Logging
 
@@ -125,6 +126,8 @@ struct MountCommand: ParsableCommand {
     }
 
     private func serve(ready: Int32?) throws {
+        // Blobs come and go in megabytes: the allocator gives them back.
+        MallocTuning.apply()
         setUpLogging()
         let log = Logger(label: "casfs.mount")
         // Read once and hidden from what the daemon starts (a private Redis).
