@@ -426,4 +426,29 @@ final class MediaDamageTests: MountTestCase {
         XCTAssertTrue(reindex.stdout.contains("would drop 0 entries"), "\(reindex)")
         _ = r
     }
+
+    /// The zero-config store: `casfs scrub --mount` on the zero-config mount,
+    /// and `casfs scrub` with no arguments, work on `$XDG_DATA_HOME/casfs`;
+    /// the damaged blob is removed from the store and the private index.
+    func testScrubOfTheZeroConfigStore() throws {
+        let mp = tmp + "/zc"
+        try FileManager.default.createDirectory(atPath: mp, withIntermediateDirectories: true)
+        defer { if isFuseMounted(mp) { _ = sh("fusermount3 -u \(shq(mp)) || fusermount3 -uz \(shq(mp))") } }
+        let env = "XDG_DATA_HOME=\(shq(tmp + "/xdg"))"
+        let store = tmp + "/xdg/casfs"
+        mustSh("\(env) \(shq(casfs)) mount --log-file \(shq(tmp + "/zc.log")) \(shq(mp))")
+        let blobs = try (0..<2).map { try localBlob(randomData(2 << 20, seed: 2100 + UInt64($0))) }
+        for b in blobs { mustSh("cp \(shq(b.path)) \(shq(mp))/sha256/\(b.digest)") }
+        try flipByte(path: diskObjectPath(root: store, blobs[0].digest), at: 77)
+        let scrub = sh("\(env) \(shq(casfs)) scrub --mount \(shq(mp)) --rate 0")
+        XCTAssertEqual(scrub.status, 1, "\(scrub)")
+        XCTAssertTrue(scrub.stdout.contains("damaged: sha256/\(blobs[0].digest)"), scrub.stdout)
+        XCTAssertTrue(scrub.stdout.contains("removed from the store and its index"), scrub.stdout)
+        XCTAssertFalse(sh("cat \(shq(mp))/sha256/\(blobs[0].digest) > /dev/null").ok)
+        XCTAssertEqual(mustSh("sha256sum < \(shq(mp))/sha256/\(blobs[1].digest) | cut -c1-64"), blobs[1].digest.hash + "\n")
+        let again = sh("\(env) \(shq(casfs)) scrub --rate 0")
+        XCTAssertEqual(again.status, 0, "\(again)")
+        XCTAssertTrue(again.stdout.contains("1 files checked"), again.stdout)
+        mustSh("fusermount3 -u \(shq(mp))")
+    }
 }
