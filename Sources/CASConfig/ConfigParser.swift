@@ -341,6 +341,7 @@ final class SpecReader {
         let m = try mapping(node, key, allowed: [
             "writable", "entry-timeout", "attr-timeout", "negative-timeout", "threads",
             "allow-other", "max-read", "fs-name", "tree-cache-size", "tree-prefetch", "metrics-address",
+            "scrub-interval", "scrub-rate",
         ])
         var o = MountOptions()
         if let v = try bool(m, "writable", key) { o.writable = v }
@@ -359,6 +360,13 @@ final class SpecReader {
             o.treeCacheBytes = v
         }
         if let v = try bool(m, "tree-prefetch", key) { o.treePrefetch = v }
+        if let v = try duration(m, "scrub-interval", key) { o.scrubInterval = v }
+        if let (node, text) = try value(m, "scrub-rate", key, required: false) {
+            guard let v = parseRate(text) else {
+                throw error(node, "\(key).scrub-rate", "'\(text)' is not a rate (MiB per second, or a size per second such as 50M)")
+            }
+            o.scrubRate = v
+        }
         if let v = try string(m, "metrics-address", key) {
             do { o.metricsAddress = try ListenAddress(parsing: v) } catch {
                 throw self.error(m["metrics-address"]!, "\(key).metrics-address", error.description)

@@ -17,6 +17,9 @@ public struct StorageStack: Sendable {
     /// Each configured node as built (before any verifying decorator), by
     /// its place in the file (`storage.fallback`).
     public var nodes: [String: any Storage]
+    /// Every `!disk-storage` of the stack, with its index and the storages
+    /// a damaged copy can be repaired from (`casfs scrub`).
+    public var scrubTargets: [ScrubTarget] = []
 
     /// Stops the access-time recorder (flushing it), then the storage.
     public func stop() throws {
@@ -41,6 +44,8 @@ public final class StackBuilder {
     private var nodes: [String: any Storage] = [:]
     private var pools: [Int: RedisPool] = [:]
     private var indexes: [RedisIndex] = []
+    private var disks: [Int: DiskStorage] = [:]
+    private var indexByNode: [Int: RedisIndex] = [:]
     /// Index nodes whose Redis holds nothing else (casfs's private Redis).
     private let exclusiveRedis: Set<Int>
     private var source = "<config>"
@@ -59,8 +64,44 @@ public final class StackBuilder {
         let batcher = withAccessTimes ? index.map {
             AccessTimeBatcher(index: $0, metrics: MetricScope(metrics, node: spec.storage.path))
         } : nil
-        return StorageStack(storage: storage, index: index, accessTimes: batcher, metrics: metrics, mount: spec.mount,
-                            nodes: nodes)
+        var stack = StorageStack(storage: storage, index: index, accessTimes: batcher, metrics: metrics, mount: spec.mount,
+                                 nodes: nodes)
+        var targets: [ScrubTarget] = []
+        scrubTargets(spec.storage, index: nil, sources: [], into: &targets)
+        stack.scrubTargets = targets
+        return stack
+    }
+
+    /// The disk stores under `n`: each with the index right above it and
+    /// the storages that can supply a good copy (a cache's fallback; the
+    /// other replicas), as built (each checks what it returns).
+    private func scrubTargets(_ n: StorageNode, index: RedisIndex?, sources: [(name: String, storage: any Storage)],
+                              into out: inout [ScrubTarget]) {
+        func built(_ m: StorageNode) -> [(name: String, storage: any Storage)] {
+            self.built[m.id].map { [(m.path, $0)] } ?? []
+        }
+        switch n.kind {
+        case .disk:
+            guard let disk = disks[n.id], !out.contains(where: { $0.disk === disk }) else { return }
+            out.append(ScrubTarget(name: n.path, disk: disk, index: index, repairSources: sources))
+        case .memory, .remote:
+            return
+        case .withCache(let w):
+            scrubTargets(w.cache, index: nil, sources: sources + built(w.fallback), into: &out)
+            scrubTargets(w.fallback, index: nil, sources: sources, into: &out)
+        case .redisIndex(let inner, _, _):
+            scrubTargets(inner, index: indexByNode[n.id], sources: sources, into: &out)
+        case .sharded(let sh):
+            for s in sh.shards { scrubTargets(s.storage, index: index, sources: sources, into: &out) }
+        case .replicated(let r):
+            for (i, s) in r.storages.enumerated() {
+                let others = r.storages.enumerated().filter { $0.offset != i }.flatMap { built($0.element) }
+                scrubTargets(s, index: index, sources: sources + others, into: &out)
+            }
+        case .sizeDifferentiated(let sd):
+            for t in sd.tiers { scrubTargets(t.storage, index: index, sources: sources, into: &out) }
+            scrubTargets(sd.fallback, index: index, sources: sources, into: &out)
+        }
     }
 
     /// Builds a node once (aliases share it). `verified`: a node above
@@ -71,8 +112,9 @@ public final class StackBuilder {
         let s: any Storage
         switch n.kind {
         case .disk(let path):
-            let disk = try located(n, "path") { try DiskStorage(root: path) }
+            let disk = try located(n, "path") { try DiskStorage(root: path, metrics: scope) }
             nodes[n.path] = disk
+            disks[n.id] = disk
             s = verified ? disk : VerifyingStorage(disk, sourceName: "\(n.path) (disk \(path))", metrics: scope)
         case .memory(let size):
             s = MemoryStorage(maxBytes: size, metrics: scope)
@@ -98,6 +140,7 @@ public final class StackBuilder {
                                exclusive: exclusiveRedis.contains(redisSpec.id), metrics: scope)
             }
             indexes.append(index)
+            indexByNode[n.id] = index
             nodes[n.path] = index
             s = verified ? index : VerifyingStorage(index, sourceName: "\(n.path) (redis index over \(inner.path))", metrics: scope)
         case .remote(let r):

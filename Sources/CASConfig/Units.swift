@@ -19,6 +19,17 @@ public func parseByteSize(_ text: String) -> Int64? {
     return Int64(v * multiplier)
 }
 
+/// Parses a scrub rate: a number of MiB per second (`50`, `0.5`), or a
+/// size per second with a unit (`50M`, `1G`). 0 means no bound. Returns
+/// bytes per second.
+public func parseRate(_ text: String) -> Int64? {
+    let s = text.trimmingCharacters(in: .whitespaces)
+    if let last = s.lowercased().last, "kmgtb".contains(last) { return parseByteSize(s) }
+    guard !s.isEmpty, s.allSatisfy({ $0.isASCII && ($0.isNumber || $0 == ".") }), let v = Double(s),
+          v.isFinite, v >= 0, v * 0x1p20 < Double(maxByteSize) else { return nil }
+    return Int64(v * 0x1p20)
+}
+
 /// The largest size a configuration may give (4 EiB): sums of a few such
 /// sizes still fit in 64 bits.
 public let maxByteSize: Int64 = 1 << 62

@@ -86,6 +86,9 @@ public struct Digest: Hashable, Sendable, Comparable, CustomStringConvertible {
         return u.count == 64 && u.allSatisfy(isLowerHex)
     }
 
+    /// True for `0`-`9` and `a`-`f`.
+    @inline(__always) public static func isLowerHexByte(_ c: UInt8) -> Bool { isLowerHex(c) }
+
     @inline(__always) static func isLowerHex(_ c: UInt8) -> Bool {
         (c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9")) || (c >= UInt8(ascii: "a") && c <= UInt8(ascii: "f"))
     }

@@ -15,6 +15,8 @@ public enum MetricCatalog {
     public static let deferredOldestAge = MetricInfo("casfs_deferred_write_oldest_age_seconds", "Age of the oldest deferred fallback write not yet sent.")
     public static let deferredSent = MetricInfo("casfs_deferred_writes_sent_total", "Deferred fallback writes that reached the fallback.")
     public static let deferredFailures = MetricInfo("casfs_deferred_write_failures_total", "Attempts of deferred fallback writes that failed (each is retried).")
+    public static let deferredRefused = MetricInfo("casfs_deferred_writes_refused_total", "Deferred fallback writes no longer sent because the fallback refused them for good.")
+    public static let journalDamaged = MetricInfo("casfs_journal_damaged_entries_total", "Deferred-write journal entries refused (damaged bytes, links, wrong length) and moved aside.")
     // Replicated storages.
     public static let replicaRepairs = MetricInfo("casfs_replica_repairs_total", "Blobs copied to a replica that lacked them (read-repair and background replication).")
     public static let replicaRepairFailures = MetricInfo("casfs_replica_repair_failures_total", "Copies of blobs to a replica that lacked them that failed.")
@@ -26,12 +28,22 @@ public enum MetricCatalog {
     public static let verifiedBytes = MetricInfo("casfs_verified_bytes_total", "Bytes hashed to check blobs against their digests.")
     public static let verifyFailures = MetricInfo("casfs_verify_failures_total", "Blobs whose bytes did not match their digest.")
     public static let repairs = MetricInfo("casfs_corrupt_blobs_removed_total", "Corrupt blobs removed from their store.")
+    // Media damage.
+    public static let damagedCopiesReplaced = MetricInfo("casfs_damaged_copies_replaced_total", "Stored copies found different from the verified bytes of a write, and replaced by them.")
+    public static let scrubObjects = MetricInfo("casfs_scrub_objects_checked_total", "Store files re-hashed by scrub.")
+    public static let scrubBytes = MetricInfo("casfs_scrub_bytes_checked_total", "Bytes re-hashed by scrub.")
+    public static let scrubDamaged = MetricInfo("casfs_scrub_damaged_total", "Store files scrub found damaged (bytes that do not hash to their name).")
+    public static let scrubRepaired = MetricInfo("casfs_scrub_repaired_total", "Damaged store files scrub replaced with verified bytes from another storage.")
+    public static let scrubRemoved = MetricInfo("casfs_scrub_removed_total", "Damaged store files scrub removed from their store and index.")
+    public static let scrubPasses = MetricInfo("casfs_scrub_passes_total", "Scrub passes completed over a store.")
+    public static let scrubPassStart = MetricInfo("casfs_scrub_last_pass_start_timestamp_seconds", "When the last completed scrub pass over a store started (Unix time; 0: none yet).")
+    public static let scrubPassEnd = MetricInfo("casfs_scrub_last_pass_end_timestamp_seconds", "When the last completed scrub pass over a store ended (Unix time; 0: none yet).")
     // Writes.
     public static let writesStored = MetricInfo("casfs_writes_stored_total", "Verified writes stored.")
     public static let writesSkipped = MetricInfo("casfs_writes_skipped_total", "Verified writes of blobs already present (no-ops).")
     public static let writesRejected = MetricInfo("casfs_writes_rejected_total", "Writes whose bytes did not match their name.")
     // Memory.
-    public static let memoryBytes = MetricInfo("casfs_memory_bytes", "Bytes held by a memory (LRU) storage.")
+    public static let memoryBytes = MetricInfo("casfs_memory_bytes", "Bytes of blobs a memory (LRU) storage holds: listed, being read in, or deleted and still read.")
     public static let memoryMaxBytes = MetricInfo("casfs_memory_max_bytes", "Capacity of a memory (LRU) storage.")
     public static let memoryBlobs = MetricInfo("casfs_memory_blobs", "Blobs held by a memory (LRU) storage.")
     // Redis index.

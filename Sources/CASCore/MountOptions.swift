@@ -36,6 +36,14 @@ public struct MountOptions: Sendable, Equatable {
 
     /// Whether this mount answers OPEN with ENOSYS (see `openless`).
     public var isOpenless: Bool { !writable && (openless ?? true) }
+    /// Seconds between background scrubs of the disk stores (counted from
+    /// the start of one pass to the start of the next); 0: no background scrub.
+    public var scrubInterval: Double = 0
+    /// Bytes per second a background scrub reads at most.
+    public var scrubRate: Int64 = 16 << 20
+    /// The configuration file the mount serves (absolute), published on
+    /// the mount's root so commands given `--mount` find its stores.
+    public var configPath: String?
     /// Where to serve the metrics over HTTP (`GET /metrics`, Prometheus's
     /// text format); nil: not served.
     public var metricsAddress: ListenAddress?

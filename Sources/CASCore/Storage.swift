@@ -37,11 +37,13 @@ public protocol Storage: Sendable {
     /// The blobs present among `digests`.
     func bulkReadBlobs(_ digests: [Digest]) throws -> [Digest: Data]
 
-    /// True when a write of `digest` can be skipped because the blob is
-    /// present (its access time is refreshed, as `missingBlobs` does). Only
-    /// what a write itself would touch is consulted: a storage that defers
-    /// writes to a slower one answers without waiting for it.
-    func skipsWrite(_ digest: Digest) throws -> Bool
+    /// True when a write of `source` (bytes verified against `digest`) can
+    /// be skipped because the blob is present and intact (its access time is
+    /// refreshed, as `missingBlobs` does). A store that can compare its copy
+    /// with `source` does, so a damaged copy is replaced rather than kept.
+    /// Only what a write itself would touch is consulted: a storage that
+    /// defers writes to a slower one answers without waiting for it.
+    func skipsWrite(_ digest: Digest, _ source: BlobSource) throws -> Bool
     /// `source`'s bytes were verified against `digest`: a storage that can
     /// keep a proof of it (tied to its file) does, so it is not checked again.
     func recordVerified(_ digest: Digest, _ source: BlobSource)
@@ -66,7 +68,7 @@ extension Storage {
         return try src.read(offset: offset, length: length)
     }
 
-    public func skipsWrite(_ digest: Digest) throws -> Bool {
+    public func skipsWrite(_ digest: Digest, _ source: BlobSource) throws -> Bool {
         try missingBlobs([digest]).isEmpty
     }
 

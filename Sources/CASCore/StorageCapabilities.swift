@@ -24,6 +24,12 @@ public protocol ReversibleDeletion: Sendable {
     func discard(_ blob: WithdrawnBlob)
 }
 
+/// A store that can hold no more than `capacity` bytes (a memory cache):
+/// a blob up to that size that it refuses now may be taken later.
+public protocol CapacityBounded: Sendable {
+    var capacity: Int64 { get }
+}
+
 /// A store that can list what it holds (to rebuild or reconcile an index).
 public protocol BlobEnumerating: Sendable {
     /// Calls `body` for every well-formed blob the store holds.

@@ -22,7 +22,7 @@ extension StorageDecorator {
     public func missingBlobs(_ ds: [Digest]) throws -> [Digest] { try inner.missingBlobs(ds) }
     public func bulkUpdateBlobs(_ blobs: [(Digest, Data)]) -> [StorageError?] { inner.bulkUpdateBlobs(blobs) }
     public func bulkReadBlobs(_ ds: [Digest]) throws -> [Digest: Data] { try inner.bulkReadBlobs(ds) }
-    public func skipsWrite(_ d: Digest) throws -> Bool { try inner.skipsWrite(d) }
+    public func skipsWrite(_ d: Digest, _ source: BlobSource) throws -> Bool { try inner.skipsWrite(d, source) }
     public func recordVerified(_ d: Digest, _ source: BlobSource) { inner.recordVerified(d, source) }
     public func warm(_ ds: [Digest]) { inner.warm(ds) }
     public func prefetch(_ ds: [Digest]) { inner.prefetch(ds) }

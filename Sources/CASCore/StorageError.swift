@@ -19,6 +19,10 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     /// A source casfs had not checked returned bytes that do not hash to the
     /// digest. `source` names where they came from (for the log).
     case corrupt(Digest, source: String)
+    /// The other side refused the request for good (a remote CAS's
+    /// INVALID_ARGUMENT, such as bytes that do not match the digest):
+    /// sending it again cannot help.
+    case rejected(String)
 
     public var description: String {
         switch self {
@@ -30,6 +34,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .io(let e, let m): return "\(m): \(String(cString: strerror(e)))"
         case .unsupported(let m): return "unsupported: \(m)"
         case .corrupt(let d, let source): return "corrupt bytes for \(d) from \(source)"
+        case .rejected(let m): return "refused: \(m)"
         }
     }
 
@@ -43,6 +48,17 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .io(let e, _): return e
         case .unsupported: return ENOTSUP
         case .corrupt: return EIO
+        case .rejected: return EIO
+        }
+    }
+
+    /// True when trying the same call again cannot succeed (the bytes or the
+    /// request are wrong); false for what may pass (an unreachable or full
+    /// storage, an I/O error).
+    public var isPermanent: Bool {
+        switch self {
+        case .invalidDigest, .digestMismatch, .sizeMismatch, .unsupported, .corrupt, .rejected: return true
+        case .storageFull, .unavailable, .io: return false
         }
     }
 

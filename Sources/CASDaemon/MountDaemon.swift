@@ -21,6 +21,8 @@ public final class MountDaemon: Sendable {
     public let reindex: BackgroundReindex?
     /// Checks the index for loss (every index, configured or zero-config).
     public let indexHealth: IndexHealthMonitor?
+    /// With `scrub-interval`: the background scrub of the disk stores.
+    public let scrub: ScrubService?
     private let temporary: Bool
     private let log: Logger
 
@@ -60,6 +62,9 @@ public final class MountDaemon: Sendable {
             reindex = nil
             indexHealth = nil
         }
+        scrub = options.scrubInterval > 0
+            ? ScrubService(stack: stack.stack, interval: options.scrubInterval, rate: options.scrubRate, fileSystem: fileSystem)
+            : nil
     }
 
     /// The file system over `stack` as `casfs mount` makes it: df shows the
@@ -99,6 +104,7 @@ public final class MountDaemon: Sendable {
             // one when its index is found lost.
             services.append(Daemon.essential(ReindexService(reindex, initialPass: stack.dataDirectory != nil), name: "reindex"))
         }
+        if let scrub { services.append(Daemon.essential(scrub, name: "scrub")) }
         if let indexHealth { services.append(Daemon.essential(IndexHealthService(indexHealth), name: "index-health")) }
         // A zero-config mount tells other commands (casfs run) where it is.
         let record = stack.mountPointRecorder(temporary ? nil : mountpoint)

@@ -288,9 +288,12 @@ extension CASFileSystem {
     static let checksumXattr = "user.checksum.sha256"
     static let digestXattr = "user.casfs.digest"
     static let statsXattr = "user.casfs.stats"
+    /// The configuration file the mount serves (absent on a zero-config mount).
+    static let configXattr = "user.casfs.config"
 
     func xattrValue(_ ino: UInt64, name: String) -> [UInt8]? {
         if ino == FixedInode.root {
+            if name == Self.configXattr { return options.configPath.map { Array($0.utf8) } }
             return name == Self.statsXattr ? Array(statisticsJSON().utf8) : nil
         }
         if let node = treeNodes.node(ino) {
@@ -307,7 +310,7 @@ extension CASFileSystem {
     }
 
     func xattrNames(_ ino: UInt64) -> [String] {
-        if ino == FixedInode.root { return [Self.statsXattr] }
+        if ino == FixedInode.root { return options.configPath == nil ? [Self.statsXattr] : [Self.statsXattr, Self.configXattr] }
         if inodes.digest(ino) != nil { return [Self.checksumXattr, Self.digestXattr] }
         if let node = treeNodes.node(ino), case .directory = node.kind { return [Self.digestXattr] }
         return []

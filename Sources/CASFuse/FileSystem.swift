@@ -141,6 +141,12 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
         notifications.async { channel.invalidateInode(ino) }
     }
 
+    /// The stored copy of `digest` was replaced or removed behind the
+    /// mount (a scrub repair): drops the kernel's cached pages of its file.
+    public func blobChanged(_ digest: Digest) {
+        invalidatePages(blobInode(digest))
+    }
+
     /// Drops the kernel's entry `name` in `parent` (a blob found gone).
     func invalidateEntry(parent: UInt64, name: String) {
         guard let channel else { return }

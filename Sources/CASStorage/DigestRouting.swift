@@ -53,7 +53,7 @@ extension DigestRouting {
     }
     public func deleteBlob(_ d: Digest) throws { try child(for: d).deleteBlob(d) }
     public func commitWrite(_ d: Digest, _ source: BlobSource) throws { try child(for: d).commitWrite(d, source) }
-    public func skipsWrite(_ d: Digest) throws -> Bool { try child(for: d).skipsWrite(d) }
+    public func skipsWrite(_ d: Digest, _ source: BlobSource) throws -> Bool { try child(for: d).skipsWrite(d, source) }
     public func recordVerified(_ d: Digest, _ source: BlobSource) { child(for: d).recordVerified(d, source) }
 
     // MARK: many digests

@@ -9,27 +9,32 @@ import Synchronization
 /// a crash never leaves a partial object visible. A file whose length differs
 /// from the digest's size is not that blob.
 ///
-/// A file casfs wrote or verified carries a proof (`user.casfs.verified`:
-/// digest, inode and modification time), so it is not hashed again after a
-/// restart; a file changed since (or written by another program) has none.
-/// Where the filesystem has no user xattrs, proofs are kept in memory.
-public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
+/// A file casfs wrote or verified has a proof (see `DiskProofs`: its inode,
+/// size and change time, kept beside the store), so it is not hashed again;
+/// a file changed since in any way (or written by another program) has none.
+///
+/// A write of a blob that is present compares the stored copy with the
+/// verified bytes: equal, nothing is written; different (a damaged copy),
+/// the copy is replaced atomically.
+public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating, CopyTracking {
     public let root: String
     let objectsDir: String
     let objectsDirBytes: [UInt8]
     let tmpDir: String
     /// Temporaries untouched this long are leftovers of a crashed writer.
     public static let staleTemporaryAge: TimeInterval = 600
-    static let proofAttribute = "user.casfs.verified"
-    /// Proofs of files whose filesystem refused the xattr.
-    private let memoryProofs = Mutex<[Digest: FileIdentity]>([:])
+    let proofs: DiskProofs
+    private let replacedCopies: MetricCounter
 
     /// Creates the directories if needed and removes stale temporaries.
-    public init(root: String) throws {
+    /// Proofs of files of `proofRecordThreshold` bytes or more outlive the process.
+    public init(root: String, proofRecordThreshold: Int64 = 1 << 20, metrics: MetricScope = .standalone("disk")) throws {
         self.root = root
         self.objectsDir = root + "/cas/objects"
         self.objectsDirBytes = Array(objectsDir.utf8)
         self.tmpDir = root + "/tmp"
+        self.proofs = DiskProofs(root: root, recordThreshold: proofRecordThreshold)
+        replacedCopies = metrics.counter(MetricCatalog.damagedCopiesReplaced)
         for dir in [objectsDir, tmpDir] {
             do {
                 try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -68,21 +73,29 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
 
     public func hasBlob(_ digest: Digest) throws -> Bool {
         var st = stat()
-        let rc = withObjectPath(digest) { stat($0, &st) }
+        let rc = withObjectPath(digest) { lstat($0, &st) }
         if rc != 0 {
             if errno == ENOENT || errno == ENOTDIR { return false }
             throw StorageError.posix("stat \(objectPath(digest))")
         }
-        return Int64(st.st_size) == digest.size
+        return Int64(st.st_size) == digest.size && (st.st_mode & S_IFMT) == S_IFREG
     }
 
     public func getBlob(_ digest: Digest) throws -> BlobSource? { try openBlob(digest) }
 
-    /// The object file, open; nil if absent or of another length.
+    /// The object file, open; nil if absent, of another length, or not a
+    /// regular file (a symlink or a FIFO planted there is never followed
+    /// nor opened for reading).
     public func openBlob(_ digest: Digest) throws -> BlobSource? {
-        let fd = withObjectPath(digest) { open($0, O_RDONLY | O_CLOEXEC) }
+        guard let f = try openObject(digest), f.size == digest.size else { return nil }
+        return f.proven(proofs.isProven(digest, f.stamp))
+    }
+
+    /// The regular file at `digest`'s object path, whatever its length; nil if none.
+    func openObject(_ digest: Digest) throws -> StoreFile? {
+        let fd = withObjectPath(digest) { open($0, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK) }
         guard fd >= 0 else {
-            if errno == ENOENT || errno == ENOTDIR { return nil }
+            if errno == ENOENT || errno == ENOTDIR || errno == ELOOP { return nil }
             throw StorageError.posix("open \(objectPath(digest))")
         }
         var st = stat()
@@ -91,162 +104,168 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
             close(fd)
             throw e
         }
-        guard Int64(st.st_size) == digest.size else {
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
             close(fd)
             return nil
         }
-        return FileSource(fd: fd, size: digest.size, verified: hasProof(fd: fd, st, digest))
+        return StoreFile(fd: fd, stamp: FileStamp(st), verified: false, store: self)
     }
 
     public func deleteBlob(_ digest: Digest) throws {
         let path = objectPath(digest)
         // Only remove the file if it is this blob (same hash, right size).
         guard try fileSize(path) == digest.size else { return }
-        forgetProof(digest)
+        proofs.forget(digest)
         if unlink(path) != 0 && errno != ENOENT {
             throw StorageError.posix("unlink \(path)")
         }
     }
 
-    /// Present with a valid proof: a rewrite can be skipped. A file without
-    /// one is replaced by the next write (which repairs a corrupt object).
-    public func skipsWrite(_ digest: Digest) throws -> Bool {
-        guard let src = try openBlob(digest) else { return false }
-        return src.isVerified
+    /// Present with these very bytes: the stored copy is compared with
+    /// `source` (verified bytes), so a damaged copy is never kept by a
+    /// rewrite. An intact copy without a proof gets one.
+    public func skipsWrite(_ digest: Digest, _ source: BlobSource) throws -> Bool {
+        guard let f = try openObject(digest), f.size == digest.size else { return false }
+        return intact(f, digest, source)
+    }
+
+    /// True if the file holds exactly `source`'s bytes (then proven, if the
+    /// file did not change meanwhile). A file that cannot be read is not intact.
+    private func intact(_ f: StoreFile, _ d: Digest, _ source: BlobSource) -> Bool {
+        guard source.size == d.size, (try? sameBytes(f, source)) == true else { return false }
+        if !proofs.isProven(d, f.stamp), FileStamp.of(fd: f.fd) == f.stamp { proofs.record(d, f.stamp) }
+        return true
     }
 
     public func commitWrite(_ digest: Digest, _ source: BlobSource) throws {
-        let path = objectPath(digest)
-        let existing = try fileSize(path)
-        if existing == digest.size, try skipsWrite(digest) { return }
+        _ = try commitTracked(digest, source)
+    }
+
+    /// Stores `source` (verified bytes) under `digest`: an intact copy is
+    /// kept (nil is returned), anything else at the path (damaged, of
+    /// another length) is replaced atomically; returns the copy put in place.
+    public func commitTracked(_ digest: Digest, _ source: BlobSource) throws -> FileStamp? {
         guard source.size == digest.size else {
             throw StorageError.sizeMismatch(expected: digest, actualSize: source.size)
         }
+        let path = objectPath(digest)
+        var damaged: FileStamp?
+        if let existing = try openObject(digest) {
+            if existing.size == digest.size && intact(existing, digest, source) { return nil }
+            damaged = existing.stamp
+        }
 
         let (fd, tmpPath) = try makeTemporary(digest.hash)
-        var linked = false
+        var placed = false
         defer {
             close(fd)
-            if !linked { unlink(tmpPath) }
+            if !placed { unlink(tmpPath) }
         }
         try copy(source, to: fd)
         fchmod(fd, 0o644)
-        // The bytes were verified by the caller: the new file carries the proof.
-        recordProof(fd: fd, digest)
 
-        if existing != nil {
-            // A file of the wrong length, or one without a proof, sits at the
-            // path: replace it atomically.
+        if let damaged {
+            // The verified bytes replace the damaged copy in one step: readers
+            // that have it open keep it, new ones get the good bytes.
+            proofs.forget(digest)
             guard rename(tmpPath, path) == 0 else { throw StorageError.posix("rename into \(path)") }
-            linked = true
-            return
-        }
-        if link(tmpPath, path) != 0 {
-            if errno == ENOENT {
-                let dir = String(path[..<path.lastIndex(of: "/")!])
-                if mkdir(dir, 0o755) != 0 && errno != EEXIST { throw StorageError.posix("mkdir \(dir)") }
-                if link(tmpPath, path) != 0 && errno != EEXIST { throw StorageError.posix("link \(path)") }
-            } else if errno != EEXIST {
-                throw StorageError.posix("link \(path)")
-            }
-        }
-    }
-
-    public func recordVerified(_ digest: Digest, _ source: BlobSource) {
-        guard let fd = source.fileDescriptor, source.size == digest.size else { return }
-        recordProof(fd: fd, digest)
-    }
-
-    // MARK: proofs
-
-    struct FileIdentity: Equatable {
-        var inode: UInt64
-        var size: Int64
-        var mtimeSeconds: Int64
-        var mtimeNanos: Int64
-
-        init(_ st: stat) {
-            inode = UInt64(st.st_ino)
-            size = Int64(st.st_size)
-            mtimeSeconds = Int64(st.st_mtim.tv_sec)
-            mtimeNanos = Int64(st.st_mtim.tv_nsec)
-        }
-
-        /// The proof as stored: a tag, the raw SHA-256, then size, inode and
-        /// mtime (seconds, nanoseconds), little-endian.
-        func proof(_ d: Digest) -> [UInt8] {
-            var b = FileIdentity.tag
-            b += d.rawHash
-            for v in [UInt64(bitPattern: size), inode, UInt64(bitPattern: mtimeSeconds), UInt64(bitPattern: mtimeNanos)] {
-                withUnsafeBytes(of: v.littleEndian) { b += $0 }
-            }
-            return b
-        }
-
-        static let tag: [UInt8] = Array("casfs:1\0".utf8)
-        static let proofSize = 8 + 32 + 32
-
-        /// True if `p` is the proof of `d` for a file with this identity
-        /// (compared in place: opens are a hot path).
-        func matches(_ p: UnsafeRawBufferPointer, _ d: Digest) -> Bool {
-            guard p.count == Self.proofSize else { return false }
-            for i in 0..<8 where p[i] != Self.tag[i] { return false }
-            var i = 8
-            var hi: UInt8?
-            for c in d.hash.utf8 {
-                let v = c <= 57 ? c &- 48 : c &- 87
-                if let h = hi {
-                    if p[i] != h << 4 | v { return false }
-                    i += 1
-                    hi = nil
-                } else {
-                    hi = v
+            placed = true
+            replacedCopies.add()
+            log.warning("replaced a damaged copy of \(digest) in \(root) (\(damaged)) with verified bytes")
+        } else {
+            if link(tmpPath, path) != 0 {
+                var e = errno
+                if e == ENOENT {
+                    let dir = String(path[..<path.lastIndex(of: "/")!])
+                    if mkdir(dir, 0o755) != 0 && errno != EEXIST { throw StorageError.posix("mkdir \(dir)") }
+                    e = link(tmpPath, path) == 0 ? 0 : errno
                 }
+                // EEXIST: another writer's copy landed first.
+                if e == EEXIST { return nil }
+                if e != 0 { throw StorageError.posix("link \(path)", e) }
             }
-            func u64(_ at: Int) -> UInt64 { UInt64(littleEndian: p.loadUnaligned(fromByteOffset: at, as: UInt64.self)) }
-            return u64(40) == UInt64(bitPattern: size) && u64(48) == inode
-                && u64(56) == UInt64(bitPattern: mtimeSeconds) && u64(64) == UInt64(bitPattern: mtimeNanos)
+            unlink(tmpPath)
+            placed = true
         }
+        // The stamp after the last change of links (each moves ctime): the proof names it.
+        guard let stamp = FileStamp.of(fd: fd) else { return nil }
+        proofs.record(digest, stamp)
+        return stamp
     }
 
-    private func hasProof(fd: Int32, _ st: stat, _ digest: Digest) -> Bool {
-        let id = FileIdentity(st)
-        let found = withUnsafeTemporaryAllocation(byteCount: 128, alignment: 8) { buf -> Bool? in
-            let n = fgetxattr(fd, DiskStorage.proofAttribute, buf.baseAddress, buf.count)
-            guard n > 0 else { return nil }
-            return id.matches(UnsafeRawBufferPointer(rebasing: buf[0..<n]), digest)
-        }
-        if let found { return found }
-        return memoryProofs.withLock { $0[digest] } == id
+    /// Records the proof of a file of this store that was just verified,
+    /// if it did not change since it was opened.
+    public func recordVerified(_ digest: Digest, _ source: BlobSource) {
+        guard let f = source as? StoreFile, f.store === self, f.size == digest.size,
+              FileStamp.of(fd: f.fd) == f.stamp else { return }
+        proofs.record(digest, f.stamp)
     }
 
-    private func recordProof(fd: Int32, _ digest: Digest) {
-        var st = stat()
-        guard fstat(fd, &st) == 0, Int64(st.st_size) == digest.size else { return }
-        let id = FileIdentity(st)
-        let proof = id.proof(digest)
-        if fsetxattr(fd, DiskStorage.proofAttribute, proof, proof.count, 0) == 0 { return }
-        memoryProofs.withLock { proofs in
-            if proofs.count >= 1_000_000 { proofs.removeAll() }
-            proofs[digest] = id
-        }
-    }
+    /// True if a proof names the file with this stamp as `digest`'s bytes.
+    public func isProven(_ digest: Digest, _ stamp: FileStamp) -> Bool { proofs.isProven(digest, stamp) }
 
-    private func forgetProof(_ digest: Digest) {
-        memoryProofs.withLock { _ = $0.removeValue(forKey: digest) }
-    }
+    /// Records that the file with `stamp` holds `digest`'s bytes (the caller hashed it).
+    public func recordProof(_ digest: Digest, _ stamp: FileStamp) { proofs.record(digest, stamp) }
 
     // MARK: reversible deletion
 
     public func withdraw(_ digest: Digest) throws -> WithdrawnBlob? {
         let path = objectPath(digest)
         guard try fileSize(path) == digest.size else { return nil }
-        let aside = "\(tmpDir)/withdrawn-\(digest.hash)-\(UUID().uuidString.prefix(8))"
+        let aside = asidePath(digest)
         guard rename(path, aside) == 0 else {
             if errno == ENOENT { return nil }
             throw StorageError.posix("withdraw \(path)")
         }
+        proofs.forget(digest)
         return WithdrawnBlob(digest: digest, token: aside)
+    }
+
+    /// Withdraws the file at `digest`'s path only if it is still the copy
+    /// `copy` names (same inode and change time): a copy another writer put
+    /// there meanwhile is never taken. Nil if it is not there any more.
+    public func withdraw(_ digest: Digest, ifStill expected: FileStamp) throws -> WithdrawnBlob? {
+        let path = objectPath(digest)
+        guard let now = FileStamp.of(path: path), now.proves(expected) else { return nil }
+        let aside = asidePath(digest)
+        guard rename(path, aside) == 0 else {
+            if errno == ENOENT { return nil }
+            throw StorageError.posix("withdraw \(path)")
+        }
+        // Replaced between the check and the rename: put that copy back.
+        guard FileStamp.of(path: aside)?.inode == expected.inode else {
+            if link(aside, path) != 0 && errno != EEXIST { log.error("could not put back \(path): \(String(cString: strerror(errno)))") }
+            unlink(aside)
+            return nil
+        }
+        proofs.forget(digest)
+        return WithdrawnBlob(digest: digest, token: aside)
+    }
+
+    /// Replaces the copy `copy` of `digest` with `source` (verified bytes),
+    /// atomically, if it is still the one in place. False if it was not.
+    public func replace(_ digest: Digest, _ source: BlobSource, ifStill expected: FileStamp) throws -> Bool {
+        guard source.size == digest.size else { throw StorageError.sizeMismatch(expected: digest, actualSize: source.size) }
+        let path = objectPath(digest)
+        let (fd, tmpPath) = try makeTemporary(digest.hash)
+        var placed = false
+        defer {
+            close(fd)
+            if !placed { unlink(tmpPath) }
+        }
+        try copy(source, to: fd)
+        fchmod(fd, 0o644)
+        // A copy put there meanwhile by a writer is as good as ours: keep it.
+        guard let now = FileStamp.of(path: path), now.proves(expected) else { return false }
+        proofs.forget(digest)
+        guard rename(tmpPath, path) == 0 else { throw StorageError.posix("rename into \(path)") }
+        placed = true
+        if let stamp = FileStamp.of(fd: fd) { proofs.record(digest, stamp) }
+        return true
+    }
+
+    private func asidePath(_ digest: Digest) -> String {
+        "\(tmpDir)/withdrawn-\(digest.hash)-\(UUID().uuidString.prefix(8))"
     }
 
     public func restore(_ blob: WithdrawnBlob) -> Bool {
@@ -260,7 +279,6 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
     }
 
     public func discard(_ blob: WithdrawnBlob) {
-        forgetProof(blob.digest)
         unlink(blob.token)
     }
 
@@ -269,16 +287,32 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
     /// Calls `body` for every object in the store whose name is a well-formed
     /// hash, with its size (for rebuilding an index from the disk).
     public func forEachBlob(_ body: (Digest) throws -> Void) throws {
-        let fm = FileManager.default
-        guard let prefixes = try? fm.contentsOfDirectory(atPath: objectsDir) else { return }
-        for p in prefixes.sorted() where p.utf8.count == 2 {
-            guard let names = try? fm.contentsOfDirectory(atPath: "\(objectsDir)/\(p)") else { continue }
-            for n in names where n.utf8.count == 62 {
+        for p in objectPrefixes() {
+            for n in objectNames(prefix: p) {
                 guard let size = try fileSize("\(objectsDir)/\(p)/\(n)"),
                       let d = try? Digest(hash: p + n, size: size) else { continue }
                 try body(d)
             }
         }
+    }
+
+    /// The object directories (`00` … `ff`) present, in order.
+    public func objectPrefixes() -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: objectsDir)) ?? []
+        return names.filter { $0.utf8.count == 2 && $0.utf8.allSatisfy(Digest.isLowerHexByte) }.sorted()
+    }
+
+    /// The object names (the hash without its first two digits) under
+    /// `prefix` that are well formed, in order.
+    public func objectNames(prefix: String) -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "\(objectsDir)/\(prefix)")) ?? []
+        return names.filter { $0.utf8.count == 62 && $0.utf8.allSatisfy(Digest.isLowerHexByte) }.sorted()
+    }
+
+    /// Removes proof records whose object is gone from the object directory `prefix`.
+    @discardableResult
+    public func removeStaleProofs(prefix: String, objects: [String]) -> Int {
+        proofs.removeStaleRecords(prefix: prefix, objects: Set(objects))
     }
 
     /// Removes temporaries nobody has written to for `staleTemporaryAge`
@@ -301,9 +335,8 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
 
     private func makeTemporary(_ name: String) throws -> (Int32, String) {
         var template = Array("\(tmpDir)/\(name).XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        let fd = template.withUnsafeMutableBufferPointer { casfs_mkstemp_cloexec($0.baseAddress!) }
         guard fd >= 0 else { throw StorageError.posix("create temporary file in \(tmpDir)") }
-        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
         return (fd, String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self))
     }
 
@@ -326,6 +359,83 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating {
         }
         return Int64(st.st_size)
     }
+}
+
+/// A store that can tell which copy a write put in place, and take back
+/// exactly that copy: an index whose write failed removes the bytes it
+/// stored, never a copy another writer stored meanwhile.
+public protocol CopyTracking: ReversibleDeletion {
+    /// Stores like `commitWrite`; returns the copy this call put in place,
+    /// or nil if an intact copy was there already (or another writer's
+    /// landed first).
+    func commitTracked(_ digest: Digest, _ source: BlobSource) throws -> FileStamp?
+    /// Withdraws `digest`'s copy only if it is still `copy`; nil otherwise.
+    func withdraw(_ digest: Digest, ifStill copy: FileStamp) throws -> WithdrawnBlob?
+}
+
+/// An object file of a `DiskStorage`, open, with what it was when opened.
+final class StoreFile: BlobSource, @unchecked Sendable {
+    let fd: Int32
+    let stamp: FileStamp
+    let isVerified: Bool
+    /// The store that opened it: only that store records its proof.
+    let store: DiskStorage
+    private let owner: StoreFile?
+
+    init(fd: Int32, stamp: FileStamp, verified: Bool, store: DiskStorage, owner: StoreFile? = nil) {
+        self.fd = fd
+        self.stamp = stamp
+        self.isVerified = verified
+        self.store = store
+        self.owner = owner
+    }
+
+    /// The same open file, marked proven or not (sharing the descriptor).
+    func proven(_ verified: Bool) -> StoreFile {
+        StoreFile(fd: fd, stamp: stamp, verified: verified, store: store, owner: self)
+    }
+
+    deinit { if owner == nil { close(fd) } }
+
+    var size: Int64 { stamp.size }
+    var fileDescriptor: Int32? { fd }
+
+    func read(offset: Int64, length: Int) throws -> Data {
+        guard offset >= 0, length >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
+        let n = Int(max(0, min(Int64(length), size - offset)))
+        if n == 0 { return Data() }
+        var data = Data(count: n)
+        let got = try data.withUnsafeMutableBytes { buf -> Int in
+            try preadFully(fd, buf.baseAddress!, n, offset)
+        }
+        if got < n { data.removeSubrange(got..<n) }
+        return data
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
+        guard offset >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
+        let n = Int(max(0, min(Int64(buffer.count), size - offset)))
+        if n == 0 { return 0 }
+        return try preadFully(fd, buffer.baseAddress!, n, offset)
+    }
+}
+
+/// True if the file `f` holds exactly `source`'s bytes (read in 1 MiB steps).
+func sameBytes(_ f: StoreFile, _ source: BlobSource) throws -> Bool {
+    guard f.size == source.size else { return false }
+    let chunk = Int(min(Int64(streamChunkSize), max(1, f.size)))
+    var a = [UInt8](repeating: 0, count: chunk)
+    var b = [UInt8](repeating: 0, count: chunk)
+    var offset: Int64 = 0
+    while offset < f.size {
+        let want = Int(min(Int64(chunk), f.size - offset))
+        let n = try a.withUnsafeMutableBytes { try preadFully(f.fd, $0.baseAddress!, want, offset) }
+        let m = try b.withUnsafeMutableBytes { try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<want]), offset: offset) }
+        guard n == want, m == want else { return false }
+        if memcmp(a, b, want) != 0 { return false }
+        offset += Int64(want)
+    }
+    return true
 }
 
 /// Copies `size` bytes of `from` (from its start) to `to` in the kernel

@@ -25,7 +25,7 @@ public final class EmptyBlobStorage: StorageDecorator {
         }
         try inner.commitWrite(d, source)
     }
-    public func skipsWrite(_ d: Digest) throws -> Bool { d.isEmpty ? true : try inner.skipsWrite(d) }
+    public func skipsWrite(_ d: Digest, _ source: BlobSource) throws -> Bool { d.isEmpty ? true : try inner.skipsWrite(d, source) }
     public func recordVerified(_ d: Digest, _ source: BlobSource) { if !d.isEmpty { inner.recordVerified(d, source) } }
 
     public func bulkDelete(_ ds: [Digest]) -> [String] { inner.bulkDelete(ds.filter { !$0.isEmpty }) }

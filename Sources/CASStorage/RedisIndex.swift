@@ -42,6 +42,8 @@ public final class RedisIndex: Storage, BlobIndex {
     let ttlArgument = RedisArgument.string(String(RedisIndex.ttlSeconds))
     let deleteCursor = Mutex<UInt64>(0)
     let countCache = Mutex<(value: Int64?, at: Date, refreshing: Bool)>((nil, .distantPast, false))
+    /// Copies whose index write failed while Redis did not answer.
+    let unsettled = UnsettledCopies()
     let counters: Counters
 
     struct Counters: Sendable {
@@ -87,7 +89,10 @@ public final class RedisIndex: Storage, BlobIndex {
     /// parts are encoded once; each command is a few appends.
     /// `durable`: the pipeline waits for the replicas the connection asks
     /// for (Sentinel), so an acknowledged write survives a failover.
-    func runPerKey(_ digests: [Digest], _ verb: StaticString, _ extra: [StaticString] = [], durable: Bool = false) throws -> [RedisReply] {
+    /// `uncertain`: a failure that leaves unknown whether the commands ran
+    /// (a lost connection, a timeout) is thrown as `IndexOutcomeUnknown`.
+    func runPerKey(_ digests: [Digest], _ verb: StaticString, _ extra: [StaticString] = [], durable: Bool = false,
+                   uncertain: Bool = false) throws -> [RedisReply] {
         if digests.isEmpty { return [] }
         var head = RedisCommands()
         head.begin(argumentCount: 2 + extra.count)
@@ -115,8 +120,22 @@ public final class RedisIndex: Storage, BlobIndex {
             try checkReplies(replies)
             return replies
         } catch let e as RedisError {
+            if case .notDurable = e { throw IndexNotDurable(error: unavailable(e)) }
+            if uncertain, e.outcomeUnknown { throw IndexOutcomeUnknown(error: unavailable(e)) }
             throw unavailable(e)
         }
+    }
+
+    /// An index write failed in a way that leaves unknown whether Redis ran
+    /// it, or will run it still (a connection lost or timed out mid-call).
+    struct IndexOutcomeUnknown: Error {
+        let error: StorageError
+    }
+
+    /// A durable index write reached the master but too few replicas: the
+    /// key is set, so the bytes it names must stay; the write still fails.
+    struct IndexNotDurable: Error {
+        let error: StorageError
     }
 
     /// The pool counts its own failures (`RedisPoolMetrics`); error replies
@@ -341,21 +360,41 @@ public final class RedisIndex: Storage, BlobIndex {
     }
 
     /// Storage first, then SET NX EX (the total grows only when the key is
-    /// new); then, if a racing delete took the bytes meanwhile, store them again.
+    /// new); then, if a racing delete took the bytes meanwhile, store them
+    /// again. An index write that fails leaves no bytes behind that this
+    /// write stored (see `settleFailedIndexWrite`).
     public func commitWrite(_ digest: Digest, _ source: BlobSource) throws {
-        try storage.commitWrite(digest, source)
-        try addToIndex([digest])
+        try storeAndIndex(digest, source)
         if try !storage.hasBlob(digest) {
+            try storeAndIndex(digest, source)
+        }
+    }
+
+    private func storeAndIndex(_ digest: Digest, _ source: BlobSource) throws {
+        var created: FileStamp?
+        if let tracking = storage as? CopyTracking {
+            created = try tracking.commitTracked(digest, source)
+        } else {
             try storage.commitWrite(digest, source)
-            try addToIndex([digest])
+        }
+        do {
+            try indexNew([digest])
+        } catch let e as IndexNotDurable {
+            throw e.error
+        } catch let e as IndexOutcomeUnknown {
+            settleLater([(digest, created)], e.error)
+            throw e.error
+        } catch {
+            if settleFailedIndexWrite([(digest, created)], error)[0] { return }
+            throw error
         }
     }
 
     /// Present in the index (refreshed) and in the storage (which decides
     /// whether its copy can be trusted).
-    public func skipsWrite(_ digest: Digest) throws -> Bool {
+    public func skipsWrite(_ digest: Digest, _ source: BlobSource) throws -> Bool {
         guard try missingBlobs([digest]).isEmpty else { return false }
-        return try storage.skipsWrite(digest)
+        return try storage.skipsWrite(digest, source)
     }
 
     public func recordVerified(_ digest: Digest, _ source: BlobSource) {
@@ -381,6 +420,30 @@ public final class RedisIndex: Storage, BlobIndex {
             indexLog.error("bulk delete failed: \(error)")
             return digests.map(\.hash)
         }
+    }
+
+    /// Removes a damaged copy of `digest` from the index and the store:
+    /// the key first (DEL, and DECRBY if it was there), then the copy, but
+    /// only the one `withdraw` still finds (it returns nil when another
+    /// writer replaced the copy meanwhile). A copy present afterwards (that
+    /// writer's) is indexed again, so no key is lost for bytes that are
+    /// there and no key is left for bytes that are gone. True if the damaged
+    /// copy was removed.
+    public func removeDamaged(_ digest: Digest, withdraw: () throws -> WithdrawnBlob?,
+                              discard: (WithdrawnBlob) -> Void) throws -> Bool {
+        let hadKey = try !deleteFromIndex([digest]).isEmpty
+        let withdrawn: WithdrawnBlob?
+        do { withdrawn = try withdraw() } catch {
+            if hadKey { _ = try? addToIndex([digest]) }
+            throw error
+        }
+        if let withdrawn { discard(withdrawn) }
+        if hadKey, try storage.hasBlob(digest) {
+            try addToIndex([digest])
+        } else if hadKey {
+            indexLog.notice("removed the damaged copy of \(digest) and its index entry")
+        }
+        return withdrawn != nil
     }
 
     /// EXPIRE every digest asked (one pipeline); those where nothing was
@@ -412,16 +475,41 @@ public final class RedisIndex: Storage, BlobIndex {
         }
         if missing.isEmpty { return statuses }
         let toStore = blobs.indices.filter { missing.contains(blobs[$0].0) }
-        let results = storage.bulkUpdateBlobs(toStore.map { blobs[$0] })
         var stored: [Int] = []
-        for (k, i) in toStore.enumerated() {
-            let status = k < results.count ? results[k] : StorageError.io(errno: EIO, "storage returned no status")
-            statuses[i] = status
-            if status == nil { stored.append(i) }
+        var created: [Int: FileStamp] = [:]
+        if let tracking = storage as? CopyTracking {
+            for i in toStore {
+                do {
+                    created[i] = try tracking.commitTracked(blobs[i].0, DataSource(blobs[i].1, verified: true))
+                    stored.append(i)
+                } catch {
+                    statuses[i] = StorageError.wrap(error)
+                }
+            }
+        } else {
+            let results = storage.bulkUpdateBlobs(toStore.map { blobs[$0] })
+            for (k, i) in toStore.enumerated() {
+                let status = k < results.count ? results[k] : StorageError.io(errno: EIO, "storage returned no status")
+                statuses[i] = status
+                if status == nil { stored.append(i) }
+            }
         }
         if stored.isEmpty { return statuses }
         do {
-            try addToIndex(stored.map { blobs[$0].0 })
+            try indexNew(stored.map { blobs[$0].0 })
+        } catch let e as IndexNotDurable {
+            for i in stored { statuses[i] = e.error }
+            return statuses
+        } catch let e as IndexOutcomeUnknown {
+            settleLater(stored.map { (blobs[$0].0, created[$0]) }, e.error)
+            for i in stored { statuses[i] = e.error }
+            return statuses
+        } catch {
+            let indexed = settleFailedIndexWrite(stored.map { (blobs[$0].0, created[$0]) }, error)
+            for (k, i) in stored.enumerated() where !indexed[k] { statuses[i] = StorageError.wrap(error) }
+            return statuses
+        }
+        do {
             // A racing delete may have taken bytes after they were stored.
             let gone = Set(try storage.missingBlobs(stored.map { blobs[$0].0 }))
             if !gone.isEmpty {
@@ -442,8 +530,17 @@ public final class RedisIndex: Storage, BlobIndex {
     /// Returns how many were new.
     @discardableResult
     public func addToIndex(_ digests: [Digest]) throws -> Int {
+        do { return try indexNew(digests) } catch let e as IndexNotDurable { throw e.error } catch let e as IndexOutcomeUnknown {
+            throw e.error
+        }
+    }
+
+    /// `addToIndex`, throwing `IndexNotDurable` when the keys reached the
+    /// master but too few replicas.
+    @discardableResult
+    func indexNew(_ digests: [Digest]) throws -> Int {
         if digests.isEmpty { return 0 }
-        let replies = try runPerKey(digests, "SET", ["1", "EX", RedisIndex.ttlText, "NX"], durable: true)
+        let replies = try runPerKey(digests, "SET", ["1", "EX", RedisIndex.ttlText, "NX"], durable: true, uncertain: true)
         var added: [Digest] = []
         for (d, r) in zip(digests, replies) where !r.isNull { added.append(d) }
         if !added.isEmpty {

@@ -245,10 +245,10 @@ public final class ReplicatedStorage: Storage {
         return statuses
     }
 
-    public func skipsWrite(_ d: Digest) throws -> Bool {
+    public func skipsWrite(_ d: Digest, _ source: BlobSource) throws -> Bool {
         for (i, r) in replicas.enumerated() {
             do {
-                if try !r.skipsWrite(d) { return false }
+                if try !r.skipsWrite(d, source) { return false }
             } catch {
                 failed(i, "checking \(d)", error)
                 return false

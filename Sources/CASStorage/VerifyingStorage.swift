@@ -156,20 +156,30 @@ struct WeakStreamCheck {
 }
 
 /// How far one large blob has been hashed, shared by every reader of it.
+/// The condition guards the fields; the hasher belongs to the one reader
+/// that is extending the hashed prefix (`extending`), which reads and
+/// hashes without holding the lock.
 final class StreamCheck: @unchecked Sendable {
     enum Outcome { case pending, verified, corrupt(StorageError) }
-    let lock = NSLock()
-    // Guarded by `lock`.
-    var hasher = DigestHasher()
+    let cond = NSCondition()
+    // Guarded by `cond`.
     var hashedEnd: Int64 = 0
+    var extending = false
     var outcome = Outcome.pending
+    // Used only by the reader that set `extending`.
+    var hasher = DigestHasher()
     let size: Int64
 
     init(size: Int64) { self.size = size }
 }
 
-/// Reads of a large unverified blob: in-order reads are hashed as they pass;
-/// the read that reaches the end (or jumps ahead) waits for the whole check.
+/// Reads of a large unverified blob. In-order reads are hashed as they pass
+/// (the bytes served are the bytes hashed); the read that reaches the end,
+/// or jumps ahead, returns only after the whole blob verified. Readers run
+/// in parallel: one at a time extends the hashed prefix, without holding
+/// the lock while it reads; the others read ranges already hashed on their
+/// own, or wait only for the stretch they need, or read freely once the
+/// blob is verified.
 final class StreamCheckedSource: BlobSource, @unchecked Sendable {
     let digest: Digest
     let source: BlobSource
@@ -197,54 +207,115 @@ final class StreamCheckedSource: BlobSource, @unchecked Sendable {
         guard offset >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
         guard offset < size, buffer.count > 0 else { return 0 }
         let end = offset.saturatingAdd(Int64(buffer.count)) >= size ? size : offset + Int64(buffer.count)
-        check.lock.lock()
-        defer { check.lock.unlock() }
-        switch check.outcome {
-        case .verified: return try source.read(into: buffer, offset: offset)
-        case .corrupt(let e): throw e
-        case .pending: break
+        check.cond.lock()
+        while true {
+            switch check.outcome {
+            case .verified:
+                check.cond.unlock()
+                return try source.read(into: buffer, offset: offset)
+            case .corrupt(let e):
+                check.cond.unlock()
+                throw e
+            case .pending: break
+            }
+            if end < size && end <= check.hashedEnd {
+                // Hashed already (by an earlier reader): read it on our own.
+                check.cond.unlock()
+                return try source.read(into: buffer, offset: offset)
+            }
+            if check.extending {
+                check.cond.wait()
+                continue
+            }
+            check.extending = true
+            let hashedEnd = check.hashedEnd
+            check.cond.unlock()
+            if end < size && offset == hashedEnd {
+                // The next bytes of an in-order stream: read once, hash, serve.
+                return try extending {
+                    let n = try source.read(into: buffer, offset: offset)
+                    guard n == Int(end - offset) else { throw StreamFailure.damaged("short read at \(offset)") }
+                    check.hasher.update(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+                    owner.counters.verifiedBytes.add(Int64(n))
+                    advance(to: end)
+                    return n
+                }
+            }
+            // A read near the hashed prefix waits for the bytes up to it; the
+            // end of the blob, or a jump, waits for the whole check.
+            let target = end < size && offset <= hashedEnd.saturatingAdd(owner.streamWindow) ? end : size
+            try extending { try extend(to: target) }
+            check.cond.lock()
         }
-        if end < size && offset == check.hashedEnd {
-            // The next bytes of an in-order stream: read once, hash, serve.
-            let n = try source.read(into: buffer, offset: offset)
-            guard n == Int(end - offset) else { throw fail("short read at \(offset)") }
-            check.hasher.update(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
-            check.hashedEnd = end
-            owner.counters.verifiedBytes.add(Int64(n))
-            return n
-        }
-        if end < size && offset <= check.hashedEnd.saturatingAdd(owner.streamWindow) {
-            try extend(to: end)
-            return try source.read(into: buffer, offset: offset)
-        }
-        // The end of the blob, or a jump: the whole blob is checked first.
-        try extend(to: size)
-        let actual = check.hasher.finalize()
-        owner.counters.verifications.add()
-        guard actual == digest else { throw fail("content is \(actual)") }
-        check.outcome = .verified
-        owner.verified(digest, source)
-        return try source.read(into: buffer, offset: offset)
     }
 
-    /// Hashes from the hashed prefix up to `end` (lock held).
+    enum StreamFailure: Error { case damaged(String) }
+
+    /// Runs `body` as the extender; clears `extending` afterwards. A
+    /// mismatch found there fails the blob (repaired outside any lock).
+    private func extending<T>(_ body: () throws -> T) throws -> T {
+        do {
+            let v = try body()
+            release()
+            return v
+        } catch StreamFailure.damaged(let what) {
+            throw fail(what)
+        } catch {
+            // An I/O error: the blob is not judged; a later reader tries again.
+            release()
+            throw error
+        }
+    }
+
+    private func release() {
+        check.cond.lock()
+        check.extending = false
+        check.cond.broadcast()
+        check.cond.unlock()
+    }
+
+    private func advance(to end: Int64) {
+        check.cond.lock()
+        check.hashedEnd = end
+        check.cond.broadcast()
+        check.cond.unlock()
+    }
+
+    /// Hashes from the hashed prefix up to `end` (as the extender), and at
+    /// the end of the blob settles its outcome.
     private func extend(to end: Int64) throws {
         var buf = [UInt8](repeating: 0, count: 4 << 20)
-        while check.hashedEnd < end {
-            let want = Int(min(Int64(buf.count), end - check.hashedEnd))
+        var at = check.cond.withLock { check.hashedEnd }
+        while at < end {
+            let want = Int(min(Int64(buf.count), end - at))
             let n = try buf.withUnsafeMutableBytes {
-                try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<want]), offset: check.hashedEnd)
+                try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<want]), offset: at)
             }
-            guard n == want else { throw fail("short read at \(check.hashedEnd)") }
+            guard n == want else { throw StreamFailure.damaged("short read at \(at)") }
             buf.withUnsafeBytes { check.hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
-            check.hashedEnd += Int64(n)
+            at += Int64(n)
             owner.counters.verifiedBytes.add(Int64(n))
+            advance(to: at)
         }
+        guard end == size else { return }
+        let actual = check.hasher.finalize()
+        owner.counters.verifications.add()
+        guard actual == digest else { throw StreamFailure.damaged("content is \(actual)") }
+        check.cond.lock()
+        check.outcome = .verified
+        check.cond.unlock()
+        owner.verified(digest, source)
     }
 
+    /// Marks the blob corrupt for every reader, then logs, counts and
+    /// repairs it (storage I/O, with no lock held).
     private func fail(_ what: String) -> StorageError {
-        let e = owner.failed(digest, what)
+        let e = StorageError.corrupt(digest, source: owner.sourceName)
+        check.cond.lock()
         check.outcome = .corrupt(e)
-        return e
+        check.extending = false
+        check.cond.broadcast()
+        check.cond.unlock()
+        return owner.failed(digest, what)
     }
 }

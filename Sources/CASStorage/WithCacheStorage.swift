@@ -65,7 +65,15 @@ public final class WithCacheStorage: Storage {
     public func start() throws {
         try cache.start()
         try fallback.start()
-        journal?.start(sendingTo: fallback) { [outage] error in outage.record(error) }
+        journal?.start(sendingTo: fallback, onSend: { [outage] error in outage.record(error) },
+                       repairSource: { [cache] d in WithCacheStorage.provenCopy(cache, d) })
+    }
+
+    /// The cache's copy of `d` if it is proven, or verified now; else nil.
+    static func provenCopy(_ cache: any Storage, _ d: Digest) -> BlobSource? {
+        guard let src = try? cache.getBlob(d) else { return nil }
+        if src.isVerified { return src }
+        return (try? src.verify(d)) != nil ? src : nil
     }
 
     /// Sends what the journal holds (bounded wait), then stops both sides.
@@ -154,11 +162,22 @@ public final class WithCacheStorage: Storage {
                 if let cached = try cache.openBlob(d) { return cached }
             } catch {
                 counters.fillFailures.add()
+                if refusedForNow(d) {
+                    // A memory cache short of room for now: served from the fallback this time.
+                    log.debug("not caching \(d) now: \(error)")
+                    return src
+                }
                 log.info("not caching \(d): \(error)")
             }
             uncacheable.insert(d)
             return src
         }.value
+    }
+
+    /// True if the cache could hold `d` and refused it only for lack of room now.
+    private func refusedForNow(_ d: Digest) -> Bool {
+        guard let bounded = cache as? CapacityBounded else { return false }
+        return d.size <= bounded.capacity
     }
 
     private func fillInBackground(_ d: Digest) {
@@ -221,33 +240,45 @@ public final class WithCacheStorage: Storage {
 
     // MARK: writes
 
-    /// Deferred: present in the cache or the journal (the fallback is not
-    /// asked, so that a stalled fallback never slows a write). Otherwise the
-    /// fallback decides.
-    public func skipsWrite(_ d: Digest) throws -> Bool {
+    /// Deferred: present and intact in the cache, or in the journal (the
+    /// fallback is not asked, so that a stalled fallback never slows a
+    /// write). Otherwise the fallback decides, and a damaged copy in the
+    /// cache is not kept either.
+    public func skipsWrite(_ d: Digest, _ source: BlobSource) throws -> Bool {
         if let journal {
-            return (try? cache.hasBlob(d)) == true || journal.contains(d)
+            return (try? cache.skipsWrite(d, source)) == true || journal.contains(d)
         }
-        return try fallback.skipsWrite(d)
+        guard try fallback.skipsWrite(d, source) else { return false }
+        return (try? cache.hasBlob(d)) != true || (try? cache.skipsWrite(d, source)) == true
     }
 
     public func commitWrite(_ d: Digest, _ source: BlobSource) throws {
         do {
             try cache.commitWrite(d, source)
         } catch {
-            log.warning("cache write of \(d) failed, writing through: \(error)")
-            try fallback.commitWrite(d, source)
-            return
-        }
-        guard let journal else {
+            if refusedForNow(d) {
+                log.debug("cache has no room for \(d) now, writing through: \(error)")
+            } else {
+                log.warning("cache write of \(d) failed, writing through: \(error)")
+            }
             try fallback.commitWrite(d, source)
             return
         }
         do {
-            try journal.add(d, source)
+            guard let journal else {
+                try fallback.commitWrite(d, source)
+                return
+            }
+            do {
+                try journal.add(d, source)
+            } catch {
+                log.error("journaling the deferred write of \(d) failed, writing through: \(error)")
+                try fallback.commitWrite(d, source)
+            }
         } catch {
-            log.error("journaling the deferred write of \(d) failed, writing through: \(error)")
-            try fallback.commitWrite(d, source)
+            // The write failed: the cache does not keep what the fallback refused.
+            do { try cache.deleteBlob(d) } catch { log.warning("cache delete of \(d) after a failed write failed: \(error)") }
+            throw error
         }
     }
 
@@ -256,7 +287,11 @@ public final class WithCacheStorage: Storage {
         if let e = cacheResults.lazy.compactMap({ $0 }).first {
             log.warning("cache failed to store some blobs of a batch: \(e)")
         }
-        guard let journal else { return fallback.bulkUpdateBlobs(blobs) }
+        guard let journal else {
+            let statuses = fallback.bulkUpdateBlobs(blobs)
+            dropFailed(blobs, statuses)
+            return statuses
+        }
         var statuses = [StorageError?](repeating: nil, count: blobs.count)
         var direct: [Int] = []
         for (i, (d, data)) in blobs.enumerated() {
@@ -266,7 +301,16 @@ public final class WithCacheStorage: Storage {
             let results = fallback.bulkUpdateBlobs(direct.map { blobs[$0] })
             for (k, i) in direct.enumerated() { statuses[i] = k < results.count ? results[k] : .io(errno: EIO, "no status") }
         }
+        dropFailed(blobs, statuses)
         return statuses
+    }
+
+    /// The cache does not keep blobs whose write failed.
+    private func dropFailed(_ blobs: [(Digest, Data)], _ statuses: [StorageError?]) {
+        let failed = zip(blobs, statuses).compactMap { $1 == nil ? nil : $0.0 }
+        guard !failed.isEmpty else { return }
+        let left = cache.bulkDelete(failed)
+        if !left.isEmpty { log.warning("cache failed to drop \(left.count) blobs whose write failed") }
     }
 
     public func missingBlobs(_ ds: [Digest]) throws -> [Digest] {

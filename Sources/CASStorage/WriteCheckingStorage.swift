@@ -31,7 +31,7 @@ public final class WriteCheckingStorage: StorageDecorator {
 
     public func commitWrite(_ digest: Digest, _ source: BlobSource) throws {
         try check(digest, source)
-        if try inner.skipsWrite(digest) {
+        if try inner.skipsWrite(digest, source) {
             skipped.add()
             return
         }

@@ -7,12 +7,13 @@
 #include <sys/uio.h>
 #include <stdio.h>
 #include <sys/vfs.h>
+#include <fcntl.h>
+#include <malloc.h>
 #include <sys/syscall.h>
 #include <sys/resource.h>
 #include <spawn.h>
 #include <unistd.h>
 #include <signal.h>
-#include <fcntl.h>
 
 // ioctl is variadic in C, which Swift cannot call.
 static inline int casfs_ioctl(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
@@ -42,4 +43,13 @@ static inline short casfs_posix_spawn_setsid(void) { return 0x80; }
 static inline int casfs_accept_cloexec_nonblock(int fd) {
     return (int)syscall(SYS_accept4, fd, NULL, NULL, 02000000 | 04000);
 }
+// mkostemp is a GNU extension: declared here for Swift.
+extern int mkostemp(char *template_, int flags);
+static inline int casfs_mkstemp_cloexec(char *template_) { return mkostemp(template_, O_CLOEXEC); }
+// O_DIRECT is only visible to Swift under _GNU_SOURCE.
+static inline int casfs_o_direct(void) { return __O_DIRECT; }
+// glibc's allocator: return freed memory to the system, bound the arenas.
+static inline int casfs_malloc_trim(size_t pad) { return malloc_trim(pad); }
+static inline int casfs_mallopt_arena_max(int n) { return mallopt(M_ARENA_MAX, n); }
+static inline int casfs_mallopt_mmap_threshold(int n) { return mallopt(M_MMAP_THRESHOLD, n); }
 #endif

@@ -107,6 +107,17 @@ public enum RedisError: Error, Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// True when a command that failed this way may have run on the server,
+    /// or may still run: anything but an error reply (the connection broke or
+    /// timed out, possibly after the command was sent, on this try or an
+    /// earlier one).
+    public var outcomeUnknown: Bool {
+        switch self {
+        case .server, .notDurable: return false
+        default: return true
+        }
+    }
+
     /// The same error with `note` added to its message.
     func adding(_ note: String) -> RedisError {
         switch self {

@@ -700,7 +700,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         case .notFound?: return .io(errno: ENOENT, text)
         case .unavailable?, .deadlineExceeded?, .cancelled?: return .unavailable(text)
         case .resourceExhausted?: return .unavailable("\(text) (resource exhausted)")
-        case .invalidArgument?, .failedPrecondition?, .outOfRange?: return .io(errno: EIO, text)
+        case .invalidArgument?, .failedPrecondition?, .outOfRange?: return .rejected(text)
         case .permissionDenied?, .unauthenticated?:
             // The server refuses the credentials (a wrong or expired token):
             // unavailable to casfs until the token file is fixed and re-read.

@@ -3,6 +3,7 @@ import CASConfig
 import CASCore
 import CASDaemon
 import CASFuse
+import CASStorage
 import Foundation
 import Logging
 
@@ -125,6 +126,8 @@ struct MountCommand: ParsableCommand {
     }
 
     private func serve(ready: Int32?) throws {
+        // Blobs come and go in megabytes: the allocator gives them back.
+        MallocTuning.apply()
         setUpLogging()
         let log = Logger(label: "casfs.mount")
         Daemon.prepareProcess(log: log)
@@ -139,6 +142,7 @@ struct MountCommand: ParsableCommand {
         let stack = try OpenStack(configPath: config, keepRedis: true)
         var mountOptions = stack.stack.mount
         overrides.apply(to: &mountOptions)
+        mountOptions.configPath = config.map(absolute)
         if overrides.noOpen == true && mountOptions.writable {
             stack.close()
             throw ValidationError("-o noopen needs a read-only mount (-o ro)")

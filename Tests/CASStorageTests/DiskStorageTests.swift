@@ -136,11 +136,11 @@ final class DiskStorageTests: XCTestCase {
         let p = s.objectPath(d)
         try FileManager.default.createDirectory(atPath: (p as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         try Data("replace mE".utf8).write(to: URL(fileURLWithPath: p))  // same length, wrong bytes, no proof
-        XCTAssertFalse(try s.skipsWrite(d))
+        XCTAssertFalse(try s.skipsWrite(d, DataSource(data)))
         try s.commitWrite(d, DataSource(data))
         XCTAssertEqual(try s.getBlob(d)?.readAll(), data)
         XCTAssertTrue(try XCTUnwrap(s.openBlob(d)).isVerified)
-        XCTAssertTrue(try s.skipsWrite(d))
+        XCTAssertTrue(try s.skipsWrite(d, DataSource(data)))
     }
 
     func testStorageFullIsAClearError() throws {

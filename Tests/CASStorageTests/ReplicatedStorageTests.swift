@@ -57,9 +57,9 @@ final class ReplicatedStorageTests: XCTestCase {
         let t = try make()
         let b = blob("rewrite fills")
         try t.put(0, b)
-        XCTAssertFalse(try t.s.skipsWrite(b.0))
+        XCTAssertFalse(try t.s.skipsWrite(b.0, DataSource(b.1)))
         try t.put(1, b)
-        XCTAssertTrue(try t.s.skipsWrite(b.0))
+        XCTAssertTrue(try t.s.skipsWrite(b.0, DataSource(b.1)))
     }
 
     /// getBlob reads the first replica that has the blob and writes it into

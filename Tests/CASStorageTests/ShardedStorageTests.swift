@@ -67,7 +67,7 @@ final class ShardedStorageTests: XCTestCase {
         XCTAssertTrue(try s.hasBlob(d))
         XCTAssertEqual(try s.getBlob(d)?.readAll(), data)
         XCTAssertEqual(try s.read(d, offset: 1, length: 3), Data("ell".utf8))
-        XCTAssertTrue(try s.skipsWrite(d))
+        XCTAssertTrue(try s.skipsWrite(d, DataSource(data)))
         try s.deleteBlob(d)
         XCTAssertFalse(try mine.inner.hasBlob(d))
         XCTAssertEqual(other.getCalls.load(ordering: .relaxed), 0)

@@ -40,7 +40,7 @@ final class FakeStorage: Storage, Sendable {
         state.withLock { $0.blobs[digest] }.map { DataSource($0, verified: true) }
     }
 
-    func skipsWrite(_ digest: Digest) throws -> Bool { contains(digest) }
+    func skipsWrite(_ digest: Digest, _ source: BlobSource) throws -> Bool { contains(digest) }
 
     func deleteBlob(_ digest: Digest) throws {
         onDelete.withLock { $0 }?(digest)

@@ -226,7 +226,12 @@ public func startLoggedProcess(_ executable: String, _ arguments: [String], log:
 /// under its full key (`name{labels}`), and each metric's samples summed
 /// under its bare name.
 public func mountStats(_ mountpoint: String) throws -> [String: Int64] {
-    let r = runShell("getfattr --only-values -n user.casfs.stats \(shq(mountpoint))")
+    // getfattr asks for the size, then the value: a counter that gained a
+    // digit in between makes the second call fail with ERANGE. Ask again.
+    var r = runShell("getfattr --only-values -n user.casfs.stats \(shq(mountpoint))")
+    for _ in 0..<5 where !r.ok && r.stderr.contains("Numerical result out of range") {
+        r = runShell("getfattr --only-values -n user.casfs.stats \(shq(mountpoint))")
+    }
     guard r.ok, let data = r.stdout.data(using: .utf8),
           let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
         throw MountError("no stats xattr: \(r)")
