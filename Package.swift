@@ -24,6 +24,7 @@ let package = Package(
         .target(name: "CASCore", dependencies: [
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "Logging", package: "swift-log"),
         ]),
         // Thin C surfaces.
         .systemLibrary(name: "CHiredis", path: "Sources/CHiredis"),
@@ -92,7 +93,7 @@ let package = Package(
         ], path: "bench/Sources/RedisIndexBench"),
 
         .target(name: "TestSupport", dependencies: ["CASCore", "Redis"], path: "Tests/TestSupport"),
-        .testTarget(name: "CASCoreTests", dependencies: ["CASCore"]),
+        .testTarget(name: "CASCoreTests", dependencies: ["CASCore", .product(name: "Logging", package: "swift-log")]),
         // A kernel-free FUSE session for tests: encoded requests in, typed replies out.
         .target(name: "FuseTestHarness", dependencies: ["FuseKernel"], path: "Tests/FuseTestHarness"),
         .testTarget(name: "FuseKernelTests", dependencies: ["FuseKernel", "FuseTestHarness"]),

@@ -27,6 +27,7 @@ public struct StorageStack: Sendable {
 
 /// Makes live objects from a `ConfigSpec`. The stack it builds, top down:
 /// - `WriteCheckingStorage`: every write is checked against its digest;
+/// - `ExistenceCachingStorage`: blobs found present are known so for a while;
 /// - `EmptyBlobStorage`: the empty blob, answered once for all below;
 /// - `PrefetchingStorage` (with `tree-prefetch`): bulk hints for trees;
 /// - the configured nodes, with a `VerifyingStorage` put around each node
@@ -54,7 +55,8 @@ public final class StackBuilder {
         source = spec.source
         var storage = try node(spec.storage, verified: false)
         if spec.mount.treePrefetch { storage = PrefetchingStorage(storage) }
-        storage = WriteCheckingStorage(EmptyBlobStorage(storage), metrics: MetricScope(metrics, node: "storage"))
+        let top = MetricScope(metrics, node: "storage")
+        storage = WriteCheckingStorage(ExistenceCachingStorage(EmptyBlobStorage(storage), metrics: top), metrics: top)
         let index = indexes.first
         let batcher = withAccessTimes ? index.map {
             AccessTimeBatcher(index: $0, metrics: MetricScope(metrics, node: spec.storage.path))

@@ -91,7 +91,7 @@ final class FileNode: Node {
             return r.reply.error(ENOENT)
         }
         r.fs.counters.errors.add()
-        log.error("\(op) \(digest): the blob is not in the store")
+        folded.error(kind: op, key: digest.description, "\(op) \(digest): the blob is not in the store")
         r.reply.error(EIO)
     }
 
@@ -130,13 +130,11 @@ final class FileNode: Node {
     /// until the kernel forgets the inode (a deleted blob stays readable).
     func read(_ r: Request, offset: Int64, size: UInt32) {
         let fs = r.fs
+        fs.feeder?.readArrived(ino)
         let source: BlobSource
         do {
             guard let s = try fs.pinned.source(ino, open: { try fs.storage.openBlob(digest) }) else {
-                fs.counters.errors.add()
-                log.error("read \(digest): the blob is gone from the storage")
-                fs.invalidateEntry(parent: FixedInode.sha256, name: digest.description)
-                return r.reply.error(EIO)
+                return gone(r, "read")
             }
             source = s
         } catch {
@@ -195,16 +193,21 @@ extension CASFileSystem {
         switch nodes.remember(FileNode(digest, variant)) {
         case .node(let n as FileNode): return n
         case .node, .collision:
-            log.error("inode \(fileInode(digest, variant)) collision: \(digest) and another node")
+            folded.error(kind: "inode collision", key: digest.description,
+                         "inode \(fileInode(digest, variant)) collision: \(digest) and another node")
             counters.errors.add()
             return nil
         }
     }
 
-    /// Answers a LOOKUP with the file node of `digest`.
+    /// Answers a LOOKUP with the file node of `digest`. A small blob's bytes
+    /// (`source` if at hand) follow into the page cache on open-less mounts.
     func replyFileEntry(_ digest: Digest, _ variant: FileVariant?, timeout: Double, _ reply: FuseReply,
-                        namedInSha256: Bool = false) {
+                        namedInSha256: Bool = false, source: BlobSource? = nil) {
         guard let node = rememberFile(digest, variant) else { return reply.error(EIO) }
+        // Queued before the reply goes, so the store is ready as soon as the
+        // kernel holds the inode.
+        if let feeder, feeder.wants(digest) { feeder.feed([.init(ino: node.ino, digest: digest, source: source)]) }
         reply.entry(node.entry(self, timeout: timeout))
         if !reply.delivered {
             forgetNode(node.ino, 1)

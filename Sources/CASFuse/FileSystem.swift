@@ -6,6 +6,9 @@ import Logging
 import Synchronization
 
 let log = Logger(label: "casfs.fuse")
+/// Lines that requests can trigger (bad trees, gone or damaged blobs, a
+/// failing storage), folded so that no client floods the log.
+let folded = LogFolder(logger: log)
 
 /// The filesystem casfs serves, over the FUSE protocol module. Each request's
 /// inode is resolved once to its node (`Node.swift`): the root and `/tree`
@@ -46,6 +49,7 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
     let gid: UInt32
     let startTime: FuseTime
     private let channelBox = Mutex<FuseChannel?>(nil)
+    private let feederBox = Mutex<PageCacheFeeder?>(nil)
     private let onReady = Mutex<(@Sendable () -> Void)?>(nil)
     /// Notifications go out from here, never from a request's own handler.
     private let notifications = DispatchQueue(label: "casfs-fuse-notify")
@@ -126,12 +130,25 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
 
     public func connected(_ info: FuseConnectionInfo, _ channel: FuseChannel) {
         channelBox.withLock { $0 = channel }
+        // Open-less mounts: the kernel's page cache is the only one readers
+        // use, so small blobs are pushed into it ahead of their reads.
+        if openless { feederBox.withLock { $0 = PageCacheFeeder(storage: storage, channel: channel, metrics: metrics) } }
         passthrough.connect(channel, agreed: info.flags.contains(.passthrough))
         log.info("FUSE 7.\(info.minor): passthrough \(passthrough.isOn ? "on" : "off"), \(openless ? "open-less" : "with OPEN"), requests up to \(info.maxWrite) bytes")
         if let ready = onReady.withLock({ r -> (@Sendable () -> Void)? in defer { r = nil }; return r }) { ready() }
     }
 
+    public func disconnected() {
+        feederBox.withLock { f in
+            f?.stop()
+            f = nil
+        }
+    }
+
     func whenReady(_ body: @escaping @Sendable () -> Void) { onReady.withLock { $0 = body } }
+
+    /// Pushes small blobs into the page cache (open-less mounts, once connected).
+    var feeder: PageCacheFeeder? { feederBox.withLock { $0 } }
 
     var channel: FuseChannel? { channelBox.withLock { $0 } }
 
@@ -220,7 +237,11 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
         case .opendir: node.opendir(r)
         case .readdir(let fh, let offset, let size, let plus): node.readdir(r, fh: fh, offset: offset, size: Int(size), plus: plus)
         case .getxattr(let name, let size):
-            guard let value = node.xattr(self, name: name.string) else { return reply.error(ENODATA) }
+            let key = name.string
+            guard let value = node.xattr(self, name: key) else { return reply.error(ENODATA) }
+            // The statistics change all the time: the size a caller asks for
+            // first leaves room for them to grow before it reads them.
+            if size == 0 && key == Self.statsXattr { return reply.xattrSize(min(value.count + 4096, 65536)) }
             replyXattr(value, size: Int(size), reply)
         case .listxattr(let size):
             var bytes: [UInt8] = []
@@ -241,7 +262,9 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
     func fail(_ reply: FuseReply, _ op: String, _ error: Error, _ what: CustomStringConvertible? = nil, ino: UInt64? = nil) {
         let e = StorageError.wrap(error)
         counters.errors.add()
-        log.error("\(op)\(what.map { " \($0)" } ?? ""): \(e)")
+        let subject = what.map { " \($0)" } ?? ""
+        // Folded by operation and blob (a read's offset is not part of the key).
+        folded.error(kind: op, key: String(subject.split(separator: " ").first ?? ""), "\(op)\(subject): \(e)")
         reply.error(e.errno)
         if case .corrupt = e, let ino {
             invalidatePages(ino)
@@ -307,6 +330,8 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
     var entryTimeout: Double { openless ? min(options.entryTimeout, Self.openlessEntryTimeout) : options.entryTimeout }
     var attrTimeout: Double { openless ? min(options.attrTimeout, Self.openlessEntryTimeout) : options.attrTimeout }
     static let openlessEntryTimeout: Double = 300
+    /// "Never expires", for answers that cannot change (a name a tree does not have).
+    static let forever: Double = 1e9
     /// /sha256 changes as blobs come and go: its attributes (and so the
     /// kernel's cached listing, whose validity follows the directory's mtime)
     /// are refreshed this often.

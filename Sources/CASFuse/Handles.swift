@@ -72,9 +72,11 @@ final class WriterTable: Sendable {
     /// The writers of `ino`.
     func all(_ ino: UInt64) -> [WriteHandle] { state.withLock { $0[ino] ?? [] } }
 
-    /// The most recent writer of `ino` whose bytes are not committed.
+    /// The most recent writer of `ino` whose bytes are not committed. Each
+    /// writer's state is read outside the table's lock (and without the
+    /// writer's own, which a commit holds).
     func latest(_ ino: UInt64) -> WriteHandle? {
-        state.withLock { $0[ino]?.last { !$0.isCommitted } }
+        all(ino).last { !$0.isCommitted }
     }
 
     func active(_ ino: UInt64) -> Bool { latest(ino) != nil }

@@ -66,7 +66,7 @@ final class TreeRootNode: Node {
     func lookup(_ r: Request, _ name: FuseName) {
         guard let digest = Digest(parsing: name.string) else { return r.fs.negativeEntry(r.reply) }
         guard let d = r.fs.loadDirectory(digest, op: "lookup", r.reply) else { return }
-        r.fs.replyTreeNode(TreeDirectoryNode(parent: ino, name: name.array, digest: digest, d, fs: r.fs), r.reply)
+        r.fs.replyTreeDirectory(TreeDirectoryNode(parent: ino, name: name.array, digest: digest, d, fs: r.fs), d, r.reply)
     }
 
     func readdir(_ r: Request, fh: UInt64, offset: UInt64, size: Int, plus: Bool) {

@@ -17,11 +17,24 @@ final class Sha256Directory: Node {
         let fs = r.fs
         guard let digest = Digest(parsing: name.string) else { return fs.negativeEntry(r.reply) }
         do {
-            guard try fs.storage.hasBlob(digest) else { return fs.negativeEntry(r.reply) }
+            // A small blob is about to be read: it is opened (which tells
+            // whether it is there) and its bytes pushed into the page cache.
+            var source: BlobSource?
+            if let feeder = fs.feeder, feeder.wants(digest) {
+                do {
+                    source = try fs.storage.openBlob(digest)
+                } catch StorageError.corrupt {
+                    // Logged and removed from the store by the check: gone.
+                    return fs.negativeEntry(r.reply)
+                }
+                guard source != nil else { return fs.negativeEntry(r.reply) }
+            } else {
+                guard try fs.storage.hasBlob(digest) else { return fs.negativeEntry(r.reply) }
+            }
             // Open-less: the kernel opens without asking; the lookup is where
             // the daemon sees a blob used.
             if fs.openless { fs.recordAccess?(digest) }
-            fs.replyFileEntry(digest, nil, timeout: fs.entryTimeout, r.reply, namedInSha256: true)
+            fs.replyFileEntry(digest, nil, timeout: fs.entryTimeout, r.reply, namedInSha256: true, source: source)
         } catch {
             fs.fail(r.reply, "lookup", error, digest)
         }
@@ -79,7 +92,8 @@ final class Sha256Directory: Node {
                         ? .entry(cursor: cursor, index: i + 1)
                         : (page.next == 0 ? .end : .entry(cursor: page.next, index: 0))
                     guard let nextOffset = next.offset else {
-                        log.error("readdir: SCAN cursor \(page.next) does not fit in a directory offset")
+                        folded.error(kind: "readdir", key: "cursor",
+                                     "readdir: SCAN cursor \(page.next) does not fit in a directory offset")
                         break fill
                     }
                     var node: FileNode?
@@ -106,7 +120,7 @@ final class Sha256Directory: Node {
             for n in added { n.markNamedInSha256() }
         }
         if let listError {
-            log.error("readdir: \(listError)")
+            folded.error(kind: "readdir", key: "\(listError)", "readdir: \(listError)")
             fs.counters.errors.add()
         }
     }

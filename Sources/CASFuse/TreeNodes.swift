@@ -2,6 +2,7 @@ import CASCore
 import CASTree
 import Foundation
 import FuseKernel
+import Synchronization
 
 /// `/tree/<hash>_<size>/…`: REAPI Directory blobs shown as read-only trees.
 /// A directory of a tree (its root too) is a `TreeDirectoryNode`, a symlink
@@ -19,6 +20,8 @@ final class TreeDirectoryNode: Node {
     let mtime: TreeTime?
     let nlink: Int
     var kind: NodeKind { .directory }
+    /// When its files' access times were last refreshed (uptime seconds; 0: never).
+    private let refreshed = Atomic<UInt64>(0)
 
     init(parent: UInt64, name: [UInt8], digest: Digest, _ d: TreeDirectory, fs: CASFileSystem) {
         self.parent = parent
@@ -48,22 +51,38 @@ final class TreeDirectoryNode: Node {
         r.fs.loadDirectory(digest, op: op, r.reply)
     }
 
+    /// The kernel was handed this directory (a lookup, a listing): the
+    /// access times of its files are refreshed together, at most once per
+    /// `openlessEntryTimeout`, which is as long as the kernel keeps the
+    /// directory's entry on an open-less mount. Its files' own entries can
+    /// then live as long as the mount allows: nothing needs their lookups.
+    func handedOut(_ fs: CASFileSystem, _ d: TreeDirectory) {
+        guard let record = fs.recordAccess else { return }
+        let now = UInt64(DispatchTime.now().uptimeNanoseconds / 1_000_000_000) + 1
+        let last = refreshed.load(ordering: .relaxed)
+        guard last == 0 || now &- last >= UInt64(CASFileSystem.openlessEntryTimeout),
+              refreshed.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged else { return }
+        for e in d.entries {
+            if case .file(let f, _) = e.kind { record(f) }
+        }
+    }
+
     func lookup(_ r: Request, _ name: FuseName) {
         let fs = r.fs
         guard let dir = directory(r, op: "lookup") else { return }
         fs.prefetchFiles(digest, dir)
         guard let child = dir.entry(named: name.bytes) else {
             // The tree is immutable: the name will never appear.
-            return r.reply.entry(.negative(timeout: fs.options.entryTimeout))
+            return r.reply.entry(.negative(timeout: CASFileSystem.forever))
         }
         switch child.kind {
         case .file(let digest, let executable):
-            if fs.openless { fs.recordAccess?(digest) }
+            // Its access time is refreshed with its directory's (`handedOut`).
             fs.replyFileEntry(digest, FileVariant(executable: executable, properties: child.properties),
-                              timeout: fs.entryTimeout, r.reply)
+                              timeout: fs.options.entryTimeout, r.reply)
         case .directory(let digest):
             guard let sub = fs.loadDirectory(digest, op: "lookup \(child.name) in", r.reply) else { return }
-            fs.replyTreeNode(TreeDirectoryNode(parent: ino, name: name.array, digest: digest, sub, fs: fs), r.reply)
+            fs.replyTreeDirectory(TreeDirectoryNode(parent: ino, name: name.array, digest: digest, sub, fs: fs), sub, r.reply)
         case .symlink(let target):
             fs.replyTreeNode(SymlinkNode(parent: ino, name: name.array, target: target, mtime: child.properties.mtime),
                              r.reply)
@@ -117,17 +136,28 @@ final class TreeDirectoryNode: Node {
                     let variant = FileVariant(executable: executable, properties: child.properties)
                     if plus { node = fs.rememberFile(digest, variant) }
                     attrs = fs.fileAttributes(digest, variant, ino: fileInode(digest, variant))
-                case .directory:
-                    // Attributes need the child's own Directory: left to lookup.
+                case .directory(let digest):
+                    // Attributes need the child's own Directory (fetched with the
+                    // directory's first use, in bulk). One that cannot be loaded
+                    // is listed by name only: its lookup reports why.
                     attrs = FuseAttributes(ino: treeNodeInode(parent: ino, name: child.nameBytes),
                                            mode: FuseFileType.directory.rawValue | 0o555)
+                    if plus, case .directory(let sub)? = try? fs.directories.load(digest) {
+                        let dirNode = TreeDirectoryNode(parent: ino, name: child.nameBytes, digest: digest, sub, fs: fs)
+                        if let n = fs.rememberTreeNode(dirNode) {
+                            (n as? TreeDirectoryNode)?.handedOut(fs, sub)
+                            node = n
+                            attrs = n.attributes(fs, writer: nil)
+                        }
+                    }
                 case .symlink(let target):
                     let link = SymlinkNode(parent: ino, name: child.nameBytes, target: target, mtime: child.properties.mtime)
                     attrs = link.attributes(fs, writer: nil)
                     if plus { node = fs.rememberTreeNode(link) }
                 }
+                let timeout = node?.kind == .file ? fs.options.entryTimeout : fs.treeEntryTimeout
                 guard fs.addListed(&filler, child.name, attrs, next: UInt64(i + 3), plus: plus,
-                                   entry: node?.entry(fs, timeout: fs.options.entryTimeout)) else {
+                                   entry: node?.entry(fs, timeout: timeout)) else {
                     if let node { fs.forgetNode(node.ino, 1) }
                     return 0
                 }
@@ -138,6 +168,9 @@ final class TreeDirectoryNode: Node {
         }
         if !r.reply.delivered {
             for n in remembered { fs.forgetNode(n.ino, 1) }
+        } else if let feeder = fs.feeder {
+            // A walk reads what it lists: the small files follow into the page cache.
+            feeder.offer(remembered.compactMap { n in (n as? FileNode).map { .init(ino: $0.ino, digest: $0.digest) } })
         }
     }
 
@@ -197,7 +230,7 @@ extension CASFileSystem {
                 return nil
             case .invalid(let e):
                 counters.errors.add()
-                log.error("\(op): tree \(digest): \(e)")
+                folded.error(kind: "tree", key: digest.description, "\(op): tree \(digest): \(e)")
                 reply.error(EIO)
                 return nil
             }
@@ -213,7 +246,7 @@ extension CASFileSystem {
         switch nodes.remember(node) {
         case .node(let n): return n
         case .collision:
-            log.error("tree inode collision at inode \(node.ino)")
+            folded.error(kind: "inode collision", key: "\(node.ino)", "tree inode collision at inode \(node.ino)")
             counters.errors.add()
             return nil
         }
@@ -221,18 +254,37 @@ extension CASFileSystem {
 
     func replyTreeNode(_ node: any Node, _ reply: FuseReply) {
         guard let n = rememberTreeNode(node) else { return reply.error(EIO) }
-        reply.entry(n.entry(self, timeout: options.entryTimeout))
+        reply.entry(n.entry(self, timeout: treeEntryTimeout))
         if !reply.delivered { forgetNode(n.ino, 1) }
     }
 
+    /// Answers a LOOKUP with a directory of a tree (`d` its Directory).
+    func replyTreeDirectory(_ node: TreeDirectoryNode, _ d: TreeDirectory, _ reply: FuseReply) {
+        guard let n = rememberTreeNode(node) else { return reply.error(EIO) }
+        reply.entry(n.entry(self, timeout: treeEntryTimeout))
+        if !reply.delivered { return forgetNode(n.ino, 1) }
+        (n as? TreeDirectoryNode)?.handedOut(self, d)
+    }
+
+    /// How long the kernel keeps the entry of a directory or symlink of a
+    /// tree: on an open-less mount as long as a blob's (the lookups that
+    /// come back refresh the access times of the directory's files).
+    var treeEntryTimeout: Double { entryTimeout }
+
     /// The first time a directory of a tree is used, its files are likely to
-    /// be read: let the storage fetch the small ones in bulk.
+    /// be read and its subdirectories listed: let the storage fetch the small
+    /// ones, and the subdirectories' Directory blobs, in bulk.
     func prefetchFiles(_ digest: Digest, _ dir: TreeDirectory) {
         guard options.treePrefetch, directories.firstUse(digest) else { return }
         var files: [Digest] = []
+        var subdirectories: [Digest] = []
         for e in dir.entries {
-            if case .file(let d, _) = e.kind { files.append(d) }
+            switch e.kind {
+            case .file(let d, _): files.append(d)
+            case .directory(let d): subdirectories.append(d)
+            case .symlink: break
+            }
         }
-        storage.prefetch(files)
+        storage.prefetch(subdirectories + files)
     }
 }

@@ -123,7 +123,7 @@ final class TreeViewTests: XCTestCase {
         // A name the tree does not have: a negative entry (the tree never changes).
         let absent = try lookup(r.nodeid, "nope")
         XCTAssertTrue(absent.isNegative)
-        XCTAssertGreaterThanOrEqual(absent.entryTimeout, 86_400)
+        XCTAssertGreaterThanOrEqual(absent.entryTimeout, 1e8, "never expires")
         // Not a digest, an absent Directory: negative too.
         XCTAssertTrue(try lookup(3, "not-a-digest").isNegative)
         XCTAssertTrue(try lookup(3, Digest.of(Data("no such tree".utf8)).description).isNegative)
@@ -159,6 +159,12 @@ final class TreeViewTests: XCTestCase {
         XCTAssertEqual(plus["a.txt"]?.entry.nodeid, try lookup(r.nodeid, "a.txt").nodeid, "files come looked up")
         XCTAssertEqual(plus["a.txt"]?.entry.attr.size, UInt64(hello.count))
         XCTAssertEqual(plus["link"]?.entry.attr.isSymlink, true)
+        // Subdirectories too: a walk needs no lookups.
+        let sub = try XCTUnwrap(plus["sub"])
+        XCTAssertEqual(sub.entry.nodeid, try lookup(r.nodeid, "sub").nodeid)
+        XCTAssertEqual(sub.entry.attr.permissions, 0o750)
+        XCTAssertTrue(sub.entry.attr.isDirectory)
+        XCTAssertEqual(plus["."]?.entry.nodeid, 0, "not handed out again")
         XCTAssertEqual(plus[".."]?.dirent.ino, 3)
         // Small replies: the listing resumes from each entry's offset.
         XCTAssertEqual(try h.listAll(r.nodeid, size: 64).map(\.name), names)
@@ -207,6 +213,26 @@ final class TreeViewTests: XCTestCase {
         let link = try lookup(r.nodeid, "link")
         XCTAssertEqual(h.getxattr(link.nodeid, "user.casfs.digest", size: 200)?.error, ENODATA)
         XCTAssertEqual(h.listxattr(link.nodeid, size: 100)?.payload, [])
+    }
+
+    func testSmallFilesFollowIntoThePageCache() throws {
+        let root = try makeTree()
+        let r = try lookup(3, root.description)
+        let a = try lookup(r.nodeid, "a.txt")
+        // A lookup: the blob's bytes follow, for its inode.
+        let stores = h.waitForNotifications(count: 1).compactMap(\.store)
+        XCTAssertEqual(stores.first?.nodeid, a.nodeid)
+        XCTAssertEqual(stores.first?.offset, 0)
+        XCTAssertEqual(stores.first.map { Data($0.data) }, hello)
+        // A listing: every small file it handed out.
+        let listed = try h.listAllPlus(r.nodeid)
+        let files = listed.filter { $0.entry.attr.isRegular }
+        XCTAssertEqual(files.count, 3)
+        let all = h.waitForNotifications(count: 1 + files.count).compactMap(\.store)
+        let byNode = Dictionary(all.map { ($0.nodeid, Data($0.data)) }, uniquingKeysWith: { a, _ in a })
+        for f in files {
+            XCTAssertEqual(byNode[f.entry.nodeid], f.name == "run.sh" ? script : hello, f.name)
+        }
     }
 
     func testForgetReleasesTreeNodes() throws {

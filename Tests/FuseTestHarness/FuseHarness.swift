@@ -89,7 +89,7 @@ public final class FuseHarness {
     public func receive(timeout: Int32 = 10_000) -> Reply? {
         while let m = receiveMessage(timeout: timeout) {
             if m.unique == 0 {
-                notifications.append(Notification(code: m.error, payload: m.payload))
+                notifications.append(Notification(code: -m.error, payload: m.payload))
                 continue
             }
             return m
@@ -115,7 +115,7 @@ public final class FuseHarness {
         let deadline = Date().addingTimeInterval(Double(timeout) / 1000)
         while notifications.count < count, Date() < deadline {
             guard let m = receiveMessage(timeout: 50) else { continue }
-            if m.unique == 0 { notifications.append(Notification(code: m.error, payload: m.payload)) }
+            if m.unique == 0 { notifications.append(Notification(code: -m.error, payload: m.payload)) }
         }
         return notifications
     }

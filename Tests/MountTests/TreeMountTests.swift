@@ -147,6 +147,18 @@ final class TreeMountTests: MountTestCase {
         try store(try dir.serializedBytes(), m)
     }
 
+    /// Anyone who can stat the mount can ask for a bad tree again and again:
+    /// the log says it once (with its digest), then counts.
+    func testLookupsOfAnInvalidTreeDoNotFloodTheLog() throws {
+        let m = try mount(try cachedIndexedConfig(writable: true))
+        let bad = try store(Data("not a Directory\n".utf8), m)
+        let path = m.mountpoint + "/tree/\(bad)"
+        mustSh("for i in $(seq 2000); do stat \(shq(path)) 2>/dev/null; done; true")
+        XCTAssertEqual(try m.stats()["casfs_fuse_errors_total"] ?? 0 >= 2000, true, "each lookup failed")
+        XCTAssertEqual(m.log.components(separatedBy: "tree \(bad): not a REAPI Directory").count - 1, 1, m.log.suffix(2000).description)
+        XCTAssertTrue(sh("ls \(shq(path))").stderr.contains("Input/output error"))
+    }
+
     func testMalformedDirectoriesAreErrorsAndTheMountKeepsServing() throws {
         let m = try mount(try cachedIndexedConfig(writable: true))
         let content = try store(Data("content\n".utf8), m)
