@@ -205,9 +205,14 @@ extension CASFileSystem {
     func replyFileEntry(_ digest: Digest, _ variant: FileVariant?, timeout: Double, _ reply: FuseReply,
                         namedInSha256: Bool = false, source: BlobSource? = nil) {
         guard let node = rememberFile(digest, variant) else { return reply.error(EIO) }
-        // Queued before the reply goes, so the store is ready as soon as the
-        // kernel holds the inode.
-        if let feeder, feeder.wants(digest) { feeder.feed([.init(ino: node.ino, digest: digest, source: source)]) }
+        // A small blob the lookup opened: its bytes are held for the READ
+        // that follows (no second open). Pushing them into the page cache
+        // instead loses the race against the reader nearly every time: the
+        // kernel creates the inode only when the reader takes this reply,
+        // and reads at once (see PageCacheFeeder).
+        if let source, source.size <= Self.smallBlobSize, let data = try? source.readAll(), Int64(data.count) == digest.size {
+            pinned.hold(node.ino, DataSource(data, verified: source.isVerified))
+        }
         reply.entry(node.entry(self, timeout: timeout))
         if !reply.delivered {
             forgetNode(node.ino, 1)
@@ -297,4 +302,7 @@ extension CASFileSystem {
 
     /// Blobs from this size on are handed to the kernel (passthrough).
     static let passthroughMinimumSize: Int64 = 1 << 20
+    /// Blobs up to this size are opened (and held) by a lookup on an
+    /// open-less mount, and pushed into the page cache after a listing.
+    static let smallBlobSize: Int64 = 64 << 10
 }

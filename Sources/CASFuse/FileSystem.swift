@@ -238,6 +238,10 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
         case .readdir(let fh, let offset, let size, let plus): node.readdir(r, fh: fh, offset: offset, size: Int(size), plus: plus)
         case .getxattr(let name, let size):
             let key = name.string
+            // Only user.* attributes exist here. Saying so (rather than "no
+            // such attribute") lets ls -l stop asking for security labels
+            // and ACLs after the first file of the mount.
+            guard key.hasPrefix("user.") else { return reply.error(EOPNOTSUPP) }
             guard let value = node.xattr(self, name: key) else { return reply.error(ENODATA) }
             // The statistics change all the time: the size a caller asks for
             // first leaves room for them to grow before it reads them.

@@ -15,7 +15,11 @@ import Synchronization
 ///   into that page waits for the READ's reply.
 /// - The kernel creates an inode only once the reader's thread has taken the
 ///   reply that names it: a store that comes earlier is refused (ENOENT) and
-///   tried again for a moment (`patience`).
+///   tried again for a while (`patience`). This is why pushing after a
+///   LOOKUP does not pay: the reader creates the inode and reads it at once,
+///   and the push loses the race nearly every time (measured: 1 in 3 won
+///   with a busy wait that cost more CPU than it saved). After a READDIRPLUS
+///   the reader goes on listing before it reads, and the pushes win.
 /// - A listed directory's files are *offered*: the first of them pushed at
 ///   once (up to a byte and a file budget), the rest when a READ of any of
 ///   them shows the directory is being read (storing ahead of the walk).
@@ -30,10 +34,16 @@ final class PageCacheFeeder: @unchecked Sendable {
         let digest: Digest
         /// The blob, when the request already opened it; else opened here.
         var source: BlobSource?
-        init(ino: UInt64, digest: Digest, source: BlobSource? = nil) {
+        /// Its bytes, when the request already read them (`verified`: known
+        /// to match the digest; otherwise they are hashed here).
+        var data: Data?
+        var verified = false
+        init(ino: UInt64, digest: Digest, source: BlobSource? = nil, data: Data? = nil, verified: Bool = false) {
             self.ino = ino
             self.digest = digest
             self.source = source
+            self.data = data
+            self.verified = verified
         }
     }
 
@@ -54,11 +64,12 @@ final class PageCacheFeeder: @unchecked Sendable {
     private var queuedBytes: Int64 = 0
     private var pending: [UInt64: Int] = [:]  // ino → stores queued or under way
     private var overtaken: Set<UInt64> = []   // a READ came while pending
-    private var groups: [UInt64: [Job]] = [:] // offered, by listing
-    private var groupOf: [UInt64: UInt64] = [:]  // ino → its offer's group
+    private var groups: [UInt64: [Job]] = [:] // offered, by directory
+    private var groupOf: [UInt64: UInt64] = [:]  // ino → the directory it was offered with
     private var groupOrder: [UInt64] = []
     private var offered = 0
-    private var nextGroup: UInt64 = 1
+    /// Pushed at once so far, by directory.
+    private var spent: [UInt64: (files: Int, bytes: Int64)] = [:]
     private var stopping = false
     private let counters: Counters
 
@@ -68,7 +79,7 @@ final class PageCacheFeeder: @unchecked Sendable {
 
     init(storage: any Storage, channel: FuseChannel, metrics: Metrics, threads: Int = 2,
          maxBlobSize: Int64 = 64 << 10, maxQueuedBytes: Int64 = 32 << 20, maxOffered: Int = 200_000,
-         listingBudgetBytes: Int64 = 2 << 20, listingBudgetFiles: Int = 512, patience: Duration = .microseconds(500)) {
+         listingBudgetBytes: Int64 = 2 << 20, listingBudgetFiles: Int = 512, patience: Duration = .milliseconds(20)) {
         self.storage = storage
         self.channel = channel
         self.maxBlobSize = maxBlobSize
@@ -122,35 +133,37 @@ final class PageCacheFeeder: @unchecked Sendable {
     func feed(_ jobs: [Job]) {
         guard !jobs.isEmpty else { return }
         cond.lock()
-        if !stopping, enqueue(jobs) > 0 { cond.broadcast() }
+        if !stopping, enqueue(jobs) > 0 { cond.signal() }
         cond.unlock()
     }
 
-    /// The files a listing handed the kernel: the first pushed at once (the
-    /// listing's budget), the others kept until one of them is read.
-    func offer(_ jobs: [Job]) {
+    /// The files a listing of `directory` (its inode) handed the kernel: the
+    /// first pushed at once (the directory's budget, over all its listing
+    /// pages), the others kept until one of the directory's files is read.
+    func offer(_ jobs: [Job], directory: UInt64) {
+        cond.lock()
+        defer { cond.unlock() }
+        guard !stopping else { return }
+        var used = spent[directory] ?? (0, 0)
         var now: [Job] = []
         var later: [Job] = []
-        var bytes: Int64 = 0
         for j in jobs where wants(j.digest) {
-            if now.count < listingBudgetFiles && bytes + j.digest.size <= listingBudgetBytes {
+            if used.files < listingBudgetFiles && used.bytes + j.digest.size <= listingBudgetBytes {
                 now.append(j)
-                bytes += j.digest.size
+                used.files += 1
+                used.bytes += j.digest.size
             } else {
                 later.append(j)
             }
         }
-        cond.lock()
-        defer { cond.unlock() }
-        guard !stopping else { return }
+        if spent.count >= 4096 { spent = [:] }
+        spent[directory] = used
         if enqueue(now) > 0 { cond.broadcast() }
         guard !later.isEmpty else { return }
-        let g = nextGroup
-        nextGroup += 1
-        groups[g] = later
-        groupOrder.append(g)
+        if groups[directory] == nil { groupOrder.append(directory) }
+        groups[directory, default: []] += later
         offered += later.count
-        for j in later { groupOf[j.ino] = g }
+        for j in later { groupOf[j.ino] = directory }
         while offered > maxOffered, !groupOrder.isEmpty {
             dropGroup(groupOrder.removeFirst())
         }
@@ -224,13 +237,19 @@ final class PageCacheFeeder: @unchecked Sendable {
         guard !isOvertaken(j.ino) else { return false }
         let data: Data
         do {
-            guard let src = try j.source ?? storage.openBlob(j.digest) else {
-                counters.skipped.add()
-                return false
+            let bytes: Data
+            let verified: Bool
+            if let d = j.data {
+                (bytes, verified) = (d, j.verified)
+            } else {
+                guard let src = try j.source ?? storage.openBlob(j.digest) else {
+                    counters.skipped.add()
+                    return false
+                }
+                (bytes, verified) = (try src.readAll(), src.isVerified)
             }
-            let bytes = try src.readAll()
             // Only bytes known to match the name go to the kernel.
-            guard Int64(bytes.count) == j.digest.size, src.isVerified || Digest.of(bytes) == j.digest else {
+            guard Int64(bytes.count) == j.digest.size, verified || Digest.of(bytes) == j.digest else {
                 counters.skipped.add()
                 return false
             }
@@ -239,7 +258,8 @@ final class PageCacheFeeder: @unchecked Sendable {
             counters.skipped.add()
             return false
         }
-        let deadline = ContinuousClock.now + patience
+        let start = ContinuousClock.now
+        let deadline = start + patience
         while true {
             if isOvertaken(j.ino) { return false }
             let rc = data.withUnsafeBytes { channel.store(j.ino, $0) }
@@ -247,9 +267,15 @@ final class PageCacheFeeder: @unchecked Sendable {
             // ENOENT: the reader has not taken the reply yet; try again shortly.
             guard rc == ENOENT, ContinuousClock.now < deadline else {
                 counters.refused.add()
+                if rc != ENOENT {
+                    folded.warning(kind: "page store", key: "errno \(rc)",
+                                   "pushing \(j.digest) into the page cache failed: \(String(cString: strerror(rc)))")
+                }
                 return false
             }
-            sched_yield()
+            // The reader is about to take the reply: yield at first, then
+            // sleep a little (on two CPUs, spinning would keep it waiting).
+            if ContinuousClock.now - start < .microseconds(50) { sched_yield() } else { usleep(100) }
         }
     }
 }

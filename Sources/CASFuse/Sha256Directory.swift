@@ -17,10 +17,11 @@ final class Sha256Directory: Node {
         let fs = r.fs
         guard let digest = Digest(parsing: name.string) else { return fs.negativeEntry(r.reply) }
         do {
-            // A small blob is about to be read: it is opened (which tells
-            // whether it is there) and its bytes pushed into the page cache.
+            // On an open-less mount a looked-up blob is about to be read: a
+            // small one is opened (which tells whether it is there, without
+            // asking the index) and held for the READ.
             var source: BlobSource?
-            if let feeder = fs.feeder, feeder.wants(digest) {
+            if fs.openless && digest.size <= CASFileSystem.smallBlobSize {
                 do {
                     source = try fs.storage.openBlob(digest)
                 } catch StorageError.corrupt {

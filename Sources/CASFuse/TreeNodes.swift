@@ -170,7 +170,8 @@ final class TreeDirectoryNode: Node {
             for n in remembered { fs.forgetNode(n.ino, 1) }
         } else if let feeder = fs.feeder {
             // A walk reads what it lists: the small files follow into the page cache.
-            feeder.offer(remembered.compactMap { n in (n as? FileNode).map { .init(ino: $0.ino, digest: $0.digest) } })
+            feeder.offer(remembered.compactMap { n in (n as? FileNode).map { .init(ino: $0.ino, digest: $0.digest) } },
+                         directory: ino)
         }
     }
 
