@@ -18,6 +18,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // Digests, the Storage protocol, blob sources and errors. No backends.
@@ -82,8 +83,28 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
+        // Child processes: spawning with a clean signal state and only the
+        // descriptors asked for, waiting (pidfd), pipes.
+        .target(name: "CASProcess", dependencies: ["CLinux"]),
+        // The build sandbox of `casfs run` (bubblewrap), for the CLI and for
+        // library callers: layout, the fail-closed check, running a command
+        // with a deadline, and removing scratch directories at any depth.
+        .target(name: "CASSandbox", dependencies: ["CASProcess", "CLinux"]),
+        // The daemon's pieces as services: serving a filesystem on a mount
+        // point, the metrics server, the private Redis and its watchdog,
+        // background reindex, the mount lock; one ServiceGroup starts,
+        // stops and signals them.
+        .target(name: "CASDaemon", dependencies: [
+            "CASCore", "CASStorage", "CASConfig", "CASFuse", "FuseKernel", "MetricsServer", "Redis", "CASProcess", "CLinux",
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "casfs", dependencies: [
             "CASCore", "CASStorage", "CASConfig", "CASFuse", "CASTree", "Redis", "CLinux", "MetricsServer",
+            "CASProcess", "CASSandbox", "CASDaemon",
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -112,7 +133,15 @@ let package = Package(
         ]),
         .testTarget(name: "MetricsServerTests", dependencies: ["CASCore", "MetricsServer", "TestSupport"]),
         // The casfs command's own pieces (option parsing, systemd notification).
-        .testTarget(name: "CasfsCommandTests", dependencies: ["casfs", "CASCore", "TestSupport"]),
+        .testTarget(name: "CasfsCommandTests", dependencies: ["casfs", "CASCore", "CASDaemon", "CASSandbox", "TestSupport"]),
+        // The daemon's services and the sandbox, driven in-process (real
+        // FUSE mounts, real redis-server, real sockets; no casfs binary).
+        .testTarget(name: "CASDaemonTests", dependencies: [
+            "CASDaemon", "CASSandbox", "CASProcess", "CASCore", "CASStorage", "CASConfig", "CASFuse", "MetricsServer",
+            "Redis", "TestSupport",
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "RemoteTests", dependencies: ["CASCore", "RemoteCAS", "REAPI", "TestSupport"]),
         .testTarget(name: "TreeTests", dependencies: [
             "CASCore", "CASStorage", "CASTree", "REAPI",

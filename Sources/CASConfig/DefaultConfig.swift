@@ -27,17 +27,27 @@ public enum DefaultConfig {
         }
     }
 
-    /// The private Redis of a data directory.
-    public static func privateRedis(dataDirectory: String) -> PrivateRedis {
-        PrivateRedis(directory: dataDirectory + "/redis")
+    /// Where the private Redis of a data directory keeps its files.
+    public static func redisDirectory(dataDirectory: String) -> String {
+        dataDirectory + "/redis"
     }
 
-    /// The default stack as a specification.
-    public static func spec(dataDirectory: String, redis: PrivateRedis) -> ConfigSpec {
+    /// The unix socket of the private Redis kept in `redisDirectory`.
+    public static func redisSocket(redisDirectory: String) -> String {
+        redisDirectory + "/redis.sock"
+    }
+
+    /// Client timeouts for the private Redis (seconds).
+    public static let redisConnectTimeout = 2.0
+    public static let redisCommandTimeout = 10.0
+
+    /// The default stack as a specification, its index on the private
+    /// Redis listening on `redisSocket`.
+    public static func spec(dataDirectory: String, redisSocket: String) -> ConfigSpec {
         var redisSpec = RedisSpec(id: 1)
-        redisSpec.unixSocket = redis.socketPath
-        redisSpec.connectTimeout = redis.config.connectTimeout
-        redisSpec.commandTimeout = redis.config.commandTimeout
+        redisSpec.unixSocket = redisSocket
+        redisSpec.connectTimeout = redisConnectTimeout
+        redisSpec.commandTimeout = redisCommandTimeout
         let disk = StorageNode(id: 2, path: "storage.fallback.storage", kind: .disk(path: dataDirectory))
         let index = StorageNode(id: 3, path: "storage.fallback", kind: .redisIndex(storage: disk, redis: redisSpec, prefix: nil))
         let memory = StorageNode(id: 4, path: "storage.cache", kind: .memory(size: memoryCacheBytes))
@@ -47,11 +57,12 @@ public enum DefaultConfig {
         return ConfigSpec(storage: top, mount: mount, source: "zero-config default")
     }
 
-    /// Builds the default stack over an already running private Redis. When
-    /// the index is empty but the disk store holds blobs (the Redis data was
-    /// lost), the index is rebuilt from the disk first.
-    public static func make(dataDirectory: String, redis: PrivateRedis, metrics: Metrics = Metrics()) throws -> StorageStack {
-        let stack = try StackBuilder(metrics: metrics, exclusiveRedis: [1]).build(spec(dataDirectory: dataDirectory, redis: redis))
+    /// Builds the default stack over an already running private Redis on
+    /// `redisSocket`. When the index is empty but the disk store holds blobs
+    /// (the Redis data was lost), the index is rebuilt from the disk first.
+    public static func make(dataDirectory: String, redisSocket: String, metrics: Metrics = Metrics()) throws -> StorageStack {
+        let stack = try StackBuilder(metrics: metrics, exclusiveRedis: [1])
+            .build(spec(dataDirectory: dataDirectory, redisSocket: redisSocket))
         if let index = stack.index, try index.blobCount() <= 0 {
             let report = try index.reconcile()
             if report.added > 0 {

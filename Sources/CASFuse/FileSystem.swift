@@ -145,7 +145,8 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
         }
     }
 
-    func whenReady(_ body: @escaping @Sendable () -> Void) { onReady.withLock { $0 = body } }
+    /// `body` runs once, when the kernel has initialised the connection.
+    public func whenReady(_ body: @escaping @Sendable () -> Void) { onReady.withLock { $0 = body } }
 
     /// Pushes small blobs into the page cache (open-less mounts, once connected).
     var feeder: PageCacheFeeder? { feederBox.withLock { $0 } }

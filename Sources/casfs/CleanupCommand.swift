@@ -1,9 +1,10 @@
 import ArgumentParser
 import CASConfig
 import CASCore
+import CASDaemon
 import CASStorage
 import Foundation
-import Synchronization
+import Logging
 
 /// BuildGrid's janitor, least recently used first: above the high watermark,
 /// delete blobs down to the low watermark, sparing those accessed recently.
@@ -98,15 +99,20 @@ struct CleanupCommand: ParsableCommand {
         }
         // Each line reaches a pipe or log as it is printed.
         lineBufferStdout()
-        CleanupSignals.install()
         do {
             let stack = try OpenStack(configPath: config)
             defer { stack.close() }
             let index = try stack.redisIndex(for: "cleanup")
-            repeat {
+            if let w = p.watch {
+                // A pass every DUR until SIGTERM or SIGINT, which end the run after the current pass.
+                let pass = PeriodicService(interval: w) { [self] in try once(index, p) }
+                try runBlocking {
+                    try await Daemon.group([Daemon.essential(pass, name: "cleanup")], log: Logger(label: "casfs.cleanup"),
+                                           signals: [.sigterm, .sigint]).run()
+                }
+            } else {
                 try once(index, p)
-                if let w = p.watch { CleanupSignals.sleep(w) }
-            } while p.watch != nil && !CleanupSignals.stopped
+            }
         } catch {
             printError(error)
             throw ExitCode.failure
@@ -134,25 +140,4 @@ struct CleanupCommand: ParsableCommand {
             print("total size now \(humanBytes(max(0, now))) (\(now) bytes)\(now < 0 ? "; the counter is below zero: run `casfs reindex`" : "")")
         }
     }
-}
-
-/// SIGTERM and SIGINT end `cleanup --watch` between passes.
-enum CleanupSignals {
-    static let flag = Atomic<Bool>(false)
-    static var stopped: Bool { flag.load(ordering: .relaxed) }
-
-    static func install() {
-        signal(SIGTERM, cleanupSignalHandler)
-        signal(SIGINT, cleanupSignalHandler)
-    }
-
-    /// Sleeps up to `seconds`, waking early once a signal came.
-    static func sleep(_ seconds: Double) {
-        let end = Date().addingTimeInterval(seconds)
-        while !stopped, Date() < end { usleep(100_000) }
-    }
-}
-
-private func cleanupSignalHandler(_ sig: Int32) {
-    CleanupSignals.flag.store(true, ordering: .relaxed)
 }

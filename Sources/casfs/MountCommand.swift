@@ -1,13 +1,10 @@
 import ArgumentParser
 import CASConfig
 import CASCore
+import CASDaemon
 import CASFuse
-import CFuse
-import CASStorage
 import Foundation
 import Logging
-import MetricsServer
-import Synchronization
 
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -52,8 +49,8 @@ struct MountCommand: ParsableCommand {
         _ = try parsedOverrides()
         // First: a dead FUSE mount there fails every stat (ENOTCONN), which
         // would read as "not a directory".
-        if isMountPoint(mountpoint) {
-            if isDeadFuseMount(mountpoint) { throw ServeError.deadMountpoint(mountpoint) }
+        if MountTable.isMountPoint(mountpoint) {
+            if MountTable.isDeadFuseMount(mountpoint) { throw ServeError.deadMountpoint(mountpoint) }
             throw CLIError("\(mountpoint) is already a mount point (unmount it first: fusermount3 -u \(mountpoint))")
         }
         var isDir: ObjCBool = false
@@ -81,25 +78,25 @@ struct MountCommand: ParsableCommand {
                 args += ["--log-file", MountCommand.defaultLogFile()]
             }
             do {
-                _ = try Daemon.spawnAndWait(arguments: args)
+                _ = try BackgroundStart.spawnAndWait(arguments: args)
             } catch {
                 FileHandle.standardError.write(Data("casfs: \(error)\n".utf8))
                 throw ExitCode.failure
             }
             return
         }
-        let ready = Daemon.readyFD()
+        let ready = BackgroundStart.readyFD()
         if let ready {
-            Daemon.closeInheritedDescriptors(keeping: ready)
+            BackgroundStart.closeInheritedDescriptors(keeping: ready)
             _ = fcntl(ready, F_SETFD, FD_CLOEXEC)
-            unsetenv(Daemon.readyEnv)
+            unsetenv(BackgroundStart.readyEnv)
             setsid()
         }
         do {
             try serve(ready: ready)
         } catch {
             FileHandle.standardError.write(Data("casfs: \(error)\n".utf8))
-            if let ready { Daemon.report(ready, "ERR \(error)") }
+            if let ready { BackgroundStart.report(ready, "ERR \(error)") }
             throw ExitCode.failure
         }
     }
@@ -146,106 +143,16 @@ struct MountCommand: ParsableCommand {
             throw ValidationError("-o noopen needs a read-only mount (-o ro)")
         }
 
-        do { try stack.storage.start() } catch {
-            stack.close()
-            throw error
-        }
-        // GET /metrics for Prometheus, with `metrics-address`; stopped at unmount.
-        let metricsServer: MetricsServer?
-        do { metricsServer = try mountOptions.metricsAddress.map { try MetricsServer.start($0, metrics: stack.metrics) } } catch {
-            stack.close()
-            throw error
-        }
-        defer { metricsServer?.stop() }
-        var recorder: (@Sendable (Digest) -> Void)?
-        if let batcher = stack.stack.accessTimes {
-            recorder = { @Sendable (d: Digest) in batcher.record(d) }
-        }
-
         if overrides.noOpen == true { mountOptions.openless = true }
-        // df shows the free space of the disk stores, where blobs land.
-        let stores = stack.stack.nodes.values.compactMap { ($0 as? DiskStorage)?.root }.sorted()
-        // A store on overlayfs needs a deeper stack for passthrough.
-        mountOptions.passthroughStackDepth = PassthroughDepth.required(forFilesUnder: stores)
-        if mountOptions.passthroughStackDepth > 1 && mountOptions.passthrough && !mountOptions.isOpenless {
-            log.info("the store is on a stacked filesystem (overlayfs): passthrough with max_stack_depth 2, so no overlayfs can be stacked on this mount")
-        }
-        let fs = CASFileSystem(storage: stack.storage, index: stack.index, options: mountOptions,
-                               stagingDirectory: staging, spaceDirectories: stores, recordAccess: recorder,
-                               metrics: stack.metrics)
-        // Paths are absolute from here on: do not keep the starting directory busy.
-        _ = chdir("/")
+        let daemon = try MountDaemon(stack: stack, options: mountOptions, mountpoint: mountpoint,
+                                     stagingDirectory: staging, temporary: temporary, log: log)
         log.info("mounting \(mountpoint) with \(config ?? "the zero-config default in \(DefaultConfig.dataDirectory())")")
-        var watchdog: PrivateRedisWatchdog?
-        if let data = stack.dataDirectory, let index = stack.index {
-            // A partly lost index (Redis data lost under load) is repaired in
-            // the background: blobs on disk it lacks come back.
-            reindexInBackground(index, data: data, log: log)
-            // A private Redis that dies is started again, and the entries it
-            // had not yet written to its append-only file come back the same way.
-            if let redis = stack.privateRedis {
-                watchdog = PrivateRedisWatchdog.start(redis, log: log) {
-                    reindexInBackground(index, data: data, log: log)
-                }
+        let temporary = self.temporary
+        try runBlocking {
+            try await daemon.run {
+                if let ready { BackgroundStart.report(ready, "OK") }
+                if !temporary { systemd?.ready(log) }
             }
         }
-        defer { stack.close() }
-        // Once the mount is gone, the store is no longer recorded as served
-        // (a new mount waits for this daemon to finish instead of being
-        // turned away), and the Redis that close() stops is not restarted.
-        defer {
-            stack.withdrawMountPoint()
-            watchdog?.stop()
-        }
-        // A zero-config mount tells other commands (casfs run) where it is.
-        let record = stack.mountPointRecorder(temporary ? nil : mountpoint)
-        try fs.serve(mountpoint: mountpoint) {
-            record?()
-            if let ready { Daemon.report(ready, "OK") }
-            if !temporary { systemd?.ready(log) }
-        }
     }
-}
-
-/// True if `path` is the mount point of a mounted filesystem (read from
-/// /proc/self/mountinfo, so a dead FUSE mount does not block the check).
-func isMountPoint(_ path: String) -> Bool {
-    guard let info = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
-    let url = URL(fileURLWithPath: path).standardizedFileURL
-    let real = url.deletingLastPathComponent().resolvingSymlinksInPath().appendingPathComponent(url.lastPathComponent).path
-    for line in info.split(separator: "\n") {
-        let fields = line.split(separator: " ")
-        guard fields.count > 4 else { continue }
-        let mp = fields[4].replacingOccurrences(of: "\\040", with: " ")
-        if mp == real { return true }
-    }
-    return false
-}
-
-/// True if `path` is a FUSE mount whose daemon is gone (ENOTCONN). statfs
-/// always reaches the daemon (a stat or a listing may come from the
-/// kernel's cache); it runs on a thread of its own, so a daemon that is
-/// alive but slow to answer is taken for alive after a few seconds.
-func isDeadFuseMount(_ path: String) -> Bool {
-    let result = Mutex<Int32?>(nil)
-    let answered = DispatchSemaphore(value: 0)
-    let t = Thread {
-        var st = statvfs()
-        let rc = statvfs(path, &st) == 0 ? 0 : errno
-        result.withLock { $0 = rc }
-        answered.signal()
-    }
-    t.start()
-    guard answered.wait(timeout: .now() + 5) == .success else { return false }
-    return result.withLock { $0 } == ENOTCONN
-}
-
-/// True if `path` is served by a live casfs mount (its root has the stats attribute).
-func isCasfsMount(_ path: String) -> Bool {
-    getxattr(path, "user.casfs.stats", nil, 0) > 0
-}
-
-/// `path` made absolute from the current directory.
-func absolute(_ path: String) -> String {
-    path.hasPrefix("/") ? path : URL(fileURLWithPath: FileManager.default.currentDirectoryPath + "/" + path).standardizedFileURL.path
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CASConfig
 import CASCore
+import CASDaemon
 import CASStorage
 import Foundation
 

@@ -1,6 +1,9 @@
 import ArgumentParser
 import CASConfig
 import CASCore
+import CASDaemon
+import CASProcess
+import CASSandbox
 import Foundation
 import Synchronization
 
@@ -62,12 +65,16 @@ struct RunCommand: ParsableCommand {
     static let ownFailure: Int32 = 125
 
     func run() throws {
-        SignalForwarding.install()
         let cleanup = RunCleanup()
+        let signals = RunSignals()
         let status: Int32
         do {
-            status = try execute(cleanup)
-        } catch let e as SignalForwarding.Interrupted {
+            status = try runBlocking { [self] in
+                try await Daemon.withSignals(Daemon.shutdownSignals, onSignal: { signals.received($0) }) {
+                    try execute(cleanup, signals)
+                }
+            }
+        } catch let e as RunSignals.Interrupted {
             cleanup.run()
             printError(e)
             throw ExitCode(128 + e.signal)
@@ -83,7 +90,7 @@ struct RunCommand: ParsableCommand {
     /// What the arguments ask for, checked before anything is created.
     struct Plan {
         var inputRoot: Digest?
-        var bwrap: String
+        var sandbox: Sandbox
         /// Directories to create before the run (--writable-dir).
         var writableDirs: [String]
         /// Shallowest destination first, so that a bind inside another one is mounted after it.
@@ -107,9 +114,7 @@ struct RunCommand: ParsableCommand {
             }
             digest = d
         }
-        guard let bwrap = Spawn.findExecutable("bwrap") else {
-            throw CLIError("bwrap not found in PATH: install the bubblewrap package (apt-get install bubblewrap)")
-        }
+        let sandbox = try Sandbox()
         var dirs: [String] = []
         var binds: [SandboxBind] = []
         for w in writableDir {
@@ -138,14 +143,14 @@ struct RunCommand: ParsableCommand {
         }
         let cwd = chdir ?? (digest != nil ? Sandbox.input : Sandbox.output)
         guard cwd.hasPrefix("/") else { throw CLIError("--chdir \(cwd): give an absolute path inside the sandbox") }
-        return Plan(inputRoot: digest, bwrap: bwrap, writableDirs: dirs, binds: binds, output: output.map(absolute),
+        return Plan(inputRoot: digest, sandbox: sandbox, writableDirs: dirs, binds: binds, output: output.map(absolute),
                     config: config.map(absolute), chdir: cwd)
     }
 
-    private func execute(_ cleanup: RunCleanup) throws -> Int32 {
+    private func execute(_ cleanup: RunCleanup, _ signals: RunSignals) throws -> Int32 {
         let plan = try plan()
         let mountpoint = try prepareMount(plan, cleanup)
-        try SignalForwarding.checkInterrupted()
+        try signals.checkInterrupted()
 
         var inputPath: String?
         if let d = plan.inputRoot {
@@ -162,26 +167,29 @@ struct RunCommand: ParsableCommand {
             cleanup.scratchOutput = output
         }
         for w in plan.writableDirs { try makeDirectory(w, what: "--writable-dir") }
-        try SignalForwarding.checkInterrupted()
+        try signals.checkInterrupted()
 
-        let layout = Sandbox.Layout(mount: mountpoint, inputRoot: inputPath, output: output, binds: plan.binds,
-                                    chdir: plan.chdir, network: network)
-        let args = Sandbox.bwrapArguments(layout)
+        let spec = SandboxSpec(mount: mountpoint, inputRoot: inputPath, output: output, mounts: plan.binds.map { .bind($0) },
+                               workingDirectory: plan.chdir, network: network, namesPaths: true)
         do {
-            defer { SignalForwarding.child.store(0, ordering: .sequentiallyConsistent) }
-            try SandboxCheck.run(bwrap: plan.bwrap, arguments: args) { pid in
-                SignalForwarding.child.store(pid, ordering: .sequentiallyConsistent)
-            }
+            defer { signals.forward(to: nil) }
+            try plan.sandbox.check(spec) { pid in signals.forward(to: { kill(pid, $0) }) }
         }
-        try SignalForwarding.checkInterrupted()
-        return try runCommand(plan.bwrap, args)
+        try signals.checkInterrupted()
+        // Standard streams are the caller's: the command may be interactive.
+        let run = try plan.sandbox.start(spec, command: command, stdin: .inherit, stdout: .inherit, stderr: .inherit)
+        signals.forward(to: { run.signal($0) })
+        let result = run.wait()
+        signals.forward(to: nil)
+        // A bwrap that exited without the command's status failed itself: 125.
+        return result.status
     }
 
     /// The mount to use: --mount, a running zero-config mount, or a temporary one.
     private func prepareMount(_ plan: Plan, _ cleanup: RunCleanup) throws -> String {
         if let mount {
             let path = absolute(mount)
-            guard isCasfsMount(path) else {
+            guard MountTable.isCasfsMount(path) else {
                 throw CLIError("\(mount) is not a casfs mount (no user.casfs.stats attribute on it)")
             }
             return path
@@ -199,7 +207,7 @@ struct RunCommand: ParsableCommand {
         if let config = plan.config { args += ["--config", config] }
         args.append(dir)
         do {
-            cleanup.daemon = try Daemon.spawnAndWait(arguments: args)
+            cleanup.daemon = try BackgroundStart.spawnAndWait(arguments: args)
         } catch {
             let text = "\(error)"
             if plan.config == nil && text.hasPrefix("another casfs mount") {
@@ -242,51 +250,35 @@ struct RunCommand: ParsableCommand {
             throw CLIError("\(what) \(path): cannot create it (\((error as NSError).localizedDescription))")
         }
     }
-
-    /// Runs the command in the sandbox, forwarding SIGINT/SIGTERM/SIGHUP to
-    /// bwrap, and returns its exit status (128+N for a death by signal N).
-    /// bwrap reports the status on a pipe only once the command has started:
-    /// without that report, bwrap failed (and said why on stderr).
-    private func runCommand(_ bwrap: String, _ args: [String]) throws -> Int32 {
-        let report = try ChildOutputPipe()
-        let statusFD: Int32 = 3
-        let argv = [bwrap] + args + ["--json-status-fd", "\(statusFD)", "--"] + command
-        let pid = try SandboxProcess.start(bwrap, argv, redirect: [statusFD: report.writeEnd])
-        report.closeWriteEnd()
-        SignalForwarding.child.store(pid, ordering: .sequentiallyConsistent)
-        // A signal that came before the pid was known is passed on now.
-        let early = SignalForwarding.received.load(ordering: .sequentiallyConsistent)
-        if early != 0 { kill(pid, early) }
-        let end = SandboxProcess.wait(pid)
-        SignalForwarding.child.store(0, ordering: .sequentiallyConsistent)
-        switch end {
-        case .signaled(let sig):
-            return 128 + sig
-        case .exited(let code):
-            let status = String(decoding: report.readAll(untilEndOfFile: false), as: UTF8.self)
-            return status.contains("\"exit-code\"") ? code : RunCommand.ownFailure
-        case nil:
-            return RunCommand.ownFailure
-        }
-    }
 }
 
-// MARK: processes and signals
+// MARK: signals
 
 /// SIGINT, SIGTERM and SIGHUP are recorded and passed on to the sandbox, so
 /// that casfs run always gets to clean up after it.
-enum SignalForwarding {
-    static let received = Atomic<Int32>(0)
-    static let child = Atomic<Int32>(0)
-    static let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
+final class RunSignals: Sendable {
+    private let state = Mutex<(signal: Int32, forward: (@Sendable (Int32) -> Void)?)>((0, nil))
 
-    static func install() {
-        for s in signals { signal(s, runSignalHandler) }
+    func received(_ sig: Int32) {
+        let forward = state.withLock { s -> (@Sendable (Int32) -> Void)? in
+            s.signal = sig
+            return s.forward
+        }
+        forward?(sig)
+    }
+
+    /// Where signals go from now on; a signal that came before is passed on at once.
+    func forward(to target: (@Sendable (Int32) -> Void)?) {
+        let early = state.withLock { s -> Int32 in
+            s.forward = target
+            return s.signal
+        }
+        if early != 0 { target?(early) }
     }
 
     /// Throws when a signal came: the run stops before the sandbox starts.
-    static func checkInterrupted() throws {
-        let s = received.load(ordering: .sequentiallyConsistent)
+    func checkInterrupted() throws {
+        let s = state.withLock { $0.signal }
         if s != 0 { throw Interrupted(signal: s) }
     }
 
@@ -296,43 +288,12 @@ enum SignalForwarding {
     }
 }
 
-/// Async-signal-safe: an atomic store, an atomic load and kill(2).
-private func runSignalHandler(_ sig: Int32) {
-    SignalForwarding.received.store(sig, ordering: .sequentiallyConsistent)
-    let pid = SignalForwarding.child.load(ordering: .sequentiallyConsistent)
-    if pid > 0 { kill(pid, sig) }
-}
-
-/// Waits for `pid`; its exit status, or 128+N for a death by signal N.
-private func waitForExit(_ pid: pid_t) -> Int32 {
-    Spawn.wait(pid) ?? RunCommand.ownFailure
-}
-
-/// Waits up to `seconds` for `pid` to exit; false if it is still running.
-private func waitForExit(_ pid: pid_t, seconds: Double) -> Bool {
-    let end = Date().addingTimeInterval(seconds)
-    var status: Int32 = 0
-    repeat {
-        let r = waitpid(pid, &status, WNOHANG)
-        if r == pid || (r < 0 && errno == ECHILD) { return true }
-        usleep(20_000)
-    } while Date() < end
-    return false
-}
-
-/// Runs `argv` (looked up in PATH) quietly and returns its exit status.
-private func runQuietly(_ argv: [String]) -> Int32 {
-    guard let exe = Spawn.findExecutable(argv[0]), case .success(let pid) = Spawn.quiet(exe, argv) else { return 127 }
-    return waitForExit(pid)
-}
-
-
 // MARK: cleanup
 
 /// What a run created, taken down again whatever happens: the temporary
 /// mount (unmounted, its daemon waited for), the scratch output, the run's
 /// temporary directory.
-final class RunCleanup {
+final class RunCleanup: @unchecked Sendable {
     private var directory: String?
     var temporaryMountpoint: String?
     var daemon: pid_t?
@@ -355,7 +316,7 @@ final class RunCleanup {
         if let mp = temporaryMountpoint {
             if let daemon { unmount(mp, daemon: daemon) }
             // Never recursive: if the unmount failed, the store stays untouched.
-            if !isMountPoint(mp) { rmdir(mp) }
+            if !MountTable.isMountPoint(mp) { rmdir(mp) }
             temporaryMountpoint = nil
             daemon = nil
         }
@@ -376,7 +337,7 @@ final class RunCleanup {
     private func unmount(_ mp: String, daemon: pid_t) {
         var unmounted = false
         for attempt in 0..<20 {
-            if !isMountPoint(mp) || runQuietly(["fusermount3", "-u", mp]) == 0 {
+            if !MountTable.isMountPoint(mp) || Spawn.runQuietly(["fusermount3", "-u", mp]) == 0 {
                 unmounted = true
                 break
             }
@@ -384,13 +345,13 @@ final class RunCleanup {
         }
         if !unmounted {
             printError("\(mp) is busy: unmounting it lazily")
-            _ = runQuietly(["fusermount3", "-uz", mp])
+            _ = Spawn.runQuietly(["fusermount3", "-uz", mp])
         }
-        if waitForExit(daemon, seconds: 30) { return }
+        if Spawn.wait(daemon, seconds: 30) != nil { return }
         printError("the mount daemon (pid \(daemon)) did not exit after the unmount: stopping it")
         kill(daemon, SIGTERM)
-        if waitForExit(daemon, seconds: 10) { return }
+        if Spawn.wait(daemon, seconds: 10) != nil { return }
         kill(daemon, SIGKILL)
-        _ = waitForExit(daemon, seconds: 5)
+        _ = Spawn.wait(daemon, seconds: 5)
     }
 }

@@ -4,6 +4,7 @@ import TestSupport
 import XCTest
 
 @testable import casfs
+import CASDaemon
 
 /// The readiness datagram, received on real unix datagram sockets as
 /// systemd would receive it.

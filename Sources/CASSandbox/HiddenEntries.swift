@@ -5,16 +5,16 @@ import Foundation
 /// enter, a file it could not read), and whatever is not a plain file,
 /// directory or symlink (sockets, FIFOs, devices). So a caller running as
 /// root does not hand /etc/shadow, a host key or a socket to the command.
-enum HiddenEntries {
-    struct Entry: Equatable {
-        var path: String
-        var isDirectory: Bool
+public enum HiddenEntries {
+    public struct Entry: Equatable, Sendable {
+        public var path: String
+        public var isDirectory: Bool
     }
 
     /// Deeper than this, a directory is masked whole rather than walked.
-    static let maximumDepth = 32
+    public static let maximumDepth = 32
 
-    static func find(under root: String) -> [Entry] {
+    public static func find(under root: String) -> [Entry] {
         var found: [Entry] = []
         walk(root, depth: 0, into: &found)
         return found
@@ -50,7 +50,7 @@ enum HiddenEntries {
     /// bwrap's arguments that mask `entries` (already shown read-only): an
     /// empty read-only directory, or /dev/null on a mount without devices,
     /// which cannot be opened.
-    static func bwrapArguments(_ entries: [Entry]) -> [String] {
+    public static func bwrapArguments(_ entries: [Entry]) -> [String] {
         entries.flatMap { e in
             e.isDirectory ? ["--tmpfs", e.path, "--remount-ro", e.path] : ["--ro-bind", "/dev/null", e.path]
         }

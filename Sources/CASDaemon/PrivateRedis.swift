@@ -1,3 +1,6 @@
+import CASConfig
+import CASCore
+import CASProcess
 import Foundation
 import Redis
 
@@ -6,7 +9,7 @@ import Redis
 /// zero-config mount needs no Redis set up by hand.
 public final class PrivateRedis: Sendable {
     public let directory: String
-    public var socketPath: String { directory + "/redis.sock" }
+    public var socketPath: String { DefaultConfig.redisSocket(redisDirectory: directory) }
     public var pidFile: String { directory + "/redis.pid" }
 
     public struct Failure: Error, CustomStringConvertible {
@@ -23,7 +26,8 @@ public final class PrivateRedis: Sendable {
 
     /// A client configuration for the private server.
     public var config: RedisConfig {
-        RedisConfig(unixSocket: socketPath, connectTimeout: 2, commandTimeout: 10)
+        RedisConfig(unixSocket: socketPath, connectTimeout: DefaultConfig.redisConnectTimeout,
+                    commandTimeout: DefaultConfig.redisCommandTimeout)
     }
 
     /// True if a server already answers on the socket.
@@ -93,12 +97,28 @@ public final class PrivateRedis: Sendable {
 
     /// Runs a program (which daemonizes itself) and waits for it to return.
     static func runToCompletion(_ args: [String]) throws -> Int32 {
-        let pid = try Spawn.quiet(args[0], args, keepStderr: true).get()
+        let pid: pid_t
+        switch Spawn.quiet(args[0], args, keepStderr: true) {
+        case .success(let p): pid = p
+        case .failure(let e): throw Failure(description: "\(e)")
+        }
         guard let status = Spawn.wait(pid) else { throw Failure(description: "waiting for \(args[0]) failed") }
         return status
     }
 
     static func findExecutable(_ name: String) -> String? {
         Spawn.findExecutable(name, extraDirectories: ["/usr/sbin", "/usr/bin"])
+    }
+}
+
+extension DefaultConfig {
+    /// The private Redis of a data directory.
+    public static func privateRedis(dataDirectory: String) -> PrivateRedis {
+        PrivateRedis(directory: redisDirectory(dataDirectory: dataDirectory))
+    }
+
+    /// Builds the default stack over the running private Redis `redis`.
+    public static func make(dataDirectory: String, redis: PrivateRedis, metrics: Metrics = Metrics()) throws -> StorageStack {
+        try make(dataDirectory: dataDirectory, redisSocket: redis.socketPath, metrics: metrics)
     }
 }

@@ -1,29 +1,31 @@
-import CASConfig
+import CLinux
+import CASProcess
 import Foundation
 
 /// Background start of `casfs mount`: the command re-executes itself with
 /// `--foreground` in a new session and waits on a pipe until the child reports
 /// that the mount is served ("OK") or why it failed ("ERR ..."). Re-exec
 /// rather than fork: the child starts threads (libfuse, Redis, writers).
-enum Daemon {
-    static let readyEnv = "CASFS_READY_FD"
+public enum BackgroundStart {
+    public static let readyEnv = "CASFS_READY_FD"
 
-    struct Failed: Error, CustomStringConvertible {
-        let description: String
+    public struct Failed: Error, CustomStringConvertible {
+        public let description: String
     }
 
     /// Spawns the foreground child and waits for readiness. Returns its pid.
-    static func spawnAndWait(arguments: [String]) throws -> pid_t {
+    public static func spawnAndWait(arguments: [String]) throws -> pid_t {
         var fds: [Int32] = [0, 0]
-        guard pipe(&fds) == 0 else { throw Failed(description: "pipe: \(String(cString: strerror(errno)))") }
+        guard casfs_pipe_cloexec(&fds) == 0 else { throw Failed(description: "pipe: \(String(cString: strerror(errno)))") }
         let (rfd, wfd) = (fds[0], fds[1])
-        _ = fcntl(rfd, F_SETFD, FD_CLOEXEC)
 
         let exe = "/proc/self/exe"
         let argv = [CommandLine.arguments.first ?? "casfs"] + arguments
         var env = ProcessInfo.processInfo.environment
-        env[readyEnv] = String(wfd)
-        let spawned = Spawn.quiet(exe, argv, environment: env)
+        // The child gets the write end (and nothing else of ours) as descriptor 3.
+        let childFD: Int32 = 3
+        env[readyEnv] = String(childFD)
+        let spawned = Spawn.quiet(exe, argv, environment: env, descriptors: [childFD: wfd])
         close(wfd)
         let pid: pid_t
         switch spawned {
@@ -52,7 +54,7 @@ enum Daemon {
     }
 
     /// In the child: the readiness pipe, if started by `spawnAndWait`.
-    static func readyFD() -> Int32? {
+    public static func readyFD() -> Int32? {
         guard let s = ProcessInfo.processInfo.environment[readyEnv], let fd = Int32(s), fd > 2 else { return nil }
         return fd
     }
@@ -60,12 +62,12 @@ enum Daemon {
     /// Closes every descriptor above stderr except `keep`. A daemon must not
     /// hold its starter's descriptors: a parent waiting for EOF on a pipe
     /// or socket it gave to the starter would wait forever.
-    static func closeInheritedDescriptors(keeping keep: Int32) {
+    public static func closeInheritedDescriptors(keeping keep: Int32) {
         let fds = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).compactMap { Int32($0) }
         for fd in fds where fd > 2 && fd != keep { close(fd) }
     }
 
-    static func report(_ fd: Int32, _ line: String) {
+    public static func report(_ fd: Int32, _ line: String) {
         let bytes = Array((line + "\n").utf8)
         _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         close(fd)

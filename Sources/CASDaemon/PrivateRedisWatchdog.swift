@@ -1,4 +1,4 @@
-import CASConfig
+import CASProcess
 import Foundation
 import Logging
 import Synchronization
@@ -9,7 +9,7 @@ import Synchronization
 /// directory, where it reloads its append-only file. A server that is only
 /// slow or stopped (SIGSTOP) still exists and is left alone: two servers on
 /// one append-only file would corrupt it.
-final class PrivateRedisWatchdog: Sendable {
+public final class PrivateRedisWatchdog: Sendable {
     private let redis: PrivateRedis
     private let interval: Double
     private let log: Logger
@@ -27,7 +27,7 @@ final class PrivateRedisWatchdog: Sendable {
     }
 
     /// Starts watching `redis` on a thread of its own.
-    static func start(_ redis: PrivateRedis, interval: Double = 1, log: Logger,
+    public static func start(_ redis: PrivateRedis, interval: Double = 1, log: Logger,
                       restarted: @escaping @Sendable () -> Void) -> PrivateRedisWatchdog {
         let w = PrivateRedisWatchdog(redis: redis, interval: interval, log: log, restarted: restarted)
         let t = Thread { w.watch() }
@@ -38,7 +38,7 @@ final class PrivateRedisWatchdog: Sendable {
 
     /// Stops watching and waits for a restart under way to end, so that the
     /// caller may stop the server without it coming back.
-    func stop() {
+    public func stop() {
         let first = stopping.withLock { s in
             defer { s = true }
             return !s
@@ -61,7 +61,7 @@ final class PrivateRedisWatchdog: Sendable {
     /// pid file, true while it answers on its socket.
     private func serverExists() -> Bool {
         guard let pid = redis.serverPID() else { return redis.isRunning() }
-        return processExists(pid)
+        return processIsAlive(pid)
     }
 
     private func restart() {
@@ -77,14 +77,4 @@ final class PrivateRedisWatchdog: Sendable {
         log.notice("the private Redis runs again\(now)")
         restarted()
     }
-}
-
-/// True if process `pid` exists and has not exited (a zombie, not yet
-/// reaped by its parent, has exited). Read from /proc/PID/stat, whose state
-/// letter follows the parenthesised command name.
-func processExists(_ pid: pid_t) -> Bool {
-    guard pid > 0, let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-          let close = stat.lastIndex(of: ")") else { return false }
-    let state = stat[stat.index(after: close)...].drop(while: { $0 == " " }).first
-    return state != nil && state != "Z" && state != "X"
 }

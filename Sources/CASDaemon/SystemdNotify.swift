@@ -4,20 +4,24 @@ import Logging
 /// systemd's readiness notification (`Type=notify`), spoken directly: one
 /// datagram such as `READY=1` sent to the unix socket that `$NOTIFY_SOCKET`
 /// names, a path or, with a leading `@`, an abstract socket name.
-struct SystemdNotify {
-    static let variable = "NOTIFY_SOCKET"
+public struct SystemdNotify: Sendable {
+    public static let variable = "NOTIFY_SOCKET"
 
     /// The socket's name as the variable gives it.
-    let socketName: String
+    public let socketName: String
 
-    struct Failure: Error, CustomStringConvertible {
-        let description: String
+    public struct Failure: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    public init(socketName: String) {
+        self.socketName = socketName
     }
 
     /// The socket named by `$NOTIFY_SOCKET`, taken out of the environment so
     /// that nothing this process starts later (a private Redis, a sandbox)
     /// reports to systemd in its name. Nil when systemd did not ask.
-    static func take() -> SystemdNotify? {
+    public static func take() -> SystemdNotify? {
         guard let value = getenv(variable) else { return nil }
         let name = String(cString: value)
         unsetenv(variable)
@@ -25,14 +29,14 @@ struct SystemdNotify {
     }
 
     /// Sends `READY=1`. A failure is logged: the mount serves either way.
-    func ready(_ log: Logger) {
+    public func ready(_ log: Logger) {
         do { try send("READY=1") } catch {
             log.warning("could not tell systemd that the mount is ready: \(error)")
         }
     }
 
     /// Sends one datagram holding `state` (newline-separated `KEY=VALUE` lines).
-    func send(_ state: String) throws(Failure) {
+    public func send(_ state: String) throws(Failure) {
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         var name = Array(socketName.utf8)

@@ -4,27 +4,36 @@ import CASStorage
 import CLinux
 import Foundation
 
-/// The storage stack a command works on: the one in `--config`, or the
-/// zero-config default with its private Redis (started here when it is not
-/// already running, and then stopped again by `close()`).
-final class OpenStack {
-    let stack: StorageStack
+/// The storage stack a command or a mount works on: the one in a config
+/// file, or the zero-config default with its private Redis (started here
+/// when it is not already running, and then stopped again by `close()`).
+/// A zero-config mount also holds the data directory's mount lock.
+public final class OpenStack: @unchecked Sendable {
+    public let stack: StorageStack
     /// Set for the zero-config default.
-    let privateRedis: PrivateRedis?
+    public let privateRedis: PrivateRedis?
     /// The zero-config data directory, for the default stack.
-    let dataDirectory: String?
+    public let dataDirectory: String?
     /// True when this process started the private Redis and so must stop it.
     private let ownsRedis: Bool
     /// The data directory's mount lock, held by a zero-config mount for its lifetime.
     private var mountLock: Int32 = -1
 
-    var storage: any Storage { stack.storage }
-    var index: RedisIndex? { stack.index }
-    var metrics: Metrics { stack.metrics }
+    public var storage: any Storage { stack.storage }
+    public var index: RedisIndex? { stack.index }
+    public var metrics: Metrics { stack.metrics }
+
+    /// A stack built elsewhere (e.g. by `StackBuilder` from a spec): `close()` stops it.
+    public init(stack: StorageStack) {
+        self.stack = stack
+        privateRedis = nil
+        dataDirectory = nil
+        ownsRedis = false
+    }
 
     /// Opens the stack. `keepRedis`: the caller takes over the private Redis
     /// (the mount, which stops it at unmount) whether or not it was running.
-    init(configPath: String?, keepRedis: Bool = false, metrics: Metrics = Metrics()) throws {
+    public init(configPath: String?, keepRedis: Bool = false, metrics: Metrics = Metrics()) throws {
         if let configPath {
             stack = try CasfsConfig.load(path: configPath, metrics: metrics)
             privateRedis = nil
@@ -61,7 +70,7 @@ final class OpenStack {
     /// for it rather than fail.
     private static func takeMountLock(_ data: String) throws -> Int32 {
         let fd = Foundation.open(data + "/mount.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CLIError("cannot open \(data)/mount.lock: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw DaemonError("cannot open \(data)/mount.lock: \(String(cString: strerror(errno)))") }
         let deadline = Date().addingTimeInterval(15)
         while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             // A serving mount records itself in the lock file: that one is
@@ -72,15 +81,15 @@ final class OpenStack {
             let n = pread(fd, &buf, buf.count, 0)
             if n == 2 && buf == Array("-\n".utf8) {
                 Foundation.close(fd)
-                throw CLIError("another casfs mount already serves the zero-config store in \(data), for casfs run")
+                throw DaemonError("another casfs mount already serves the zero-config store in \(data), for casfs run")
             }
             if n > 0, let at = runningZeroConfigMount(dataDirectory: data) {
                 Foundation.close(fd)
-                throw CLIError("another casfs mount already serves the zero-config store in \(data), at \(at)")
+                throw DaemonError("another casfs mount already serves the zero-config store in \(data), at \(at)")
             }
             if Date() >= deadline {
                 Foundation.close(fd)
-                throw CLIError("another casfs process holds the zero-config store in \(data) (\(data)/mount.lock) and did not let go within 15 s")
+                throw DaemonError("another casfs process holds the zero-config store in \(data) (\(data)/mount.lock) and did not let go within 15 s")
             }
             usleep(50_000)
         }
@@ -90,7 +99,7 @@ final class OpenStack {
     /// For a zero-config mount: writes `mountpoint` into the mount lock it
     /// holds, where `runningZeroConfigMount` finds it (a temporary mount
     /// writes `-`: it serves, but is not for others to use). Nil for other stacks.
-    func mountPointRecorder(_ mountpoint: String?) -> (@Sendable () -> Void)? {
+    public func mountPointRecorder(_ mountpoint: String?) -> (@Sendable () -> Void)? {
         guard mountLock >= 0 else { return nil }
         let fd = mountLock
         return {
@@ -102,14 +111,14 @@ final class OpenStack {
 
     /// Clears the mount point recorded by `mountPointRecorder`: the mount is
     /// gone, though this process still holds the lock while it finishes.
-    func withdrawMountPoint() {
+    public func withdrawMountPoint() {
         guard mountLock >= 0 else { return }
         _ = ftruncate(mountLock, 0)
     }
 
     /// The mount point of the zero-config mount serving `dataDirectory`, if
     /// one recorded it, still holds the lock and answers as a casfs mount.
-    static func runningZeroConfigMount(dataDirectory: String) -> String? {
+    public static func runningZeroConfigMount(dataDirectory: String) -> String? {
         let fd = Foundation.open(dataDirectory + "/mount.lock", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { Foundation.close(fd) }
@@ -118,7 +127,7 @@ final class OpenStack {
         // Empty when no mount runs (the mount clears it at unmount): nothing to probe.
         guard n > 1, n < buf.count, buf[n - 1] == UInt8(ascii: "\n") else { return nil }
         let path = String(decoding: buf[0..<(n - 1)], as: UTF8.self)
-        guard path.hasPrefix("/"), isMountPoint(path), isCasfsMount(path) else { return nil }
+        guard path.hasPrefix("/"), MountTable.isMountPoint(path), MountTable.isCasfsMount(path) else { return nil }
         // A record left by a mount that did not stop cleanly, and another
         // casfs mount there now: nobody holds the lock.
         if flock(fd, LOCK_SH | LOCK_NB) == 0 {
@@ -129,15 +138,15 @@ final class OpenStack {
     }
 
     /// The Redis index of the stack, or an error naming what is missing.
-    func redisIndex(for command: String) throws -> RedisIndex {
+    public func redisIndex(for command: String) throws -> RedisIndex {
         guard let index else {
-            throw CLIError("\(command) needs a !redis-index in the configuration")
+            throw DaemonError("\(command) needs a !redis-index in the configuration")
         }
         return index
     }
 
     /// Stops the storage (draining deferred writes) and the private Redis if this process owns it.
-    func close() {
+    public func close() {
         do { try stack.stop() } catch {
             FileHandle.standardError.write(Data("casfs: stopping storage: \(error)\n".utf8))
         }
@@ -156,31 +165,8 @@ final class OpenStack {
     }
 }
 
-/// A one-line error for the user; the command exits non-zero.
-struct CLIError: Error, CustomStringConvertible {
-    let description: String
-    init(_ description: String) { self.description = description }
-}
-
-/// Prints `casfs: <error>` to stderr.
-func printError(_ message: Any) {
-    FileHandle.standardError.write(Data("casfs: \(message)\n".utf8))
-}
-
-/// Formats a byte count for people: `1.5 GiB`.
-func humanBytes(_ n: Int64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    var v = Double(n)
-    var i = 0
-    while abs(v) >= 1024 && i < units.count - 1 {
-        v /= 1024
-        i += 1
-    }
-    return i == 0 ? "\(n) B" : String(format: "%.1f %@", v, units[i])
-}
-
-/// Makes standard output line-buffered, so each line reaches a pipe or a log
-/// file as it is printed.
-func lineBufferStdout() {
-    casfs_line_buffer_stdout()
+/// A one-line error for the user.
+public struct DaemonError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }
