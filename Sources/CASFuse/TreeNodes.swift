@@ -28,7 +28,7 @@ final class TreeDirectoryNode: Node {
         self.name = name
         self.digest = digest
         self.ino = treeNodeInode(parent: parent, name: name)
-        mode = d.properties.mode ?? 0o555
+        mode = d.properties.mode ?? fs.options.treeDirectoryMode ?? 0o555
         mtime = d.properties.mtime
         nlink = 2 + d.subdirectoryCount
     }

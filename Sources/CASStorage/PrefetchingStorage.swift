@@ -2,30 +2,40 @@ import CASCore
 import Foundation
 import Synchronization
 
-/// Turns prefetch hints (the files of a tree directory being listed) into
-/// bulk `warm` calls on the storage below, on a few background threads:
-/// blobs up to `blobLimit`, in batches of up to `batchBytes`, in the order
-/// hinted. A reader that wants a blob a running batch is fetching waits for
-/// that batch (bounded) instead of fetching it a second time. Hints are
-/// dropped while `maxQueued` batches wait, and abandoned at `stop()`.
+/// Turns prefetch hints (the files and subdirectories of a tree directory
+/// first used) into bulk `warm` calls on the storage below, on a few
+/// background threads: blobs up to `blobLimit`, at most `hintBudget` bytes of
+/// one hint (a directory), in batches of up to `batchBytes` (a remote CAS
+/// splits them further under its server's batch limit), in the order hinted.
+///
+/// - A reader that wants a blob a hint queued or a batch is fetching waits
+///   for that batch (at most `readerWait`) instead of fetching it a second
+///   time, one round trip for one blob.
+/// - Large blobs are never fetched ahead: they cost nothing until read.
+/// - Bounded: at most `maxQueued` batches wait (further hints are dropped)
+///   and `threads` run at once, each holding one batch in memory; at
+///   `stop()` queued batches are abandoned, and a reader never waits for an
+///   abandoned one.
 public final class PrefetchingStorage: StorageDecorator {
     public let inner: any Storage
     public let blobLimit: Int64
     public let batchBytes: Int64
+    public let hintBudget: Int64
     public let threads: Int
     public let maxQueued: Int
     private let jobs = Mutex<BackgroundJobs?>(nil)
     private let stopping = Atomic<Bool>(false)
-    /// Digests a running batch is fetching.
+    /// Digests queued or being fetched, with how many batches hold each.
     private let inflight = NSCondition()
-    nonisolated(unsafe) private var inflightDigests: Set<Digest> = []  // guarded by `inflight`
+    nonisolated(unsafe) private var inflightDigests: [Digest: Int] = [:]  // guarded by `inflight`
     private let readerWait: TimeInterval = 5
 
     public init(_ inner: any Storage, blobLimit: Int64 = 1 << 20, batchBytes: Int64 = 4 << 20,
-                threads: Int = 4, maxQueued: Int = 1024) {
+                hintBudget: Int64 = 64 << 20, threads: Int = 4, maxQueued: Int = 1024) {
         self.inner = inner
         self.blobLimit = blobLimit
         self.batchBytes = batchBytes
+        self.hintBudget = hintBudget
         self.threads = threads
         self.maxQueued = maxQueued
     }
@@ -33,13 +43,23 @@ public final class PrefetchingStorage: StorageDecorator {
     public func stop() throws {
         stopping.store(true, ordering: .relaxed)
         jobs.withLock { $0 }?.abandon()
+        // Nobody waits for what will not be fetched.
+        inflight.lock()
+        inflightDigests = [:]
+        inflight.broadcast()
+        inflight.unlock()
         try inner.stop()
     }
 
     public func prefetch(_ digests: [Digest]) {
         guard !stopping.load(ordering: .relaxed) else { return }
         var seen = Set<Digest>()
-        let wanted = digests.filter { $0.size > 0 && $0.size <= blobLimit && seen.insert($0).inserted }
+        var budget = hintBudget
+        var wanted: [Digest] = []
+        for d in digests where d.size > 0 && d.size <= blobLimit && d.size <= budget && seen.insert(d).inserted {
+            wanted.append(d)
+            budget -= d.size  // each at most blobLimit, and budget stays >= 0
+        }
         guard !wanted.isEmpty else { return }
         let pool = jobs.withLock { p -> BackgroundJobs in
             if let p { return p }
@@ -49,46 +69,42 @@ public final class PrefetchingStorage: StorageDecorator {
         }
         guard pool.pending < maxQueued else { return }
         // One job per batch, so that several threads work on one large hint.
-        var batch: [Digest] = []
+        var batches: [[Digest]] = [[]]
         var bytes: Int64 = 0
         for d in wanted {
-            if bytes + d.size > batchBytes, !batch.isEmpty {
-                let b = batch
-                pool.submit { [self] in run(b) }
-                batch = []
+            if bytes + d.size > batchBytes, !batches[batches.count - 1].isEmpty {
+                batches.append([])
                 bytes = 0
             }
-            batch.append(d)
-            bytes += d.size  // each at most blobLimit: no overflow
+            batches[batches.count - 1].append(d)
+            bytes += d.size
         }
-        if !batch.isEmpty {
-            let last = batch
-            pool.submit { [self] in run(last) }
-        }
+        inflight.lock()
+        for b in batches { for d in b { inflightDigests[d, default: 0] += 1 } }
+        inflight.unlock()
+        for b in batches { pool.submit { [self] in run(b) } }
     }
 
-    private func run(_ all: [Digest]) {
-        guard !stopping.load(ordering: .relaxed) else { return }
-        inflight.lock()
-        let digests = all.filter { !inflightDigests.contains($0) }
-        inflightDigests.formUnion(digests)
-        inflight.unlock()
-        guard !digests.isEmpty else { return }
+    private func run(_ digests: [Digest]) {
         defer {
             inflight.lock()
-            inflightDigests.subtract(digests)
+            for d in digests {
+                if let n = inflightDigests[d], n > 1 { inflightDigests[d] = n - 1 } else { inflightDigests[d] = nil }
+            }
             inflight.broadcast()
             inflight.unlock()
         }
+        guard !stopping.load(ordering: .relaxed) else { return }
         inner.warm(digests)
     }
 
-    /// If a running batch holds the digest, waits (bounded) for it.
+    /// If a queued or running batch holds the digest, waits (bounded) for it.
     private func waitForBatch(_ d: Digest) {
         inflight.lock()
         defer { inflight.unlock() }
+        guard inflightDigests[d] != nil else { return }
         let deadline = Date().addingTimeInterval(readerWait)
-        while inflightDigests.contains(d), Date() < deadline {
+        while inflightDigests[d] != nil, Date() < deadline {
             _ = inflight.wait(until: deadline)
         }
     }

@@ -234,6 +234,23 @@ final class TreeViewTests: XCTestCase {
         }
     }
 
+    /// `tree-directory-mode: 0755`: directories show it (unless their
+    /// Directory says otherwise); the mount stays read-only.
+    func testTreeDirectoryModeOption() throws {
+        var o = MountOptions()
+        o.treeDirectoryMode = MountOptions.parseMode("0755")
+        try mount(o)
+        let root = try makeTree()
+        let r = try lookup(3, root.description)
+        XCTAssertEqual(r.attr.permissions, 0o755)
+        XCTAssertEqual(try lookup(r.nodeid, "sub").attr.permissions, 0o750, "its own unix_mode wins")
+        XCTAssertEqual(try lookup(r.nodeid, "a.txt").attr.permissions, 0o444, "files unchanged")
+        XCTAssertEqual(h.create(r.nodeid, "new")?.error, EROFS)
+        XCTAssertNil(MountOptions.parseMode("0999"))
+        XCTAssertNil(MountOptions.parseMode("1777"))
+        XCTAssertEqual(MountOptions.parseMode("0o700"), 0o700)
+    }
+
     func testForgetReleasesTreeNodes() throws {
         let root = try makeTree()
         let r = try lookup(3, root.description)
