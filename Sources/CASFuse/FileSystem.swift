@@ -31,6 +31,8 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
     let metrics: Metrics
     /// The nodes the kernel holds (the fixed directories are not in it).
     let nodes = NodeTable()
+    /// Gives the memory of forgotten nodes back to the system.
+    let trimmer = MemoryTrimmer()
     let root = RootNode()
     let sha256Directory = Sha256Directory()
     let treeRoot = TreeRootNode()
@@ -83,7 +85,11 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
         self.spaceDirectories = spaceDirectories
         self.recordAccess = recordAccess
         self.metrics = metrics
-        self.directories = DirectoryCache(storage: storage, capacity: options.treeCacheBytes, metrics: metrics)
+        let trimmer = self.trimmer
+        self.directories = DirectoryCache(storage: storage, capacity: options.treeCacheBytes, metrics: metrics) { entries in
+            // Parsing a big Directory freed a lot of memory again.
+            if entries >= 10_000 { trimmer.freed(entries) }
+        }
         self.passthrough = PassthroughFiles(enabled: options.passthrough && !options.isOpenless,
                                             opens: metrics.counter(MetricCatalog.passthroughOpens))
         self.counters = Counters(readBytes: metrics.counter(MetricCatalog.readBytes),
@@ -282,7 +288,9 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
 
     /// The kernel dropped `n` references to `ino`.
     func forgetNode(_ ino: UInt64, _ n: UInt64) {
-        nodes.forget(ino, n)?.forgotten(self)
+        guard let node = nodes.forget(ino, n) else { return }
+        node.forgotten(self)
+        trimmer.freed(1)
     }
 
     /// One entry of a listing; false when it does not fit. `entry`: for

@@ -20,6 +20,11 @@ final class TreeDirectoryNode: Node {
     let mtime: TreeTime?
     let nlink: Int
     var kind: NodeKind { .directory }
+    /// Its Directory, parsed: held as long as the kernel holds the node, so
+    /// that the lookups of its children never load it again, however big
+    /// it is against the tree cache (the kernel holds a directory while it
+    /// holds any of its children).
+    let directory: TreeDirectory
     /// When its files' access times were last refreshed (uptime seconds; 0: never).
     private let refreshed = Atomic<UInt64>(0)
 
@@ -27,6 +32,7 @@ final class TreeDirectoryNode: Node {
         self.parent = parent
         self.name = name
         self.digest = digest
+        self.directory = d
         self.ino = treeNodeInode(parent: parent, name: name)
         mode = d.properties.mode ?? fs.options.treeDirectoryMode ?? 0o555
         mtime = d.properties.mtime
@@ -45,11 +51,8 @@ final class TreeDirectoryNode: Node {
         return a
     }
 
-    /// The Directory, from the cache or loaded; nil after answering the
-    /// request with the error.
-    func directory(_ r: Request, op: String) -> TreeDirectory? {
-        r.fs.loadDirectory(digest, op: op, r.reply)
-    }
+    /// The Directory (held since the node was made).
+    func directory(_ r: Request, op: String) -> TreeDirectory? { directory }
 
     /// The kernel was handed this directory (a lookup, a listing): the
     /// access times of its files are refreshed together, at most once per
@@ -62,8 +65,9 @@ final class TreeDirectoryNode: Node {
         let last = refreshed.load(ordering: .relaxed)
         guard last == 0 || now &- last >= UInt64(CASFileSystem.openlessEntryTimeout),
               refreshed.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged else { return }
-        for e in d.entries {
-            if case .file(let f, _) = e.kind { record(f) }
+        let entries = d.entries
+        for i in entries.indices where entries.isFile(i) {
+            if let f = entries.digest(at: i) { record(f) }
         }
     }
 
@@ -279,12 +283,10 @@ extension CASFileSystem {
         guard options.treePrefetch, directories.firstUse(digest) else { return }
         var files: [Digest] = []
         var subdirectories: [Digest] = []
-        for e in dir.entries {
-            switch e.kind {
-            case .file(let d, _): files.append(d)
-            case .directory(let d): subdirectories.append(d)
-            case .symlink: break
-            }
+        let entries = dir.entries
+        for i in entries.indices {
+            guard let d = entries.digest(at: i) else { continue }
+            if entries.isFile(i) { files.append(d) } else { subdirectories.append(d) }
         }
         storage.prefetch(subdirectories + files)
     }

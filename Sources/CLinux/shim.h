@@ -38,4 +38,7 @@ static inline int casfs_spawn_addclosefrom(posix_spawn_file_actions_t *actions, 
 static inline int casfs_pipe_cloexec(int fds[2]) { return (int)syscall(SYS_pipe2, fds, O_CLOEXEC); }
 // glibc's POSIX_SPAWN_SETSID (declared only with _GNU_SOURCE).
 static inline short casfs_posix_spawn_setsid(void) { return 0x80; }
+// Gives freed heap memory back to the system (glibc's malloc_trim).
+#include <malloc.h>
+static inline int casfs_malloc_trim(void) { return malloc_trim(0); }
 #endif

@@ -1,5 +1,7 @@
 import CASCore
 import Foundation
+import REAPI
+import SwiftProtobuf
 import TestSupport
 import XCTest
 
@@ -166,6 +168,62 @@ final class ColdPathTests: MountTestCase {
         XCTAssertEqual(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines), "0", "no byte of the damaged file was read")
         XCTAssertEqual(mustSh("cat \(shq(tree + "/d00/f001")) | sha256sum"), mustSh("cat \(shq(src + "/d00/f001")) | sha256sum"))
         XCTAssertGreaterThanOrEqual(try stat(m, "casfs_verify_failures_total"), 1)
+        XCTAssertTrue(m.isRunning)
+    }
+}
+
+/// A directory much bigger than the tree cache: its children's lookups do
+/// not load it again while the kernel holds it.
+final class GiantDirectoryTests: MountTestCase {
+    func testChildLookupsOfAHeldDirectoryDoNotReloadIt() throws {
+        let count = 20_000
+        // One Directory of `count` files (all the same small blob), stored with put.
+        let content = Data("same\n".utf8)
+        let contentDigest = Digest.of(content)
+        var dir = Build_Bazel_Remote_Execution_V2_Directory()
+        dir.files = (0..<count).map { i in
+            .with {
+                $0.name = String(format: "e%06d", i)
+                $0.digest = .with { $0.hash = contentDigest.hash; $0.sizeBytes = contentDigest.size }
+            }
+        }
+        let bytes: Data = try dir.serializedBytes()
+        let (dirFile, dirDigest) = try localBlob(bytes, name: "directory")
+        let (contentFile, _) = try localBlob(content, name: "content")
+        let config = """
+            storage: !disk-storage
+              path: \(storeDir)
+            mount:
+              writable: false
+              tree-cache-size: 64K
+
+            """
+        try config.write(toFile: tmp + "/put.yaml", atomically: true, encoding: .utf8)
+        mustSh("\(shq(try casfsBinary())) put --quiet --config \(shq(tmp + "/put.yaml")) \(shq(dirFile)) \(shq(contentFile))")
+        let m = try mount(config)
+        let path = m.mountpoint + "/tree/\(dirDigest)"
+        XCTAssertEqual(mustSh("ls -l \(shq(path)) | grep -c '^-r--r--r--'"), "\(count)\n")
+        let loads = try m.stats()["casfs_tree_directory_loads_total"] ?? 0
+        // The directory held open; its children dropped from the kernel's
+        // caches and looked up again, one by one.
+        let py = """
+            import os, sys
+            fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2")
+            n = 0
+            for i in range(\(count)):
+                n += os.stat("e%06d" % i, dir_fd=fd).st_size
+            print(n)
+            """
+        XCTAssertEqual(mustSh("python3 -c \(shq(py)) \(shq(path))"), "\(count * content.count)\n")
+        let after = try m.stats()
+        XCTAssertGreaterThan(after["casfs_fuse_requests_total{op=\"lookup\"}"] ?? 0, Int64(count / 2), "the children were looked up again")
+        XCTAssertLessThanOrEqual((after["casfs_tree_directory_loads_total"] ?? 0) - loads, 1, "the directory was not loaded again")
+        // Forgotten by the kernel: the daemon lets go of the nodes.
+        mustSh("echo 2 > /proc/sys/vm/drop_caches")
+        XCTAssertTrue(pollUntil(30) { ((try? m.stats())?["casfs_inodes"] ?? Int64(count)) < Int64(count / 2) },
+                      "file nodes held after the kernel let go: \(String(describing: try? m.stats()["casfs_inodes"]))")
         XCTAssertTrue(m.isRunning)
     }
 }
