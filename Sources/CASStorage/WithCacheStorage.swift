@@ -135,7 +135,7 @@ public final class WithCacheStorage: Storage {
         } catch StorageError.corrupt {
             // The cache dropped its bad copy: a miss, served by the fallback.
         } catch {
-            log.warning("cache read of \(d) failed: \(error)")
+            foldedLog.warning(kind: "cache read", key: d.description, "cache read of \(d) failed: \(error)")
         }
         return nil
     }
@@ -166,7 +166,7 @@ public final class WithCacheStorage: Storage {
         DispatchQueue.global(qos: .utility).async { [self] in
             defer { _ = filling.withLock { $0.remove(d) } }
             do { _ = try fetch(d) } catch {
-                log.error("background fetch of \(d) failed: \(error)")
+                foldedLog.error(kind: "background fetch", key: d.description, "background fetch of \(d) failed: \(error)")
             }
         }
     }
@@ -174,7 +174,7 @@ public final class WithCacheStorage: Storage {
     public func bulkReadBlobs(_ ds: [Digest]) throws -> [Digest: Data] {
         var found: [Digest: Data]
         do { found = try cache.bulkReadBlobs(ds) } catch {
-            log.warning("cache bulk read failed: \(error)")
+            foldedLog.warning(kind: "cache bulk read", key: "\(type(of: error))", "cache bulk read failed: \(error)")
             found = [:]
         }
         counters.hits.add(found.count)
@@ -205,7 +205,7 @@ public final class WithCacheStorage: Storage {
             fill(Array(fetched))
             counters.prefetched.add(fetched.count)
         } catch {
-            log.warning("prefetch of \(missing.count) blobs failed: \(error)")
+            foldedLog.warning(kind: "prefetch", key: "\(type(of: error))", "prefetch of \(missing.count) blobs failed: \(error)")
         }
     }
 

@@ -720,7 +720,8 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
                     attempt += 1
                     retryCount?.add()
                     let delay = backoff.delay(afterAttempt: attempt)
-                    log.info("\(what) to \(endpoint): \(e.code) (\(e.message)); retry \(attempt) of \(retries) in \(String(format: "%.1f", delay)) s")
+                    folded.log(.info, kind: "remote retry", key: "\(endpoint) \(what) \(e.code)",
+                               "\(what) to \(endpoint): \(e.code) (\(e.message)); retry \(attempt) of \(retries) in \(String(format: "%.1f", delay)) s")
                     do { try await Task.sleep(for: .milliseconds(Int64(delay * 1000))) } catch {
                         box.set(.failure(e))
                         break
