@@ -8,14 +8,16 @@ import Synchronization
 /// one hint (a directory), in batches of up to `batchBytes` (a remote CAS
 /// splits them further under its server's batch limit), in the order hinted.
 ///
-/// - A reader that wants a blob a hint queued or a batch is fetching waits
-///   for that batch (at most `readerWait`) instead of fetching it a second
-///   time, one round trip for one blob.
+/// - A reader that wants a blob of a batch still queued runs that batch
+///   itself, at once (no waiting behind other directories' batches); one
+///   that wants a blob of a running batch waits for it (at most
+///   `readerWait`). Either way the blob is fetched once, with its batch,
+///   never alone.
 /// - Large blobs are never fetched ahead: they cost nothing until read.
 /// - Bounded: at most `maxQueued` batches wait (further hints are dropped)
-///   and `threads` run at once, each holding one batch in memory; at
-///   `stop()` queued batches are abandoned, and a reader never waits for an
-///   abandoned one.
+///   and `threads` run at once in the background, each holding one batch in
+///   memory; at `stop()` queued batches are abandoned, and a reader never
+///   waits for an abandoned one.
 public final class PrefetchingStorage: StorageDecorator {
     public let inner: any Storage
     public let blobLimit: Int64
@@ -25,10 +27,19 @@ public final class PrefetchingStorage: StorageDecorator {
     public let maxQueued: Int
     private let jobs = Mutex<BackgroundJobs?>(nil)
     private let stopping = Atomic<Bool>(false)
-    /// Digests queued or being fetched, with how many batches hold each.
-    private let inflight = NSCondition()
-    nonisolated(unsafe) private var inflightDigests: [Digest: Int] = [:]  // guarded by `inflight`
-    private let readerWait: TimeInterval = 5
+
+    private final class Batch: @unchecked Sendable {
+        let digests: [Digest]
+        // Guarded by the storage's `lock`.
+        var started = false
+        var done = false
+        init(_ digests: [Digest]) { self.digests = digests }
+    }
+
+    private let lock = NSCondition()
+    /// The batch each queued or running digest belongs to (guarded by `lock`).
+    nonisolated(unsafe) private var batchOf: [Digest: Batch] = [:]
+    private let readerWait: TimeInterval = 30
 
     public init(_ inner: any Storage, blobLimit: Int64 = 1 << 20, batchBytes: Int64 = 4 << 20,
                 hintBudget: Int64 = 64 << 20, threads: Int = 4, maxQueued: Int = 1024) {
@@ -44,10 +55,10 @@ public final class PrefetchingStorage: StorageDecorator {
         stopping.store(true, ordering: .relaxed)
         jobs.withLock { $0 }?.abandon()
         // Nobody waits for what will not be fetched.
-        inflight.lock()
-        inflightDigests = [:]
-        inflight.broadcast()
-        inflight.unlock()
+        lock.lock()
+        batchOf = [:]
+        lock.broadcast()
+        lock.unlock()
         try inner.stop()
     }
 
@@ -69,58 +80,68 @@ public final class PrefetchingStorage: StorageDecorator {
         }
         guard pool.pending < maxQueued else { return }
         // One job per batch, so that several threads work on one large hint.
-        var batches: [[Digest]] = [[]]
+        var groups: [[Digest]] = [[]]
         var bytes: Int64 = 0
-        for d in wanted {
-            if bytes + d.size > batchBytes, !batches[batches.count - 1].isEmpty {
-                batches.append([])
+        lock.lock()
+        for d in wanted where batchOf[d] == nil {
+            if bytes + d.size > batchBytes, !groups[groups.count - 1].isEmpty {
+                groups.append([])
                 bytes = 0
             }
-            batches[batches.count - 1].append(d)
+            groups[groups.count - 1].append(d)
             bytes += d.size
         }
-        inflight.lock()
-        for b in batches { for d in b { inflightDigests[d, default: 0] += 1 } }
-        inflight.unlock()
+        let batches = groups.filter { !$0.isEmpty }.map(Batch.init)
+        for b in batches { for d in b.digests { batchOf[d] = b } }
+        lock.unlock()
         for b in batches { pool.submit { [self] in run(b) } }
     }
 
-    private func run(_ digests: [Digest]) {
+    /// Runs `b` unless someone started it already.
+    private func run(_ b: Batch) {
+        lock.lock()
+        guard !b.started else { return lock.unlock() }
+        b.started = true
+        lock.unlock()
         defer {
-            inflight.lock()
-            for d in digests {
-                if let n = inflightDigests[d], n > 1 { inflightDigests[d] = n - 1 } else { inflightDigests[d] = nil }
-            }
-            inflight.broadcast()
-            inflight.unlock()
+            lock.lock()
+            b.done = true
+            for d in b.digests where batchOf[d] === b { batchOf[d] = nil }
+            lock.broadcast()
+            lock.unlock()
         }
         guard !stopping.load(ordering: .relaxed) else { return }
-        inner.warm(digests)
+        inner.warm(b.digests)
     }
 
-    /// If a queued or running batch holds the digest, waits (bounded) for it.
-    private func waitForBatch(_ d: Digest) {
-        inflight.lock()
-        defer { inflight.unlock() }
-        guard inflightDigests[d] != nil else { return }
-        let deadline = Date().addingTimeInterval(readerWait)
-        while inflightDigests[d] != nil, Date() < deadline {
-            _ = inflight.wait(until: deadline)
+    /// If a batch holds the digest: runs it here when it is still queued,
+    /// or waits (bounded) for it when it is running.
+    private func joinBatch(_ d: Digest) {
+        lock.lock()
+        guard let b = batchOf[d] else { return lock.unlock() }
+        if !b.started {
+            lock.unlock()
+            return run(b)
         }
+        let deadline = Date().addingTimeInterval(readerWait)
+        while !b.done, batchOf[d] === b, Date() < deadline {
+            _ = lock.wait(until: deadline)
+        }
+        lock.unlock()
     }
 
     public func getBlob(_ d: Digest) throws -> BlobSource? {
-        waitForBatch(d)
+        joinBatch(d)
         return try inner.getBlob(d)
     }
 
     public func openBlob(_ d: Digest) throws -> BlobSource? {
-        waitForBatch(d)
+        joinBatch(d)
         return try inner.openBlob(d)
     }
 
     public func read(_ d: Digest, offset: Int64, length: Int) throws -> Data? {
-        waitForBatch(d)
+        joinBatch(d)
         return try inner.read(d, offset: offset, length: length)
     }
 }
