@@ -53,9 +53,19 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // A REAPI v2 CAS over gRPC (generated client stubs + RemoteStorage).
-        // Only CASConfig and the tests depend on it.
+        // CASConfig, CASWorker and the tests depend on it.
         .target(name: "RemoteCAS", dependencies: [
             "CASCore", "REAPI",
+            .product(name: "GRPCCore", package: "grpc-swift-2"),
+            .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+            .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // `casfs worker`: a bot of BuildGrid's Bots API running each action
+        // on its lazy input root (Bots client, action runner, result upload).
+        .target(name: "CASWorker", dependencies: [
+            "CASCore", "CASTree", "REAPI", "RemoteCAS", "CASSandbox",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
@@ -102,7 +112,7 @@ let package = Package(
         ]),
         .executableTarget(name: "casfs", dependencies: [
             "CASCore", "CASStorage", "CASConfig", "CASFuse", "CASTree", "Redis", "CLinux", "MetricsServer",
-            "CASProcess", "CASSandbox", "CASDaemon",
+            "CASProcess", "CASSandbox", "CASDaemon", "CASWorker", "RemoteCAS",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -143,6 +153,10 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "RemoteTests", dependencies: ["CASCore", "RemoteCAS", "REAPI", "TestSupport"]),
+        .testTarget(name: "WorkerTests", dependencies: [
+            "CASCore", "CASWorker", "REAPI", "TestSupport",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
         .testTarget(name: "TreeTests", dependencies: [
             "CASCore", "CASStorage", "CASTree", "REAPI",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),

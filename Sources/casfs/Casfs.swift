@@ -8,7 +8,7 @@ struct Casfs: ParsableCommand {
         abstract: "Mount a content-addressable store (Bazel REAPI CAS) as a filesystem.",
         version: casfsVersion,
         subcommands: [MountCommand.self, PutCommand.self, StatCommand.self, CleanupCommand.self,
-                      ReindexCommand.self, RunCommand.self])
+                      ReindexCommand.self, RunCommand.self, WorkerCommand.self])
 }
 
 /// The version `casfs --version` prints.

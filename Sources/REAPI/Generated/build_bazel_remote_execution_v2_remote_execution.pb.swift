@@ -10,7 +10,7 @@
 
 /// A subset of the Remote Execution API v2 (bazelbuild/remote-apis,
 /// build/bazel/remote/execution/v2/remote_execution.proto): the CAS calls casfs
-/// uses. Package, service, message and field names and numbers are those of the
+/// uses, and the execution messages `casfs worker` reads and writes. Package, service, message and field names and numbers are those of the
 /// real file, so the wire format is the same; fields casfs does not use are left
 /// out (protobuf skips them when decoding).
 
@@ -518,6 +518,660 @@ public nonisolated struct Build_Bazel_Remote_Execution_V2_SymlinkNode: Sendable 
   public init() {}
 
   fileprivate var _nodeProperties: Build_Bazel_Remote_Execution_V2_NodeProperties? = nil
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_Action: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var commandDigest: Build_Bazel_Remote_Execution_V2_Digest {
+    get {_commandDigest ?? Build_Bazel_Remote_Execution_V2_Digest()}
+    set {_commandDigest = newValue}
+  }
+  /// Returns true if `commandDigest` has been explicitly set.
+  public var hasCommandDigest: Bool {self._commandDigest != nil}
+  /// Clears the value of `commandDigest`. Subsequent reads from it will return its default value.
+  public mutating func clearCommandDigest() {self._commandDigest = nil}
+
+  public var inputRootDigest: Build_Bazel_Remote_Execution_V2_Digest {
+    get {_inputRootDigest ?? Build_Bazel_Remote_Execution_V2_Digest()}
+    set {_inputRootDigest = newValue}
+  }
+  /// Returns true if `inputRootDigest` has been explicitly set.
+  public var hasInputRootDigest: Bool {self._inputRootDigest != nil}
+  /// Clears the value of `inputRootDigest`. Subsequent reads from it will return its default value.
+  public mutating func clearInputRootDigest() {self._inputRootDigest = nil}
+
+  public var timeout: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_timeout ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_timeout = newValue}
+  }
+  /// Returns true if `timeout` has been explicitly set.
+  public var hasTimeout: Bool {self._timeout != nil}
+  /// Clears the value of `timeout`. Subsequent reads from it will return its default value.
+  public mutating func clearTimeout() {self._timeout = nil}
+
+  public var doNotCache: Bool = false
+
+  public var salt: Data = Data()
+
+  public var platform: Build_Bazel_Remote_Execution_V2_Platform {
+    get {_platform ?? Build_Bazel_Remote_Execution_V2_Platform()}
+    set {_platform = newValue}
+  }
+  /// Returns true if `platform` has been explicitly set.
+  public var hasPlatform: Bool {self._platform != nil}
+  /// Clears the value of `platform`. Subsequent reads from it will return its default value.
+  public mutating func clearPlatform() {self._platform = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _commandDigest: Build_Bazel_Remote_Execution_V2_Digest? = nil
+  fileprivate var _inputRootDigest: Build_Bazel_Remote_Execution_V2_Digest? = nil
+  fileprivate var _timeout: SwiftProtobuf.Google_Protobuf_Duration? = nil
+  fileprivate var _platform: Build_Bazel_Remote_Execution_V2_Platform? = nil
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_Command: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var arguments: [String] = []
+
+  public var environmentVariables: [Build_Bazel_Remote_Execution_V2_Command.EnvironmentVariable] = []
+
+  public var outputFiles: [String] = []
+
+  public var outputDirectories: [String] = []
+
+  public var platform: Build_Bazel_Remote_Execution_V2_Platform {
+    get {_platform ?? Build_Bazel_Remote_Execution_V2_Platform()}
+    set {_platform = newValue}
+  }
+  /// Returns true if `platform` has been explicitly set.
+  public var hasPlatform: Bool {self._platform != nil}
+  /// Clears the value of `platform`. Subsequent reads from it will return its default value.
+  public mutating func clearPlatform() {self._platform = nil}
+
+  public var workingDirectory: String = String()
+
+  public var outputPaths: [String] = []
+
+  public var outputNodeProperties: [String] = []
+
+  public var outputDirectoryFormat: Build_Bazel_Remote_Execution_V2_Command.OutputDirectoryFormat = .treeOnly
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum OutputDirectoryFormat: SwiftProtobuf.Enum, Swift.CaseIterable {
+    public typealias RawValue = Int
+    case treeOnly // = 0
+    case directoryOnly // = 1
+    case treeAndDirectory // = 2
+    case UNRECOGNIZED(Int)
+
+    public init() {
+      self = .treeOnly
+    }
+
+    public init?(rawValue: Int) {
+      switch rawValue {
+      case 0: self = .treeOnly
+      case 1: self = .directoryOnly
+      case 2: self = .treeAndDirectory
+      default: self = .UNRECOGNIZED(rawValue)
+      }
+    }
+
+    public var rawValue: Int {
+      switch self {
+      case .treeOnly: return 0
+      case .directoryOnly: return 1
+      case .treeAndDirectory: return 2
+      case .UNRECOGNIZED(let i): return i
+      }
+    }
+
+    // The compiler won't synthesize support with the UNRECOGNIZED case.
+    public static let allCases: [Build_Bazel_Remote_Execution_V2_Command.OutputDirectoryFormat] = [
+      .treeOnly,
+      .directoryOnly,
+      .treeAndDirectory,
+    ]
+
+  }
+
+  public nonisolated struct EnvironmentVariable: Sendable {
+    // SwiftProtobuf.Message conformance is added in an extension below. See the
+    // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+    // methods supported on all messages.
+
+    public var name: String = String()
+
+    public var value: String = String()
+
+    public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+    public init() {}
+  }
+
+  public init() {}
+
+  fileprivate var _platform: Build_Bazel_Remote_Execution_V2_Platform? = nil
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_Platform: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var properties: [Build_Bazel_Remote_Execution_V2_Platform.Property] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated struct Property: Sendable {
+    // SwiftProtobuf.Message conformance is added in an extension below. See the
+    // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+    // methods supported on all messages.
+
+    public var name: String = String()
+
+    public var value: String = String()
+
+    public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+    public init() {}
+  }
+
+  public init() {}
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_ActionResult: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var outputFiles: [Build_Bazel_Remote_Execution_V2_OutputFile] = []
+
+  public var outputDirectories: [Build_Bazel_Remote_Execution_V2_OutputDirectory] = []
+
+  public var exitCode: Int32 = 0
+
+  public var stdoutRaw: Data = Data()
+
+  public var stdoutDigest: Build_Bazel_Remote_Execution_V2_Digest {
+    get {_stdoutDigest ?? Build_Bazel_Remote_Execution_V2_Digest()}
+    set {_stdoutDigest = newValue}
+  }
+  /// Returns true if `stdoutDigest` has been explicitly set.
+  public var hasStdoutDigest: Bool {self._stdoutDigest != nil}
+  /// Clears the value of `stdoutDigest`. Subsequent reads from it will return its default value.
+  public mutating func clearStdoutDigest() {self._stdoutDigest = nil}
+
+  public var stderrRaw: Data = Data()
+
+  public var stderrDigest: Build_Bazel_Remote_Execution_V2_Digest {
+    get {_stderrDigest ?? Build_Bazel_Remote_Execution_V2_Digest()}
+    set {_stderrDigest = newValue}
+  }
+  /// Returns true if `stderrDigest` has been explicitly set.
+  public var hasStderrDigest: Bool {self._stderrDigest != nil}
+  /// Clears the value of `stderrDigest`. Subsequent reads from it will return its default value.
+  public mutating func clearStderrDigest() {self._stderrDigest = nil}
+
+  public var executionMetadata: Build_Bazel_Remote_Execution_V2_ExecutedActionMetadata {
+    get {_executionMetadata ?? Build_Bazel_Remote_Execution_V2_ExecutedActionMetadata()}
+    set {_executionMetadata = newValue}
+  }
+  /// Returns true if `executionMetadata` has been explicitly set.
+  public var hasExecutionMetadata: Bool {self._executionMetadata != nil}
+  /// Clears the value of `executionMetadata`. Subsequent reads from it will return its default value.
+  public mutating func clearExecutionMetadata() {self._executionMetadata = nil}
+
+  public var outputFileSymlinks: [Build_Bazel_Remote_Execution_V2_OutputSymlink] = []
+
+  public var outputDirectorySymlinks: [Build_Bazel_Remote_Execution_V2_OutputSymlink] = []
+
+  public var outputSymlinks: [Build_Bazel_Remote_Execution_V2_OutputSymlink] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _stdoutDigest: Build_Bazel_Remote_Execution_V2_Digest? = nil
+  fileprivate var _stderrDigest: Build_Bazel_Remote_Execution_V2_Digest? = nil
+  fileprivate var _executionMetadata: Build_Bazel_Remote_Execution_V2_ExecutedActionMetadata? = nil
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_OutputFile: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var path: String = String()
+
+  public var digest: Build_Bazel_Remote_Execution_V2_Digest {
+    get {_digest ?? Build_Bazel_Remote_Execution_V2_Digest()}
+    set {_digest = newValue}
+  }
+  /// Returns true if `digest` has been explicitly set.
+  public var hasDigest: Bool {self._digest != nil}
+  /// Clears the value of `digest`. Subsequent reads from it will return its default value.
+  public mutating func clearDigest() {self._digest = nil}
+
+  public var isExecutable: Bool = false
+
+  public var contents: Data = Data()
+
+  public var nodeProperties: Build_Bazel_Remote_Execution_V2_NodeProperties {
+    get {_nodeProperties ?? Build_Bazel_Remote_Execution_V2_NodeProperties()}
+    set {_nodeProperties = newValue}
+  }
+  /// Returns true if `nodeProperties` has been explicitly set.
+  public var hasNodeProperties: Bool {self._nodeProperties != nil}
+  /// Clears the value of `nodeProperties`. Subsequent reads from it will return its default value.
+  public mutating func clearNodeProperties() {self._nodeProperties = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _digest: Build_Bazel_Remote_Execution_V2_Digest? = nil
+  fileprivate var _nodeProperties: Build_Bazel_Remote_Execution_V2_NodeProperties? = nil
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_OutputSymlink: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var path: String = String()
+
+  public var target: String = String()
+
+  public var nodeProperties: Build_Bazel_Remote_Execution_V2_NodeProperties {
+    get {_nodeProperties ?? Build_Bazel_Remote_Execution_V2_NodeProperties()}
+    set {_nodeProperties = newValue}
+  }
+  /// Returns true if `nodeProperties` has been explicitly set.
+  public var hasNodeProperties: Bool {self._nodeProperties != nil}
+  /// Clears the value of `nodeProperties`. Subsequent reads from it will return its default value.
+  public mutating func clearNodeProperties() {self._nodeProperties = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _nodeProperties: Build_Bazel_Remote_Execution_V2_NodeProperties? = nil
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_OutputDirectory: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var path: String = String()
+
+  public var treeDigest: Build_Bazel_Remote_Execution_V2_Digest {
+    get {_treeDigest ?? Build_Bazel_Remote_Execution_V2_Digest()}
+    set {_treeDigest = newValue}
+  }
+  /// Returns true if `treeDigest` has been explicitly set.
+  public var hasTreeDigest: Bool {self._treeDigest != nil}
+  /// Clears the value of `treeDigest`. Subsequent reads from it will return its default value.
+  public mutating func clearTreeDigest() {self._treeDigest = nil}
+
+  public var isTopologicallySorted: Bool = false
+
+  public var rootDirectoryDigest: Build_Bazel_Remote_Execution_V2_Digest {
+    get {_rootDirectoryDigest ?? Build_Bazel_Remote_Execution_V2_Digest()}
+    set {_rootDirectoryDigest = newValue}
+  }
+  /// Returns true if `rootDirectoryDigest` has been explicitly set.
+  public var hasRootDirectoryDigest: Bool {self._rootDirectoryDigest != nil}
+  /// Clears the value of `rootDirectoryDigest`. Subsequent reads from it will return its default value.
+  public mutating func clearRootDirectoryDigest() {self._rootDirectoryDigest = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _treeDigest: Build_Bazel_Remote_Execution_V2_Digest? = nil
+  fileprivate var _rootDirectoryDigest: Build_Bazel_Remote_Execution_V2_Digest? = nil
+}
+
+/// An output directory: its root and every directory below it.
+public nonisolated struct Build_Bazel_Remote_Execution_V2_Tree: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var root: Build_Bazel_Remote_Execution_V2_Directory {
+    get {_root ?? Build_Bazel_Remote_Execution_V2_Directory()}
+    set {_root = newValue}
+  }
+  /// Returns true if `root` has been explicitly set.
+  public var hasRoot: Bool {self._root != nil}
+  /// Clears the value of `root`. Subsequent reads from it will return its default value.
+  public mutating func clearRoot() {self._root = nil}
+
+  public var children: [Build_Bazel_Remote_Execution_V2_Directory] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _root: Build_Bazel_Remote_Execution_V2_Directory? = nil
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_ExecutedActionMetadata: @unchecked Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var worker: String {
+    get {_storage._worker}
+    set {_uniqueStorage()._worker = newValue}
+  }
+
+  public var queuedTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._queuedTimestamp ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._queuedTimestamp = newValue}
+  }
+  /// Returns true if `queuedTimestamp` has been explicitly set.
+  public var hasQueuedTimestamp: Bool {_storage._queuedTimestamp != nil}
+  /// Clears the value of `queuedTimestamp`. Subsequent reads from it will return its default value.
+  public mutating func clearQueuedTimestamp() {_uniqueStorage()._queuedTimestamp = nil}
+
+  public var workerStartTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._workerStartTimestamp ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._workerStartTimestamp = newValue}
+  }
+  /// Returns true if `workerStartTimestamp` has been explicitly set.
+  public var hasWorkerStartTimestamp: Bool {_storage._workerStartTimestamp != nil}
+  /// Clears the value of `workerStartTimestamp`. Subsequent reads from it will return its default value.
+  public mutating func clearWorkerStartTimestamp() {_uniqueStorage()._workerStartTimestamp = nil}
+
+  public var workerCompletedTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._workerCompletedTimestamp ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._workerCompletedTimestamp = newValue}
+  }
+  /// Returns true if `workerCompletedTimestamp` has been explicitly set.
+  public var hasWorkerCompletedTimestamp: Bool {_storage._workerCompletedTimestamp != nil}
+  /// Clears the value of `workerCompletedTimestamp`. Subsequent reads from it will return its default value.
+  public mutating func clearWorkerCompletedTimestamp() {_uniqueStorage()._workerCompletedTimestamp = nil}
+
+  public var inputFetchStartTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._inputFetchStartTimestamp ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._inputFetchStartTimestamp = newValue}
+  }
+  /// Returns true if `inputFetchStartTimestamp` has been explicitly set.
+  public var hasInputFetchStartTimestamp: Bool {_storage._inputFetchStartTimestamp != nil}
+  /// Clears the value of `inputFetchStartTimestamp`. Subsequent reads from it will return its default value.
+  public mutating func clearInputFetchStartTimestamp() {_uniqueStorage()._inputFetchStartTimestamp = nil}
+
+  public var inputFetchCompletedTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._inputFetchCompletedTimestamp ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._inputFetchCompletedTimestamp = newValue}
+  }
+  /// Returns true if `inputFetchCompletedTimestamp` has been explicitly set.
+  public var hasInputFetchCompletedTimestamp: Bool {_storage._inputFetchCompletedTimestamp != nil}
+  /// Clears the value of `inputFetchCompletedTimestamp`. Subsequent reads from it will return its default value.
+  public mutating func clearInputFetchCompletedTimestamp() {_uniqueStorage()._inputFetchCompletedTimestamp = nil}
+
+  public var executionStartTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._executionStartTimestamp ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._executionStartTimestamp = newValue}
+  }
+  /// Returns true if `executionStartTimestamp` has been explicitly set.
+  public var hasExecutionStartTimestamp: Bool {_storage._executionStartTimestamp != nil}
+  /// Clears the value of `executionStartTimestamp`. Subsequent reads from it will return its default value.
+  public mutating func clearExecutionStartTimestamp() {_uniqueStorage()._executionStartTimestamp = nil}
+
+  public var executionCompletedTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._executionCompletedTimestamp ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._executionCompletedTimestamp = newValue}
+  }
+  /// Returns true if `executionCompletedTimestamp` has been explicitly set.
+  public var hasExecutionCompletedTimestamp: Bool {_storage._executionCompletedTimestamp != nil}
+  /// Clears the value of `executionCompletedTimestamp`. Subsequent reads from it will return its default value.
+  public mutating func clearExecutionCompletedTimestamp() {_uniqueStorage()._executionCompletedTimestamp = nil}
+
+  public var outputUploadStartTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._outputUploadStartTimestamp ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._outputUploadStartTimestamp = newValue}
+  }
+  /// Returns true if `outputUploadStartTimestamp` has been explicitly set.
+  public var hasOutputUploadStartTimestamp: Bool {_storage._outputUploadStartTimestamp != nil}
+  /// Clears the value of `outputUploadStartTimestamp`. Subsequent reads from it will return its default value.
+  public mutating func clearOutputUploadStartTimestamp() {_uniqueStorage()._outputUploadStartTimestamp = nil}
+
+  public var outputUploadCompletedTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._outputUploadCompletedTimestamp ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._outputUploadCompletedTimestamp = newValue}
+  }
+  /// Returns true if `outputUploadCompletedTimestamp` has been explicitly set.
+  public var hasOutputUploadCompletedTimestamp: Bool {_storage._outputUploadCompletedTimestamp != nil}
+  /// Clears the value of `outputUploadCompletedTimestamp`. Subsequent reads from it will return its default value.
+  public mutating func clearOutputUploadCompletedTimestamp() {_uniqueStorage()._outputUploadCompletedTimestamp = nil}
+
+  public var virtualExecutionDuration: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_storage._virtualExecutionDuration ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_uniqueStorage()._virtualExecutionDuration = newValue}
+  }
+  /// Returns true if `virtualExecutionDuration` has been explicitly set.
+  public var hasVirtualExecutionDuration: Bool {_storage._virtualExecutionDuration != nil}
+  /// Clears the value of `virtualExecutionDuration`. Subsequent reads from it will return its default value.
+  public mutating func clearVirtualExecutionDuration() {_uniqueStorage()._virtualExecutionDuration = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_ExecuteRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var instanceName: String = String()
+
+  public var skipCacheLookup: Bool = false
+
+  public var actionDigest: Build_Bazel_Remote_Execution_V2_Digest {
+    get {_actionDigest ?? Build_Bazel_Remote_Execution_V2_Digest()}
+    set {_actionDigest = newValue}
+  }
+  /// Returns true if `actionDigest` has been explicitly set.
+  public var hasActionDigest: Bool {self._actionDigest != nil}
+  /// Clears the value of `actionDigest`. Subsequent reads from it will return its default value.
+  public mutating func clearActionDigest() {self._actionDigest = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _actionDigest: Build_Bazel_Remote_Execution_V2_Digest? = nil
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_ExecuteResponse: @unchecked Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var result: Build_Bazel_Remote_Execution_V2_ActionResult {
+    get {_storage._result ?? Build_Bazel_Remote_Execution_V2_ActionResult()}
+    set {_uniqueStorage()._result = newValue}
+  }
+  /// Returns true if `result` has been explicitly set.
+  public var hasResult: Bool {_storage._result != nil}
+  /// Clears the value of `result`. Subsequent reads from it will return its default value.
+  public mutating func clearResult() {_uniqueStorage()._result = nil}
+
+  public var cachedResult: Bool {
+    get {_storage._cachedResult}
+    set {_uniqueStorage()._cachedResult = newValue}
+  }
+
+  public var status: Google_Rpc_Status {
+    get {_storage._status ?? Google_Rpc_Status()}
+    set {_uniqueStorage()._status = newValue}
+  }
+  /// Returns true if `status` has been explicitly set.
+  public var hasStatus: Bool {_storage._status != nil}
+  /// Clears the value of `status`. Subsequent reads from it will return its default value.
+  public mutating func clearStatus() {_uniqueStorage()._status = nil}
+
+  public var message: String {
+    get {_storage._message}
+    set {_uniqueStorage()._message = newValue}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_ExecutionStage: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum Value: SwiftProtobuf.Enum, Swift.CaseIterable {
+    public typealias RawValue = Int
+    case unknown // = 0
+    case cacheCheck // = 1
+    case queued // = 2
+    case executing // = 3
+    case completed // = 4
+    case UNRECOGNIZED(Int)
+
+    public init() {
+      self = .unknown
+    }
+
+    public init?(rawValue: Int) {
+      switch rawValue {
+      case 0: self = .unknown
+      case 1: self = .cacheCheck
+      case 2: self = .queued
+      case 3: self = .executing
+      case 4: self = .completed
+      default: self = .UNRECOGNIZED(rawValue)
+      }
+    }
+
+    public var rawValue: Int {
+      switch self {
+      case .unknown: return 0
+      case .cacheCheck: return 1
+      case .queued: return 2
+      case .executing: return 3
+      case .completed: return 4
+      case .UNRECOGNIZED(let i): return i
+      }
+    }
+
+    // The compiler won't synthesize support with the UNRECOGNIZED case.
+    public static let allCases: [Build_Bazel_Remote_Execution_V2_ExecutionStage.Value] = [
+      .unknown,
+      .cacheCheck,
+      .queued,
+      .executing,
+      .completed,
+    ]
+
+  }
+
+  public init() {}
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_ExecuteOperationMetadata: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var stage: Build_Bazel_Remote_Execution_V2_ExecutionStage.Value = .unknown
+
+  public var actionDigest: Build_Bazel_Remote_Execution_V2_Digest {
+    get {_actionDigest ?? Build_Bazel_Remote_Execution_V2_Digest()}
+    set {_actionDigest = newValue}
+  }
+  /// Returns true if `actionDigest` has been explicitly set.
+  public var hasActionDigest: Bool {self._actionDigest != nil}
+  /// Clears the value of `actionDigest`. Subsequent reads from it will return its default value.
+  public mutating func clearActionDigest() {self._actionDigest = nil}
+
+  public var stdoutStreamName: String = String()
+
+  public var stderrStreamName: String = String()
+
+  public var partialExecutionMetadata: Build_Bazel_Remote_Execution_V2_ExecutedActionMetadata {
+    get {_partialExecutionMetadata ?? Build_Bazel_Remote_Execution_V2_ExecutedActionMetadata()}
+    set {_partialExecutionMetadata = newValue}
+  }
+  /// Returns true if `partialExecutionMetadata` has been explicitly set.
+  public var hasPartialExecutionMetadata: Bool {self._partialExecutionMetadata != nil}
+  /// Clears the value of `partialExecutionMetadata`. Subsequent reads from it will return its default value.
+  public mutating func clearPartialExecutionMetadata() {self._partialExecutionMetadata = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _actionDigest: Build_Bazel_Remote_Execution_V2_Digest? = nil
+  fileprivate var _partialExecutionMetadata: Build_Bazel_Remote_Execution_V2_ExecutedActionMetadata? = nil
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_WaitExecutionRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Build_Bazel_Remote_Execution_V2_GetActionResultRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var instanceName: String = String()
+
+  public var actionDigest: Build_Bazel_Remote_Execution_V2_Digest {
+    get {_actionDigest ?? Build_Bazel_Remote_Execution_V2_Digest()}
+    set {_actionDigest = newValue}
+  }
+  /// Returns true if `actionDigest` has been explicitly set.
+  public var hasActionDigest: Bool {self._actionDigest != nil}
+  /// Clears the value of `actionDigest`. Subsequent reads from it will return its default value.
+  public mutating func clearActionDigest() {self._actionDigest = nil}
+
+  public var inlineStdout: Bool = false
+
+  public var inlineStderr: Bool = false
+
+  public var inlineOutputFiles: [String] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _actionDigest: Build_Bazel_Remote_Execution_V2_Digest? = nil
 }
 
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
@@ -1347,6 +2001,949 @@ nonisolated extension Build_Bazel_Remote_Execution_V2_SymlinkNode: SwiftProtobuf
     if lhs.name != rhs.name {return false}
     if lhs.target != rhs.target {return false}
     if lhs._nodeProperties != rhs._nodeProperties {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_Action: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Action"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}command_digest\0\u{3}input_root_digest\0\u{2}\u{4}timeout\0\u{3}do_not_cache\0\u{2}\u{2}salt\0\u{1}platform\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._commandDigest) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._inputRootDigest) }()
+      case 6: try { try decoder.decodeSingularMessageField(value: &self._timeout) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.doNotCache) }()
+      case 9: try { try decoder.decodeSingularBytesField(value: &self.salt) }()
+      case 10: try { try decoder.decodeSingularMessageField(value: &self._platform) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._commandDigest {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    try { if let v = self._inputRootDigest {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    try { if let v = self._timeout {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    } }()
+    if self.doNotCache != false {
+      try visitor.visitSingularBoolField(value: self.doNotCache, fieldNumber: 7)
+    }
+    if !self.salt.isEmpty {
+      try visitor.visitSingularBytesField(value: self.salt, fieldNumber: 9)
+    }
+    try { if let v = self._platform {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_Action, rhs: Build_Bazel_Remote_Execution_V2_Action) -> Bool {
+    if lhs._commandDigest != rhs._commandDigest {return false}
+    if lhs._inputRootDigest != rhs._inputRootDigest {return false}
+    if lhs._timeout != rhs._timeout {return false}
+    if lhs.doNotCache != rhs.doNotCache {return false}
+    if lhs.salt != rhs.salt {return false}
+    if lhs._platform != rhs._platform {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_Command: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Command"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}arguments\0\u{3}environment_variables\0\u{3}output_files\0\u{3}output_directories\0\u{1}platform\0\u{3}working_directory\0\u{3}output_paths\0\u{3}output_node_properties\0\u{3}output_directory_format\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedStringField(value: &self.arguments) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.environmentVariables) }()
+      case 3: try { try decoder.decodeRepeatedStringField(value: &self.outputFiles) }()
+      case 4: try { try decoder.decodeRepeatedStringField(value: &self.outputDirectories) }()
+      case 5: try { try decoder.decodeSingularMessageField(value: &self._platform) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.workingDirectory) }()
+      case 7: try { try decoder.decodeRepeatedStringField(value: &self.outputPaths) }()
+      case 8: try { try decoder.decodeRepeatedStringField(value: &self.outputNodeProperties) }()
+      case 9: try { try decoder.decodeSingularEnumField(value: &self.outputDirectoryFormat) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.arguments.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.arguments, fieldNumber: 1)
+    }
+    if !self.environmentVariables.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.environmentVariables, fieldNumber: 2)
+    }
+    if !self.outputFiles.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.outputFiles, fieldNumber: 3)
+    }
+    if !self.outputDirectories.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.outputDirectories, fieldNumber: 4)
+    }
+    try { if let v = self._platform {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    } }()
+    if !self.workingDirectory.isEmpty {
+      try visitor.visitSingularStringField(value: self.workingDirectory, fieldNumber: 6)
+    }
+    if !self.outputPaths.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.outputPaths, fieldNumber: 7)
+    }
+    if !self.outputNodeProperties.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.outputNodeProperties, fieldNumber: 8)
+    }
+    if self.outputDirectoryFormat != .treeOnly {
+      try visitor.visitSingularEnumField(value: self.outputDirectoryFormat, fieldNumber: 9)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_Command, rhs: Build_Bazel_Remote_Execution_V2_Command) -> Bool {
+    if lhs.arguments != rhs.arguments {return false}
+    if lhs.environmentVariables != rhs.environmentVariables {return false}
+    if lhs.outputFiles != rhs.outputFiles {return false}
+    if lhs.outputDirectories != rhs.outputDirectories {return false}
+    if lhs._platform != rhs._platform {return false}
+    if lhs.workingDirectory != rhs.workingDirectory {return false}
+    if lhs.outputPaths != rhs.outputPaths {return false}
+    if lhs.outputNodeProperties != rhs.outputNodeProperties {return false}
+    if lhs.outputDirectoryFormat != rhs.outputDirectoryFormat {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_Command.OutputDirectoryFormat: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0TREE_ONLY\0\u{1}DIRECTORY_ONLY\0\u{1}TREE_AND_DIRECTORY\0")
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_Command.EnvironmentVariable: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = Build_Bazel_Remote_Execution_V2_Command.protoMessageName + ".EnvironmentVariable"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}value\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.value) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.value.isEmpty {
+      try visitor.visitSingularStringField(value: self.value, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_Command.EnvironmentVariable, rhs: Build_Bazel_Remote_Execution_V2_Command.EnvironmentVariable) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.value != rhs.value {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_Platform: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Platform"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}properties\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.properties) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.properties.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.properties, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_Platform, rhs: Build_Bazel_Remote_Execution_V2_Platform) -> Bool {
+    if lhs.properties != rhs.properties {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_Platform.Property: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = Build_Bazel_Remote_Execution_V2_Platform.protoMessageName + ".Property"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}value\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.value) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.value.isEmpty {
+      try visitor.visitSingularStringField(value: self.value, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_Platform.Property, rhs: Build_Bazel_Remote_Execution_V2_Platform.Property) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.value != rhs.value {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_ActionResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ActionResult"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{4}\u{2}output_files\0\u{3}output_directories\0\u{3}exit_code\0\u{3}stdout_raw\0\u{3}stdout_digest\0\u{3}stderr_raw\0\u{3}stderr_digest\0\u{3}execution_metadata\0\u{3}output_file_symlinks\0\u{3}output_directory_symlinks\0\u{3}output_symlinks\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.outputFiles) }()
+      case 3: try { try decoder.decodeRepeatedMessageField(value: &self.outputDirectories) }()
+      case 4: try { try decoder.decodeSingularInt32Field(value: &self.exitCode) }()
+      case 5: try { try decoder.decodeSingularBytesField(value: &self.stdoutRaw) }()
+      case 6: try { try decoder.decodeSingularMessageField(value: &self._stdoutDigest) }()
+      case 7: try { try decoder.decodeSingularBytesField(value: &self.stderrRaw) }()
+      case 8: try { try decoder.decodeSingularMessageField(value: &self._stderrDigest) }()
+      case 9: try { try decoder.decodeSingularMessageField(value: &self._executionMetadata) }()
+      case 10: try { try decoder.decodeRepeatedMessageField(value: &self.outputFileSymlinks) }()
+      case 11: try { try decoder.decodeRepeatedMessageField(value: &self.outputDirectorySymlinks) }()
+      case 12: try { try decoder.decodeRepeatedMessageField(value: &self.outputSymlinks) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.outputFiles.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.outputFiles, fieldNumber: 2)
+    }
+    if !self.outputDirectories.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.outputDirectories, fieldNumber: 3)
+    }
+    if self.exitCode != 0 {
+      try visitor.visitSingularInt32Field(value: self.exitCode, fieldNumber: 4)
+    }
+    if !self.stdoutRaw.isEmpty {
+      try visitor.visitSingularBytesField(value: self.stdoutRaw, fieldNumber: 5)
+    }
+    try { if let v = self._stdoutDigest {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    } }()
+    if !self.stderrRaw.isEmpty {
+      try visitor.visitSingularBytesField(value: self.stderrRaw, fieldNumber: 7)
+    }
+    try { if let v = self._stderrDigest {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+    } }()
+    try { if let v = self._executionMetadata {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
+    } }()
+    if !self.outputFileSymlinks.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.outputFileSymlinks, fieldNumber: 10)
+    }
+    if !self.outputDirectorySymlinks.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.outputDirectorySymlinks, fieldNumber: 11)
+    }
+    if !self.outputSymlinks.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.outputSymlinks, fieldNumber: 12)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_ActionResult, rhs: Build_Bazel_Remote_Execution_V2_ActionResult) -> Bool {
+    if lhs.outputFiles != rhs.outputFiles {return false}
+    if lhs.outputDirectories != rhs.outputDirectories {return false}
+    if lhs.exitCode != rhs.exitCode {return false}
+    if lhs.stdoutRaw != rhs.stdoutRaw {return false}
+    if lhs._stdoutDigest != rhs._stdoutDigest {return false}
+    if lhs.stderrRaw != rhs.stderrRaw {return false}
+    if lhs._stderrDigest != rhs._stderrDigest {return false}
+    if lhs._executionMetadata != rhs._executionMetadata {return false}
+    if lhs.outputFileSymlinks != rhs.outputFileSymlinks {return false}
+    if lhs.outputDirectorySymlinks != rhs.outputDirectorySymlinks {return false}
+    if lhs.outputSymlinks != rhs.outputSymlinks {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_OutputFile: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".OutputFile"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}path\0\u{1}digest\0\u{4}\u{2}is_executable\0\u{1}contents\0\u{4}\u{2}node_properties\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.path) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._digest) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.isExecutable) }()
+      case 5: try { try decoder.decodeSingularBytesField(value: &self.contents) }()
+      case 7: try { try decoder.decodeSingularMessageField(value: &self._nodeProperties) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.path.isEmpty {
+      try visitor.visitSingularStringField(value: self.path, fieldNumber: 1)
+    }
+    try { if let v = self._digest {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    if self.isExecutable != false {
+      try visitor.visitSingularBoolField(value: self.isExecutable, fieldNumber: 4)
+    }
+    if !self.contents.isEmpty {
+      try visitor.visitSingularBytesField(value: self.contents, fieldNumber: 5)
+    }
+    try { if let v = self._nodeProperties {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_OutputFile, rhs: Build_Bazel_Remote_Execution_V2_OutputFile) -> Bool {
+    if lhs.path != rhs.path {return false}
+    if lhs._digest != rhs._digest {return false}
+    if lhs.isExecutable != rhs.isExecutable {return false}
+    if lhs.contents != rhs.contents {return false}
+    if lhs._nodeProperties != rhs._nodeProperties {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_OutputSymlink: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".OutputSymlink"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}path\0\u{1}target\0\u{4}\u{2}node_properties\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.path) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.target) }()
+      case 4: try { try decoder.decodeSingularMessageField(value: &self._nodeProperties) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.path.isEmpty {
+      try visitor.visitSingularStringField(value: self.path, fieldNumber: 1)
+    }
+    if !self.target.isEmpty {
+      try visitor.visitSingularStringField(value: self.target, fieldNumber: 2)
+    }
+    try { if let v = self._nodeProperties {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_OutputSymlink, rhs: Build_Bazel_Remote_Execution_V2_OutputSymlink) -> Bool {
+    if lhs.path != rhs.path {return false}
+    if lhs.target != rhs.target {return false}
+    if lhs._nodeProperties != rhs._nodeProperties {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_OutputDirectory: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".OutputDirectory"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}path\0\u{4}\u{2}tree_digest\0\u{3}is_topologically_sorted\0\u{3}root_directory_digest\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.path) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._treeDigest) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.isTopologicallySorted) }()
+      case 5: try { try decoder.decodeSingularMessageField(value: &self._rootDirectoryDigest) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.path.isEmpty {
+      try visitor.visitSingularStringField(value: self.path, fieldNumber: 1)
+    }
+    try { if let v = self._treeDigest {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    if self.isTopologicallySorted != false {
+      try visitor.visitSingularBoolField(value: self.isTopologicallySorted, fieldNumber: 4)
+    }
+    try { if let v = self._rootDirectoryDigest {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_OutputDirectory, rhs: Build_Bazel_Remote_Execution_V2_OutputDirectory) -> Bool {
+    if lhs.path != rhs.path {return false}
+    if lhs._treeDigest != rhs._treeDigest {return false}
+    if lhs.isTopologicallySorted != rhs.isTopologicallySorted {return false}
+    if lhs._rootDirectoryDigest != rhs._rootDirectoryDigest {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_Tree: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Tree"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}root\0\u{1}children\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._root) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.children) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._root {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.children.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.children, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_Tree, rhs: Build_Bazel_Remote_Execution_V2_Tree) -> Bool {
+    if lhs._root != rhs._root {return false}
+    if lhs.children != rhs.children {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_ExecutedActionMetadata: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ExecutedActionMetadata"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{3}queued_timestamp\0\u{3}worker_start_timestamp\0\u{3}worker_completed_timestamp\0\u{3}input_fetch_start_timestamp\0\u{3}input_fetch_completed_timestamp\0\u{3}execution_start_timestamp\0\u{3}execution_completed_timestamp\0\u{3}output_upload_start_timestamp\0\u{3}output_upload_completed_timestamp\0\u{4}\u{2}virtual_execution_duration\0")
+
+  fileprivate class _StorageClass {
+    var _worker: String = String()
+    var _queuedTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _workerStartTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _workerCompletedTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _inputFetchStartTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _inputFetchCompletedTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _executionStartTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _executionCompletedTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _outputUploadStartTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _outputUploadCompletedTimestamp: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _virtualExecutionDuration: SwiftProtobuf.Google_Protobuf_Duration? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _worker = source._worker
+      _queuedTimestamp = source._queuedTimestamp
+      _workerStartTimestamp = source._workerStartTimestamp
+      _workerCompletedTimestamp = source._workerCompletedTimestamp
+      _inputFetchStartTimestamp = source._inputFetchStartTimestamp
+      _inputFetchCompletedTimestamp = source._inputFetchCompletedTimestamp
+      _executionStartTimestamp = source._executionStartTimestamp
+      _executionCompletedTimestamp = source._executionCompletedTimestamp
+      _outputUploadStartTimestamp = source._outputUploadStartTimestamp
+      _outputUploadCompletedTimestamp = source._outputUploadCompletedTimestamp
+      _virtualExecutionDuration = source._virtualExecutionDuration
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._worker) }()
+        case 2: try { try decoder.decodeSingularMessageField(value: &_storage._queuedTimestamp) }()
+        case 3: try { try decoder.decodeSingularMessageField(value: &_storage._workerStartTimestamp) }()
+        case 4: try { try decoder.decodeSingularMessageField(value: &_storage._workerCompletedTimestamp) }()
+        case 5: try { try decoder.decodeSingularMessageField(value: &_storage._inputFetchStartTimestamp) }()
+        case 6: try { try decoder.decodeSingularMessageField(value: &_storage._inputFetchCompletedTimestamp) }()
+        case 7: try { try decoder.decodeSingularMessageField(value: &_storage._executionStartTimestamp) }()
+        case 8: try { try decoder.decodeSingularMessageField(value: &_storage._executionCompletedTimestamp) }()
+        case 9: try { try decoder.decodeSingularMessageField(value: &_storage._outputUploadStartTimestamp) }()
+        case 10: try { try decoder.decodeSingularMessageField(value: &_storage._outputUploadCompletedTimestamp) }()
+        case 12: try { try decoder.decodeSingularMessageField(value: &_storage._virtualExecutionDuration) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if !_storage._worker.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._worker, fieldNumber: 1)
+      }
+      try { if let v = _storage._queuedTimestamp {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+      } }()
+      try { if let v = _storage._workerStartTimestamp {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+      } }()
+      try { if let v = _storage._workerCompletedTimestamp {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+      } }()
+      try { if let v = _storage._inputFetchStartTimestamp {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+      } }()
+      try { if let v = _storage._inputFetchCompletedTimestamp {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+      } }()
+      try { if let v = _storage._executionStartTimestamp {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+      } }()
+      try { if let v = _storage._executionCompletedTimestamp {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+      } }()
+      try { if let v = _storage._outputUploadStartTimestamp {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
+      } }()
+      try { if let v = _storage._outputUploadCompletedTimestamp {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      } }()
+      try { if let v = _storage._virtualExecutionDuration {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+      } }()
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_ExecutedActionMetadata, rhs: Build_Bazel_Remote_Execution_V2_ExecutedActionMetadata) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._worker != rhs_storage._worker {return false}
+        if _storage._queuedTimestamp != rhs_storage._queuedTimestamp {return false}
+        if _storage._workerStartTimestamp != rhs_storage._workerStartTimestamp {return false}
+        if _storage._workerCompletedTimestamp != rhs_storage._workerCompletedTimestamp {return false}
+        if _storage._inputFetchStartTimestamp != rhs_storage._inputFetchStartTimestamp {return false}
+        if _storage._inputFetchCompletedTimestamp != rhs_storage._inputFetchCompletedTimestamp {return false}
+        if _storage._executionStartTimestamp != rhs_storage._executionStartTimestamp {return false}
+        if _storage._executionCompletedTimestamp != rhs_storage._executionCompletedTimestamp {return false}
+        if _storage._outputUploadStartTimestamp != rhs_storage._outputUploadStartTimestamp {return false}
+        if _storage._outputUploadCompletedTimestamp != rhs_storage._outputUploadCompletedTimestamp {return false}
+        if _storage._virtualExecutionDuration != rhs_storage._virtualExecutionDuration {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_ExecuteRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ExecuteRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_name\0\u{4}\u{2}skip_cache_lookup\0\u{4}\u{3}action_digest\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.instanceName) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.skipCacheLookup) }()
+      case 6: try { try decoder.decodeSingularMessageField(value: &self._actionDigest) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.instanceName.isEmpty {
+      try visitor.visitSingularStringField(value: self.instanceName, fieldNumber: 1)
+    }
+    if self.skipCacheLookup != false {
+      try visitor.visitSingularBoolField(value: self.skipCacheLookup, fieldNumber: 3)
+    }
+    try { if let v = self._actionDigest {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_ExecuteRequest, rhs: Build_Bazel_Remote_Execution_V2_ExecuteRequest) -> Bool {
+    if lhs.instanceName != rhs.instanceName {return false}
+    if lhs.skipCacheLookup != rhs.skipCacheLookup {return false}
+    if lhs._actionDigest != rhs._actionDigest {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_ExecuteResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ExecuteResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}result\0\u{3}cached_result\0\u{1}status\0\u{2}\u{2}message\0")
+
+  fileprivate class _StorageClass {
+    var _result: Build_Bazel_Remote_Execution_V2_ActionResult? = nil
+    var _cachedResult: Bool = false
+    var _status: Google_Rpc_Status? = nil
+    var _message: String = String()
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _result = source._result
+      _cachedResult = source._cachedResult
+      _status = source._status
+      _message = source._message
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._result) }()
+        case 2: try { try decoder.decodeSingularBoolField(value: &_storage._cachedResult) }()
+        case 3: try { try decoder.decodeSingularMessageField(value: &_storage._status) }()
+        case 5: try { try decoder.decodeSingularStringField(value: &_storage._message) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      try { if let v = _storage._result {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+      } }()
+      if _storage._cachedResult != false {
+        try visitor.visitSingularBoolField(value: _storage._cachedResult, fieldNumber: 2)
+      }
+      try { if let v = _storage._status {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+      } }()
+      if !_storage._message.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._message, fieldNumber: 5)
+      }
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_ExecuteResponse, rhs: Build_Bazel_Remote_Execution_V2_ExecuteResponse) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._result != rhs_storage._result {return false}
+        if _storage._cachedResult != rhs_storage._cachedResult {return false}
+        if _storage._status != rhs_storage._status {return false}
+        if _storage._message != rhs_storage._message {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_ExecutionStage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ExecutionStage"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_ExecutionStage, rhs: Build_Bazel_Remote_Execution_V2_ExecutionStage) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_ExecutionStage.Value: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0UNKNOWN\0\u{1}CACHE_CHECK\0\u{1}QUEUED\0\u{1}EXECUTING\0\u{1}COMPLETED\0")
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_ExecuteOperationMetadata: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ExecuteOperationMetadata"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}stage\0\u{3}action_digest\0\u{3}stdout_stream_name\0\u{3}stderr_stream_name\0\u{3}partial_execution_metadata\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.stage) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._actionDigest) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.stdoutStreamName) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.stderrStreamName) }()
+      case 5: try { try decoder.decodeSingularMessageField(value: &self._partialExecutionMetadata) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.stage != .unknown {
+      try visitor.visitSingularEnumField(value: self.stage, fieldNumber: 1)
+    }
+    try { if let v = self._actionDigest {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    if !self.stdoutStreamName.isEmpty {
+      try visitor.visitSingularStringField(value: self.stdoutStreamName, fieldNumber: 3)
+    }
+    if !self.stderrStreamName.isEmpty {
+      try visitor.visitSingularStringField(value: self.stderrStreamName, fieldNumber: 4)
+    }
+    try { if let v = self._partialExecutionMetadata {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_ExecuteOperationMetadata, rhs: Build_Bazel_Remote_Execution_V2_ExecuteOperationMetadata) -> Bool {
+    if lhs.stage != rhs.stage {return false}
+    if lhs._actionDigest != rhs._actionDigest {return false}
+    if lhs.stdoutStreamName != rhs.stdoutStreamName {return false}
+    if lhs.stderrStreamName != rhs.stderrStreamName {return false}
+    if lhs._partialExecutionMetadata != rhs._partialExecutionMetadata {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_WaitExecutionRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".WaitExecutionRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_WaitExecutionRequest, rhs: Build_Bazel_Remote_Execution_V2_WaitExecutionRequest) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Build_Bazel_Remote_Execution_V2_GetActionResultRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GetActionResultRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_name\0\u{3}action_digest\0\u{3}inline_stdout\0\u{3}inline_stderr\0\u{3}inline_output_files\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.instanceName) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._actionDigest) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.inlineStdout) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.inlineStderr) }()
+      case 5: try { try decoder.decodeRepeatedStringField(value: &self.inlineOutputFiles) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.instanceName.isEmpty {
+      try visitor.visitSingularStringField(value: self.instanceName, fieldNumber: 1)
+    }
+    try { if let v = self._actionDigest {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    if self.inlineStdout != false {
+      try visitor.visitSingularBoolField(value: self.inlineStdout, fieldNumber: 3)
+    }
+    if self.inlineStderr != false {
+      try visitor.visitSingularBoolField(value: self.inlineStderr, fieldNumber: 4)
+    }
+    if !self.inlineOutputFiles.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.inlineOutputFiles, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Build_Bazel_Remote_Execution_V2_GetActionResultRequest, rhs: Build_Bazel_Remote_Execution_V2_GetActionResultRequest) -> Bool {
+    if lhs.instanceName != rhs.instanceName {return false}
+    if lhs._actionDigest != rhs._actionDigest {return false}
+    if lhs.inlineStdout != rhs.inlineStdout {return false}
+    if lhs.inlineStderr != rhs.inlineStderr {return false}
+    if lhs.inlineOutputFiles != rhs.inlineOutputFiles {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,6 +1,6 @@
 /// A subset of the Remote Execution API v2 (bazelbuild/remote-apis,
 /// build/bazel/remote/execution/v2/remote_execution.proto): the CAS calls casfs
-/// uses. Package, service, message and field names and numbers are those of the
+/// uses, and the execution messages `casfs worker` reads and writes. Package, service, message and field names and numbers are those of the
 /// real file, so the wire format is the same; fields casfs does not use are left
 /// out (protobuf skips them when decoding).
 
@@ -419,6 +419,467 @@ extension Build_Bazel_Remote_Execution_V2_ContentAddressableStorage.ClientProtoc
             metadata: metadata
         )
         return try await self.batchReadBlobs(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// MARK: - build.bazel.remote.execution.v2.Execution
+
+/// Namespace containing generated types for the "build.bazel.remote.execution.v2.Execution" service.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+internal enum Build_Bazel_Remote_Execution_V2_Execution: Sendable {
+    /// Service descriptor for the "build.bazel.remote.execution.v2.Execution" service.
+    internal static let descriptor = GRPCCore.ServiceDescriptor(fullyQualifiedService: "build.bazel.remote.execution.v2.Execution")
+    /// Namespace for method metadata.
+    internal enum Method: Sendable {
+        /// Namespace for "Execute" metadata.
+        internal enum Execute: Sendable {
+            /// Request type for "Execute".
+            internal typealias Input = Build_Bazel_Remote_Execution_V2_ExecuteRequest
+            /// Response type for "Execute".
+            internal typealias Output = Google_Longrunning_Operation
+            /// Descriptor for "Execute".
+            internal static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "build.bazel.remote.execution.v2.Execution"),
+                method: "Execute",
+                type: .serverStreaming
+            )
+        }
+        /// Namespace for "WaitExecution" metadata.
+        internal enum WaitExecution: Sendable {
+            /// Request type for "WaitExecution".
+            internal typealias Input = Build_Bazel_Remote_Execution_V2_WaitExecutionRequest
+            /// Response type for "WaitExecution".
+            internal typealias Output = Google_Longrunning_Operation
+            /// Descriptor for "WaitExecution".
+            internal static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "build.bazel.remote.execution.v2.Execution"),
+                method: "WaitExecution",
+                type: .serverStreaming
+            )
+        }
+        /// Descriptors for all methods in the "build.bazel.remote.execution.v2.Execution" service.
+        internal static let descriptors: [GRPCCore.MethodDescriptor] = [
+            Execute.descriptor,
+            WaitExecution.descriptor
+        ]
+    }
+}
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension GRPCCore.ServiceDescriptor {
+    /// Service descriptor for the "build.bazel.remote.execution.v2.Execution" service.
+    internal static let build_bazel_remote_execution_v2_Execution = GRPCCore.ServiceDescriptor(fullyQualifiedService: "build.bazel.remote.execution.v2.Execution")
+}
+
+// MARK: build.bazel.remote.execution.v2.Execution (client)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Build_Bazel_Remote_Execution_V2_Execution {
+    /// Generated client protocol for the "build.bazel.remote.execution.v2.Execution" service.
+    ///
+    /// You don't need to implement this protocol directly, use the generated
+    /// implementation, ``Client``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > What a client asks for (tests call it directly); the worker never does.
+    internal protocol ClientProtocol: Sendable {
+        /// Call the "Execute" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Build_Bazel_Remote_Execution_V2_ExecuteRequest` message.
+        ///   - serializer: A serializer for `Build_Bazel_Remote_Execution_V2_ExecuteRequest` messages.
+        ///   - deserializer: A deserializer for `Google_Longrunning_Operation` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func execute<Result>(
+            request: GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_ExecuteRequest>,
+            serializer: some GRPCCore.MessageSerializer<Build_Bazel_Remote_Execution_V2_ExecuteRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Google_Longrunning_Operation>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Google_Longrunning_Operation>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "WaitExecution" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Build_Bazel_Remote_Execution_V2_WaitExecutionRequest` message.
+        ///   - serializer: A serializer for `Build_Bazel_Remote_Execution_V2_WaitExecutionRequest` messages.
+        ///   - deserializer: A deserializer for `Google_Longrunning_Operation` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func waitExecution<Result>(
+            request: GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_WaitExecutionRequest>,
+            serializer: some GRPCCore.MessageSerializer<Build_Bazel_Remote_Execution_V2_WaitExecutionRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Google_Longrunning_Operation>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Google_Longrunning_Operation>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+    }
+
+    /// Generated client for the "build.bazel.remote.execution.v2.Execution" service.
+    ///
+    /// The ``Client`` provides an implementation of ``ClientProtocol`` which wraps
+    /// a `GRPCCore.GRPCCClient`. The underlying `GRPCClient` provides the long-lived
+    /// means of communication with the remote peer.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > What a client asks for (tests call it directly); the worker never does.
+    internal struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
+        private let client: GRPCCore.GRPCClient<Transport>
+
+        /// Creates a new client wrapping the provided `GRPCCore.GRPCClient`.
+        ///
+        /// - Parameters:
+        ///   - client: A `GRPCCore.GRPCClient` providing a communication channel to the service.
+        internal init(wrapping client: GRPCCore.GRPCClient<Transport>) {
+            self.client = client
+        }
+
+        /// Call the "Execute" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Build_Bazel_Remote_Execution_V2_ExecuteRequest` message.
+        ///   - serializer: A serializer for `Build_Bazel_Remote_Execution_V2_ExecuteRequest` messages.
+        ///   - deserializer: A deserializer for `Google_Longrunning_Operation` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        internal func execute<Result>(
+            request: GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_ExecuteRequest>,
+            serializer: some GRPCCore.MessageSerializer<Build_Bazel_Remote_Execution_V2_ExecuteRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Google_Longrunning_Operation>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Google_Longrunning_Operation>) async throws -> Result
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.serverStreaming(
+                request: request,
+                descriptor: Build_Bazel_Remote_Execution_V2_Execution.Method.Execute.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "WaitExecution" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Build_Bazel_Remote_Execution_V2_WaitExecutionRequest` message.
+        ///   - serializer: A serializer for `Build_Bazel_Remote_Execution_V2_WaitExecutionRequest` messages.
+        ///   - deserializer: A deserializer for `Google_Longrunning_Operation` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        internal func waitExecution<Result>(
+            request: GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_WaitExecutionRequest>,
+            serializer: some GRPCCore.MessageSerializer<Build_Bazel_Remote_Execution_V2_WaitExecutionRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Google_Longrunning_Operation>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Google_Longrunning_Operation>) async throws -> Result
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.serverStreaming(
+                request: request,
+                descriptor: Build_Bazel_Remote_Execution_V2_Execution.Method.WaitExecution.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+    }
+}
+
+// Helpers providing default arguments to 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Build_Bazel_Remote_Execution_V2_Execution.ClientProtocol {
+    /// Call the "Execute" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Build_Bazel_Remote_Execution_V2_ExecuteRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    internal func execute<Result>(
+        request: GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_ExecuteRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Google_Longrunning_Operation>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        try await self.execute(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Build_Bazel_Remote_Execution_V2_ExecuteRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Google_Longrunning_Operation>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "WaitExecution" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Build_Bazel_Remote_Execution_V2_WaitExecutionRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    internal func waitExecution<Result>(
+        request: GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_WaitExecutionRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Google_Longrunning_Operation>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        try await self.waitExecution(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Build_Bazel_Remote_Execution_V2_WaitExecutionRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Google_Longrunning_Operation>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// Helpers providing sugared APIs for 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Build_Bazel_Remote_Execution_V2_Execution.ClientProtocol {
+    /// Call the "Execute" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    internal func execute<Result>(
+        _ message: Build_Bazel_Remote_Execution_V2_ExecuteRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Google_Longrunning_Operation>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_ExecuteRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.execute(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "WaitExecution" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    internal func waitExecution<Result>(
+        _ message: Build_Bazel_Remote_Execution_V2_WaitExecutionRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Google_Longrunning_Operation>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_WaitExecutionRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.waitExecution(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// MARK: - build.bazel.remote.execution.v2.ActionCache
+
+/// Namespace containing generated types for the "build.bazel.remote.execution.v2.ActionCache" service.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+internal enum Build_Bazel_Remote_Execution_V2_ActionCache: Sendable {
+    /// Service descriptor for the "build.bazel.remote.execution.v2.ActionCache" service.
+    internal static let descriptor = GRPCCore.ServiceDescriptor(fullyQualifiedService: "build.bazel.remote.execution.v2.ActionCache")
+    /// Namespace for method metadata.
+    internal enum Method: Sendable {
+        /// Namespace for "GetActionResult" metadata.
+        internal enum GetActionResult: Sendable {
+            /// Request type for "GetActionResult".
+            internal typealias Input = Build_Bazel_Remote_Execution_V2_GetActionResultRequest
+            /// Response type for "GetActionResult".
+            internal typealias Output = Build_Bazel_Remote_Execution_V2_ActionResult
+            /// Descriptor for "GetActionResult".
+            internal static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "build.bazel.remote.execution.v2.ActionCache"),
+                method: "GetActionResult",
+                type: .unary
+            )
+        }
+        /// Descriptors for all methods in the "build.bazel.remote.execution.v2.ActionCache" service.
+        internal static let descriptors: [GRPCCore.MethodDescriptor] = [
+            GetActionResult.descriptor
+        ]
+    }
+}
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension GRPCCore.ServiceDescriptor {
+    /// Service descriptor for the "build.bazel.remote.execution.v2.ActionCache" service.
+    internal static let build_bazel_remote_execution_v2_ActionCache = GRPCCore.ServiceDescriptor(fullyQualifiedService: "build.bazel.remote.execution.v2.ActionCache")
+}
+
+// MARK: build.bazel.remote.execution.v2.ActionCache (client)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Build_Bazel_Remote_Execution_V2_ActionCache {
+    /// Generated client protocol for the "build.bazel.remote.execution.v2.ActionCache" service.
+    ///
+    /// You don't need to implement this protocol directly, use the generated
+    /// implementation, ``Client``.
+    internal protocol ClientProtocol: Sendable {
+        /// Call the "GetActionResult" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Build_Bazel_Remote_Execution_V2_GetActionResultRequest` message.
+        ///   - serializer: A serializer for `Build_Bazel_Remote_Execution_V2_GetActionResultRequest` messages.
+        ///   - deserializer: A deserializer for `Build_Bazel_Remote_Execution_V2_ActionResult` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func getActionResult<Result>(
+            request: GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_GetActionResultRequest>,
+            serializer: some GRPCCore.MessageSerializer<Build_Bazel_Remote_Execution_V2_GetActionResultRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Build_Bazel_Remote_Execution_V2_ActionResult>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Build_Bazel_Remote_Execution_V2_ActionResult>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+    }
+
+    /// Generated client for the "build.bazel.remote.execution.v2.ActionCache" service.
+    ///
+    /// The ``Client`` provides an implementation of ``ClientProtocol`` which wraps
+    /// a `GRPCCore.GRPCCClient`. The underlying `GRPCClient` provides the long-lived
+    /// means of communication with the remote peer.
+    internal struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
+        private let client: GRPCCore.GRPCClient<Transport>
+
+        /// Creates a new client wrapping the provided `GRPCCore.GRPCClient`.
+        ///
+        /// - Parameters:
+        ///   - client: A `GRPCCore.GRPCClient` providing a communication channel to the service.
+        internal init(wrapping client: GRPCCore.GRPCClient<Transport>) {
+            self.client = client
+        }
+
+        /// Call the "GetActionResult" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Build_Bazel_Remote_Execution_V2_GetActionResultRequest` message.
+        ///   - serializer: A serializer for `Build_Bazel_Remote_Execution_V2_GetActionResultRequest` messages.
+        ///   - deserializer: A deserializer for `Build_Bazel_Remote_Execution_V2_ActionResult` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        internal func getActionResult<Result>(
+            request: GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_GetActionResultRequest>,
+            serializer: some GRPCCore.MessageSerializer<Build_Bazel_Remote_Execution_V2_GetActionResultRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Build_Bazel_Remote_Execution_V2_ActionResult>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Build_Bazel_Remote_Execution_V2_ActionResult>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Build_Bazel_Remote_Execution_V2_ActionCache.Method.GetActionResult.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+    }
+}
+
+// Helpers providing default arguments to 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Build_Bazel_Remote_Execution_V2_ActionCache.ClientProtocol {
+    /// Call the "GetActionResult" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Build_Bazel_Remote_Execution_V2_GetActionResultRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    internal func getActionResult<Result>(
+        request: GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_GetActionResultRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Build_Bazel_Remote_Execution_V2_ActionResult>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.getActionResult(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Build_Bazel_Remote_Execution_V2_GetActionResultRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Build_Bazel_Remote_Execution_V2_ActionResult>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// Helpers providing sugared APIs for 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Build_Bazel_Remote_Execution_V2_ActionCache.ClientProtocol {
+    /// Call the "GetActionResult" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    internal func getActionResult<Result>(
+        _ message: Build_Bazel_Remote_Execution_V2_GetActionResultRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Build_Bazel_Remote_Execution_V2_ActionResult>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Build_Bazel_Remote_Execution_V2_GetActionResultRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.getActionResult(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -1,0 +1,3 @@
+#!/bin/sh
+out=$(./hello test)
+[ "$out" = "hello test" ] || { echo "unexpected: $out"; exit 1; }
