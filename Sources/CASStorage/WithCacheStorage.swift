@@ -36,11 +36,6 @@ public final class WithCacheStorage: Storage {
     /// Small blobs just fetched in bulk (verified below): the reads that
     /// follow a prefetch take them from memory, not from the cache's files.
     private let fresh = FreshBlobs(maxBytes: 64 << 20)
-    /// Prefetched blobs are written into the cache behind the readers (they
-    /// read them from `fresh` meanwhile): at most `maxFillsBehind` batches
-    /// wait; beyond that a batch is written before its prefetch returns.
-    private let fills = BackgroundJobs(threads: 1, name: "casfs-cache-fill")
-    private let maxFillsBehind = 8
     private let filling = Mutex<Set<Digest>>([])
     /// Deferred mode: whether the fallback is taken to be unreachable.
     public let outage = FallbackOutage()
@@ -78,7 +73,6 @@ public final class WithCacheStorage: Storage {
 
     /// Sends what the journal holds (bounded wait), then stops both sides.
     public func stop() throws {
-        fills.stop()
         journal?.stop()
         try cache.stop()
         try fallback.stop()
@@ -216,15 +210,8 @@ public final class WithCacheStorage: Storage {
             let fetched = Array(try fallback.bulkReadBlobs(missing))
             counters.fetches.add(fetched.count)
             for (d, data) in fetched { fresh.insert(d, data) }
-            if fills.pending < maxFillsBehind {
-                fills.submit { [self] in
-                    fill(fetched)
-                    counters.prefetched.add(fetched.count)
-                }
-            } else {
-                fill(fetched)
-                counters.prefetched.add(fetched.count)
-            }
+            fill(fetched)
+            counters.prefetched.add(fetched.count)
         } catch {
             foldedLog.warning(kind: "prefetch", key: "\(type(of: error))", "prefetch of \(missing.count) blobs failed: \(error)")
         }
