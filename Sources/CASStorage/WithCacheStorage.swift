@@ -36,6 +36,11 @@ public final class WithCacheStorage: Storage {
     /// Small blobs just fetched in bulk (verified below): the reads that
     /// follow a prefetch take them from memory, not from the cache's files.
     private let fresh = FreshBlobs(maxBytes: 64 << 20)
+    /// Blobs fetched by `warm` are written into the cache behind the readers
+    /// (who read them from `fresh` meanwhile): at most `maxFillsBehind`
+    /// batches wait; beyond that `warm` writes its batch before it returns.
+    private let fills = BackgroundJobs(threads: 1, name: "casfs-cache-fill")
+    private let maxFillsBehind = 8
     private let filling = Mutex<Set<Digest>>([])
     /// Deferred mode: whether the fallback is taken to be unreachable.
     public let outage = FallbackOutage()
@@ -73,10 +78,14 @@ public final class WithCacheStorage: Storage {
 
     /// Sends what the journal holds (bounded wait), then stops both sides.
     public func stop() throws {
+        fills.stop()
         journal?.stop()
         try cache.stop()
         try fallback.stop()
     }
+
+    /// Blocks until the blobs `warm` fetched are all in the cache.
+    public func waitForCacheFills() { fills.drain() }
 
     /// Blocks until every deferred write journaled so far reached the fallback
     /// (or `timeout` passes).
@@ -203,6 +212,8 @@ public final class WithCacheStorage: Storage {
     }
 
     /// Brings the blobs the cache lacks into it, in one bulk fallback call.
+    /// Returns once they can be read without the fallback: from memory
+    /// while the cache stores them behind (`waitForCacheFills`).
     public func warm(_ ds: [Digest]) {
         let missing = ds.filter { fresh.get($0) == nil && (try? cache.hasBlob($0)) != true }
         guard !missing.isEmpty else { return }
@@ -210,8 +221,15 @@ public final class WithCacheStorage: Storage {
             let fetched = Array(try fallback.bulkReadBlobs(missing))
             counters.fetches.add(fetched.count)
             for (d, data) in fetched { fresh.insert(d, data) }
-            fill(fetched)
-            counters.prefetched.add(fetched.count)
+            if fills.pending < maxFillsBehind {
+                fills.submit { [self] in
+                    fill(fetched)
+                    counters.prefetched.add(fetched.count)
+                }
+            } else {
+                fill(fetched)
+                counters.prefetched.add(fetched.count)
+            }
         } catch {
             foldedLog.warning(kind: "prefetch", key: "\(type(of: error))", "prefetch of \(missing.count) blobs failed: \(error)")
         }
