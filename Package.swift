@@ -24,6 +24,7 @@ let package = Package(
         .target(name: "CASCore", dependencies: [
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "Logging", package: "swift-log"),
         ]),
         // Thin C surfaces.
         .systemLibrary(name: "CHiredis", path: "Sources/CHiredis"),
@@ -119,8 +120,15 @@ let package = Package(
         ], path: "bench/Sources/RedisIndexBench"),
 
         .target(name: "TestSupport", dependencies: ["CASCore", "Redis"], path: "Tests/TestSupport"),
-        .testTarget(name: "CASCoreTests", dependencies: ["CASCore"]),
-        .testTarget(name: "FuseKernelTests", dependencies: ["FuseKernel", "CASFuse", "CASCore", "CASStorage"]),
+        .testTarget(name: "CASCoreTests", dependencies: ["CASCore", .product(name: "Logging", package: "swift-log")]),
+        // A kernel-free FUSE session for tests: encoded requests in, typed replies out.
+        .target(name: "FuseTestHarness", dependencies: ["FuseKernel"], path: "Tests/FuseTestHarness"),
+        .testTarget(name: "FuseKernelTests", dependencies: ["FuseKernel", "FuseTestHarness"]),
+        // The filesystem's views driven through the harness (no kernel).
+        .testTarget(name: "CASFuseTests", dependencies: [
+            "CASFuse", "FuseKernel", "FuseTestHarness", "CASCore", "CASStorage", "CASTree", "REAPI",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
         .testTarget(name: "CASStorageTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "TestSupport"]),
         .testTarget(name: "RedisIndexTests", dependencies: ["CASCore", "CASStorage", "Redis", "TestSupport"]),
         .testTarget(name: "ConfigTests", dependencies: ["CASCore", "CASStorage", "CASConfig", "Redis", "RemoteCAS", "TestSupport"]),

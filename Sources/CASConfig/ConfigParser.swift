@@ -340,8 +340,8 @@ final class SpecReader {
     func mountOptions(_ node: Node, _ key: String) throws -> MountOptions {
         let m = try mapping(node, key, allowed: [
             "writable", "entry-timeout", "attr-timeout", "negative-timeout", "threads",
-            "allow-other", "max-read", "fs-name", "tree-cache-size", "tree-prefetch", "metrics-address",
-            "scrub-interval", "scrub-rate",
+            "allow-other", "max-read", "fs-name", "tree-cache-size", "tree-prefetch", "tree-directory-mode",
+            "metrics-address", "scrub-interval", "scrub-rate",
         ])
         var o = MountOptions()
         if let v = try bool(m, "writable", key) { o.writable = v }
@@ -366,6 +366,12 @@ final class SpecReader {
                 throw error(node, "\(key).scrub-rate", "'\(text)' is not a rate (MiB per second, or a size per second such as 50M)")
             }
             o.scrubRate = v
+        }
+        if let v = try string(m, "tree-directory-mode", key) {
+            guard let mode = MountOptions.parseMode(v) else {
+                throw error(m["tree-directory-mode"]!, "\(key).tree-directory-mode", "'\(v)' is not an octal mode (e.g. 0755)")
+            }
+            o.treeDirectoryMode = mode
         }
         if let v = try string(m, "metrics-address", key) {
             do { o.metricsAddress = try ListenAddress(parsing: v) } catch {

@@ -30,8 +30,10 @@ public struct StorageStack: Sendable {
 
 /// Makes live objects from a `ConfigSpec`. The stack it builds, top down:
 /// - `WriteCheckingStorage`: every write is checked against its digest;
+/// - `ExistenceCachingStorage`: blobs found present are known so for a while;
 /// - `EmptyBlobStorage`: the empty blob, answered once for all below;
-/// - `PrefetchingStorage` (with `tree-prefetch`): bulk hints for trees;
+/// - `PrefetchingStorage` (with `tree-prefetch`, when a `!with-cache-storage`
+///   is there to bring blobs into): bulk hints for trees;
 /// - the configured nodes, with a `VerifyingStorage` put around each node
 ///   whose bytes casfs has not checked: every `!disk-storage` and
 ///   `!remote-storage`, and every `!redis-index` (in place of its store).
@@ -46,6 +48,8 @@ public final class StackBuilder {
     private var indexes: [RedisIndex] = []
     private var disks: [Int: DiskStorage] = [:]
     private var indexByNode: [Int: RedisIndex] = [:]
+    /// A `!with-cache-storage` was built (prefetching can fill it).
+    private var hasCache = false
     /// Index nodes whose Redis holds nothing else (casfs's private Redis).
     private let exclusiveRedis: Set<Int>
     private var source = "<config>"
@@ -58,8 +62,10 @@ public final class StackBuilder {
     public func build(_ spec: ConfigSpec, withAccessTimes: Bool = true) throws -> StorageStack {
         source = spec.source
         var storage = try node(spec.storage, verified: false)
-        if spec.mount.treePrefetch { storage = PrefetchingStorage(storage) }
-        storage = WriteCheckingStorage(EmptyBlobStorage(storage), metrics: MetricScope(metrics, node: "storage"))
+        // Hints only pay where a cache can be filled ahead of the reads.
+        if spec.mount.treePrefetch && hasCache { storage = PrefetchingStorage(storage) }
+        let top = MetricScope(metrics, node: "storage")
+        storage = WriteCheckingStorage(ExistenceCachingStorage(EmptyBlobStorage(storage), metrics: top), metrics: top)
         let index = indexes.first
         let batcher = withAccessTimes ? index.map {
             AccessTimeBatcher(index: $0, metrics: MetricScope(metrics, node: spec.storage.path))
@@ -132,6 +138,7 @@ public final class StackBuilder {
                 }
             }
             s = WithCacheStorage(cache: cache, fallback: fallback, journal: journal, metrics: scope)
+            hasCache = true
             nodes[n.path] = s
         case .redisIndex(let inner, let redisSpec, let prefix):
             let store = try node(inner, verified: true)

@@ -81,4 +81,12 @@ public enum MetricCatalog {
     public static let treeCachedBytes = MetricInfo("casfs_tree_directory_cache_bytes", "Bytes of Directory blobs behind the parsed messages held.")
     public static let treeHits = MetricInfo("casfs_tree_directory_hits_total", "Directory lookups answered by the parsed-message cache.")
     public static let treeLoads = MetricInfo("casfs_tree_directory_loads_total", "Directory blobs read and parsed.")
+    // The cold path: existence answered from memory, blobs pushed into the page cache.
+    public static let existenceHits = MetricInfo("casfs_existence_cache_hits_total", "Existence checks answered from memory (the blob was found present recently).")
+    public static let existenceMisses = MetricInfo("casfs_existence_cache_misses_total", "Existence checks passed to the storage.")
+    public static let pageStores = MetricInfo("casfs_page_stores_total", "Small blobs pushed into the kernel's page cache before any read of them reached the daemon (the store won the race).")
+    public static let pageStoresLost = MetricInfo("casfs_page_stores_lost_total", "Reads that reached the daemon while their blob's push into the page cache was still queued (the reader won the race).")
+    public static let pageStoresRefused = MetricInfo("casfs_page_stores_refused_total", "Pushes into the page cache the kernel refused (it did not hold the inode in time).")
+    public static let pageStoresSkipped = MetricInfo("casfs_page_stores_skipped_total", "Pushes into the page cache not made (queue full, blob gone or unreadable).")
+    public static let pageStoreBytes = MetricInfo("casfs_page_store_bytes_total", "Bytes pushed into the kernel's page cache.")
 }

@@ -23,6 +23,18 @@ public struct MountOptions: Sendable, Equatable {
     /// When a tree directory is first used, hint the storage to fetch its
     /// small files in bulk (one round trip per batch to a remote CAS).
     public var treePrefetch = true
+    /// The permission bits /tree directories show when their Directory has
+    /// no `unix_mode` (nil: 0555). 0755 lets an overlay mounted over a tree
+    /// create files in its directories (the mount itself stays read-only).
+    public var treeDirectoryMode: UInt32?
+
+    /// Parses a mode written in octal (`755`, `0755`, `0o755`), at most 0777.
+    public static func parseMode(_ text: String) -> UInt32? {
+        var digits = Substring(text.trimmingCharacters(in: .whitespaces))
+        if digits.hasPrefix("0o") { digits = digits.dropFirst(2) }
+        guard !digits.isEmpty, digits.count <= 4, let v = UInt32(digits, radix: 8), v <= 0o777 else { return nil }
+        return v
+    }
     /// Open-less opens (the kernel opens files and directories without asking
     /// the daemon): nil means the default, on for read-only mounts. Writable
     /// mounts always keep OPEN (writes and passthrough need it).

@@ -48,7 +48,9 @@ public protocol Storage: Sendable {
     /// keep a proof of it (tied to its file) does, so it is not checked again.
     func recordVerified(_ digest: Digest, _ source: BlobSource)
     /// Brings these blobs into the fastest layer of the storage (a cache)
-    /// and returns when done. A storage without layers does nothing.
+    /// and returns once they can be read without the slower layers (a cache
+    /// may finish storing them in the background, serving them from memory
+    /// meanwhile). A storage without layers does nothing.
     func warm(_ digests: [Digest])
     /// A hint that these blobs are about to be read. Returns at once.
     func prefetch(_ digests: [Digest])

@@ -10,7 +10,8 @@ extension CASFileSystem {
     /// confusing in listings, so 2000-01-01).
     static let blobTime = FuseTime(seconds: 946_684_800)
 
-    func dirAttributes(_ ino: UInt64) -> FuseAttributes {
+    /// The root's, `/sha256`'s and `/tree`'s attributes.
+    func fixedDirectoryAttributes(_ ino: UInt64) -> FuseAttributes {
         var a = FuseAttributes(ino: ino, mode: FuseFileType.directory.rawValue
             | (options.writable && ino == FixedInode.sha256 ? 0o755 : 0o555))
         a.nlink = ino == FixedInode.root ? 4 : 2
@@ -58,28 +59,15 @@ extension CASFileSystem {
         return FuseTime(seconds: UInt64(max(0, t.seconds)), nanoseconds: UInt32(clamping: max(0, t.nanos)))
     }
 
-    func treeNodeAttributes(_ ino: UInt64, _ node: TreeInodes.Node) -> FuseAttributes {
-        var a: FuseAttributes
-        switch node.kind {
-        case .directory:
-            a = FuseAttributes(ino: ino, mode: FuseFileType.directory.rawValue | node.mode)
-            a.size = 4096
-        case .symlink(let target):
-            a = FuseAttributes(ino: ino, mode: FuseFileType.symlink.rawValue | 0o777)
-            a.size = UInt64(target.utf8.count)
-        }
-        a.nlink = UInt32(clamping: node.nlink)
+    /// Owner, link count and times of a directory or symlink of a tree.
+    func fillTreeAttributes(_ a: inout FuseAttributes, nlink: Int, mtime: TreeTime?) {
+        a.nlink = UInt32(clamping: nlink)
         a.uid = uid
         a.gid = gid
-        let t = treeTime(node.mtime)
+        let t = treeTime(mtime)
         a.atime = t
         a.mtime = t
         a.ctime = t
-        return a
-    }
-
-    func entry(_ ino: UInt64, _ attributes: FuseAttributes, timeout: Double) -> FuseEntry {
-        FuseEntry(nodeid: ino, entryTimeout: timeout, attrTimeout: timeout, attributes: attributes)
     }
 
     func negativeEntry(_ reply: FuseReply) {

@@ -6,12 +6,17 @@ import Logging
 import Synchronization
 
 let log = Logger(label: "casfs.fuse")
+/// Lines that requests can trigger (bad trees, gone or damaged blobs, a
+/// failing storage), folded so that no client floods the log.
+let folded = LogFolder(logger: log)
 
-/// The filesystem casfs serves, over the FUSE protocol module. It routes each
-/// request to a view by inode: the root and fixed directories
-/// (`RootView.swift`), `/sha256` blobs (`BlobView.swift`, writes in
-/// `WriteHandle.swift`) and `/tree` (`TreeView.swift`). It holds no storage
-/// logic: reads, writes and deletes are calls on the storage stack.
+/// The filesystem casfs serves, over the FUSE protocol module. Each request's
+/// inode is resolved once to its node (`Node.swift`): the root and `/tree`
+/// (`RootNodes.swift`), `/sha256` (`Sha256Directory.swift`), a blob
+/// (`BlobNode.swift`, writes in `WriteHandle.swift`), a directory or symlink
+/// of a tree (`TreeNodes.swift`); the node answers. Requests on an open
+/// file (write, flush, release) go by handle. It holds no storage logic:
+/// reads, writes and deletes are calls on the storage stack.
 public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
     public let storage: any Storage
     public let index: (any BlobIndex)?
@@ -24,8 +29,13 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
     /// OPEN and OPENDIR are answered ENOSYS (read-only mounts by default).
     let openless: Bool
     let metrics: Metrics
-    let inodes = InodeTable()
-    let treeNodes = TreeInodes()
+    /// The nodes the kernel holds (the fixed directories are not in it).
+    let nodes = NodeTable()
+    /// Gives the memory of forgotten nodes back to the system.
+    let trimmer = MemoryTrimmer()
+    let root = RootNode()
+    let sha256Directory = Sha256Directory()
+    let treeRoot = TreeRootNode()
     /// Parsed Directory blobs of /tree.
     let directories: DirectoryCache
     let handles = HandleTable()
@@ -37,13 +47,11 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
     let listingPages = ListingPages()
     /// Uncommitted writes by inode (their sizes are what stat shows).
     let writers = WriterTable()
-    /// File inodes the kernel reached through `/sha256` (not only a tree):
-    /// when such a blob is found gone, new opens are ENOENT, not EIO.
-    let namedInSha256 = Mutex<Set<UInt64>>([])
     let uid: UInt32
     let gid: UInt32
     let startTime: FuseTime
     private let channelBox = Mutex<FuseChannel?>(nil)
+    private let feederBox = Mutex<PageCacheFeeder?>(nil)
     private let onReady = Mutex<(@Sendable () -> Void)?>(nil)
     /// Notifications go out from here, never from a request's own handler.
     private let notifications = DispatchQueue(label: "casfs-fuse-notify")
@@ -77,7 +85,11 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
         self.spaceDirectories = spaceDirectories
         self.recordAccess = recordAccess
         self.metrics = metrics
-        self.directories = DirectoryCache(storage: storage, capacity: options.treeCacheBytes, metrics: metrics)
+        let trimmer = self.trimmer
+        self.directories = DirectoryCache(storage: storage, capacity: options.treeCacheBytes, metrics: metrics) { entries in
+            // Parsing a big Directory freed a lot of memory again.
+            if entries >= 10_000 { trimmer.freed(entries) }
+        }
         self.passthrough = PassthroughFiles(enabled: options.passthrough && !options.isOpenless,
                                             opens: metrics.counter(MetricCatalog.passthroughOpens))
         self.counters = Counters(readBytes: metrics.counter(MetricCatalog.readBytes),
@@ -103,9 +115,9 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
         self.gid = getgid()
         let inodeGauge = metrics.gauge(MetricCatalog.inodes)
         let treeGauge = metrics.gauge(MetricCatalog.treeInodes)
-        metrics.onCollect { [inodes, treeNodes] in
-            inodeGauge.set(Int64(inodes.count))
-            treeGauge.set(Int64(treeNodes.count))
+        metrics.onCollect { [nodes] in
+            inodeGauge.set(Int64(nodes.fileCount))
+            treeGauge.set(Int64(nodes.otherCount))
         }
     }
 
@@ -124,13 +136,26 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
 
     public func connected(_ info: FuseConnectionInfo, _ channel: FuseChannel) {
         channelBox.withLock { $0 = channel }
+        // Open-less mounts: the kernel's page cache is the only one readers
+        // use, so small blobs are pushed into it ahead of their reads.
+        if openless { feederBox.withLock { $0 = PageCacheFeeder(storage: storage, channel: channel, metrics: metrics) } }
         passthrough.connect(channel, agreed: info.flags.contains(.passthrough))
         log.info("FUSE 7.\(info.minor): passthrough \(passthrough.isOn ? "on" : "off"), \(openless ? "open-less" : "with OPEN"), requests up to \(info.maxWrite) bytes")
         if let ready = onReady.withLock({ r -> (@Sendable () -> Void)? in defer { r = nil }; return r }) { ready() }
     }
 
+    public func disconnected() {
+        feederBox.withLock { f in
+            f?.stop()
+            f = nil
+        }
+    }
+
     /// `body` runs once, when the kernel has initialised the connection.
     public func whenReady(_ body: @escaping @Sendable () -> Void) { onReady.withLock { $0 = body } }
+
+    /// Pushes small blobs into the page cache (open-less mounts, once connected).
+    var feeder: PageCacheFeeder? { feederBox.withLock { $0 } }
 
     var channel: FuseChannel? { channelBox.withLock { $0 } }
 
@@ -155,48 +180,92 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
 
     // MARK: dispatch
 
+    /// The node of an inode: a fixed directory, or one the kernel holds.
+    func fixedNode(_ ino: UInt64) -> (any Node)? {
+        switch ino {
+        case FixedInode.root: return root
+        case FixedInode.sha256: return sha256Directory
+        case FixedInode.tree: return treeRoot
+        default: return nil
+        }
+    }
+
+    func node(_ ino: UInt64) -> (any Node)? { fixedNode(ino) ?? nodes[ino] }
+
     public func handle(_ h: FuseRequestHeader, _ op: FuseOperation, _ reply: FuseReply) {
         let start = ContinuousClock.now
-        switch op {
-        case .lookup(let name): lookup(parent: h.nodeid, name: name, reply)
-        case .forget(let n):
-            forget(h.nodeid, n)
-            reply.none()
-        case .batchForget(let items):
-            for i in items { forget(i.nodeid, i.nlookup) }
-            reply.none()
-        case .getattr(let fh): getattr(h.nodeid, fh: fh, reply)
-        case .setattr(let s): setattr(h, s, reply)
-        case .readlink: readlink(h.nodeid, reply)
-        case .open(let flags): open(h, flags: flags, reply)
-        case .read(let fh, let offset, let size): read(h.nodeid, fh: fh, offset: offset, size: size, reply)
-        case .write(let fh, let offset, let data): write(h, fh: fh, offset: offset, data: data, reply)
-        case .flush(let fh): flush(h, fh: fh, reply)
-        case .release(let fh, _): release(h.nodeid, fh: fh, reply)
-        case .fsync(let fh): fsync(fh: fh, reply)
-        case .create(let name, let flags, _): create(h, parent: h.nodeid, name: name, flags: flags, reply)
-        case .unlink(let name): unlink(parent: h.nodeid, name: name, reply)
-        case .mknod(let name, let mode): mknod(parent: h.nodeid, name: name, mode: mode, reply)
-        case .opendir: opendir(h.nodeid, reply)
-        case .readdir(let fh, let offset, let size, let plus):
-            readdir(h.nodeid, fh: fh, offset: offset, size: Int(size), plus: plus, reply)
-        case .releasedir(let fh):
-            handles.remove(fh)
-            reply.ok()
-        case .fsyncdir: reply.ok()
-        case .statfs: statfs(reply)
-        case .getxattr(let name, let size): getxattr(h.nodeid, name: name.string, size: Int(size), reply)
-        case .listxattr(let size): listxattr(h.nodeid, size: Int(size), reply)
-        case .access: reply.ok()
-        case .setxattr, .removexattr, .mkdir, .rmdir, .symlink, .link, .rename, .refusedChange:
-            reply.error(changeErrno)
-        case .lseek: reply.error(ENOSYS)
-        case .initialize, .interrupt, .destroy, .unsupported:
-            reply.error(ENOSYS)
-        }
+        dispatch(h, op, reply)
         if let m = perOp[h.opcode] {
             m.count.add()
             m.duration.record(ContinuousClock.now - start)
+        }
+    }
+
+    private func dispatch(_ h: FuseRequestHeader, _ op: FuseOperation, _ reply: FuseReply) {
+        // Requests that go by handle or concern the whole mount.
+        switch op {
+        case .forget(let n):
+            forgetNode(h.nodeid, n)
+            return reply.none()
+        case .batchForget(let items):
+            for i in items { forgetNode(i.nodeid, i.nlookup) }
+            return reply.none()
+        case .read(let fh, let offset, let size):
+            return read(Request(header: h, reply: reply, fs: self), fh: fh, offset: offset, size: size)
+        case .write(let fh, let offset, let data): return write(h, fh: fh, offset: offset, data: data, reply)
+        case .flush(let fh): return flush(h, fh: fh, reply)
+        case .release(let fh, _): return release(fh: fh, reply)
+        case .fsync(let fh): return fsync(fh: fh, reply)
+        case .releasedir(let fh):
+            handles.remove(fh)
+            return reply.ok()
+        case .fsyncdir, .access: return reply.ok()
+        case .statfs: return statfs(reply)
+        case .setxattr, .removexattr, .mkdir, .rmdir, .symlink, .link, .rename, .refusedChange:
+            return reply.error(changeErrno)
+        case .lseek, .initialize, .interrupt, .destroy, .unsupported:
+            return reply.error(ENOSYS)
+        default:
+            break
+        }
+        guard let node = node(h.nodeid) else {
+            // create, unlink, mknod in an unknown directory: not a directory
+            // of this mount (after EROFS on a read-only one).
+            switch op {
+            case .create, .unlink: return reply.error(options.writable ? ENOTDIR : EROFS)
+            case .mknod: return reply.error(changeErrno)
+            default: return reply.error(ENOENT)
+            }
+        }
+        let r = Request(header: h, reply: reply, fs: self)
+        switch op {
+        case .lookup(let name): node.lookup(r, name)
+        case .getattr(let fh): node.getattr(r, fh: fh)
+        case .setattr(let s): node.setattr(r, s)
+        case .readlink: node.readlink(r)
+        case .open(let flags): node.open(r, flags: flags)
+        case .create(let name, let flags, _): node.create(r, name: name, flags: flags)
+        case .unlink(let name): node.unlink(r, name: name)
+        case .mknod(let name, let mode): node.mknod(r, name: name, mode: mode)
+        case .opendir: node.opendir(r)
+        case .readdir(let fh, let offset, let size, let plus): node.readdir(r, fh: fh, offset: offset, size: Int(size), plus: plus)
+        case .getxattr(let name, let size):
+            let key = name.string
+            // Only user.* attributes exist here. Saying so (rather than "no
+            // such attribute") lets ls -l stop asking for security labels
+            // and ACLs after the first file of the mount.
+            guard key.hasPrefix("user.") else { return reply.error(EOPNOTSUPP) }
+            guard let value = node.xattr(self, name: key) else { return reply.error(ENODATA) }
+            // The statistics change all the time: the size a caller asks for
+            // first leaves room for them to grow before it reads them.
+            if size == 0 && key == Self.statsXattr { return reply.xattrSize(min(value.count + 4096, 65536)) }
+            replyXattr(value, size: Int(size), reply)
+        case .listxattr(let size):
+            var bytes: [UInt8] = []
+            for n in node.xattrNames(self) { bytes += Array(n.utf8) + [0] }
+            replyXattr(bytes, size: Int(size), reply)
+        default:
+            reply.error(ENOSYS)
         }
     }
 
@@ -210,72 +279,70 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
     func fail(_ reply: FuseReply, _ op: String, _ error: Error, _ what: CustomStringConvertible? = nil, ino: UInt64? = nil) {
         let e = StorageError.wrap(error)
         counters.errors.add()
-        log.error("\(op)\(what.map { " \($0)" } ?? ""): \(e)")
+        let subject = what.map { " \($0)" } ?? ""
+        // Folded by operation and blob (a read's offset is not part of the key).
+        folded.error(kind: op, key: String(subject.split(separator: " ").first ?? ""), "\(op)\(subject): \(e)")
         reply.error(e.errno)
         if case .corrupt = e, let ino {
             invalidatePages(ino)
             // The corrupt copy was removed: the next open looks the name up again.
-            if namedInSha256.withLock({ $0.contains(ino) }), let file = inodes.file(ino) {
+            if let file = nodes[ino] as? FileNode, file.isNamedInSha256 {
                 invalidateEntry(parent: FixedInode.sha256, name: file.digest.description)
             }
         }
     }
 
-    func forget(_ ino: UInt64, _ n: UInt64) {
-        if TreeInodes.isTreeNode(ino) {
-            treeNodes.forget(ino, n)
-        } else if inodes.forget(ino, n) {
-            pinned.drop(ino)
-            namedInSha256.withLock { _ = $0.remove(ino) }
-        }
+    /// The kernel dropped `n` references to `ino`.
+    func forgetNode(_ ino: UInt64, _ n: UInt64) {
+        guard let node = nodes.forget(ino, n) else { return }
+        node.forgotten(self)
+        trimmer.freed(1)
     }
 
-    /// True for every directory inode: the fixed ones and those inside trees.
-    func isDirectory(_ ino: UInt64) -> Bool {
-        if FixedInode.contains(ino) { return true }
-        if let n = treeNodes.node(ino), case .directory = n.kind { return true }
-        return false
-    }
-
-    func isKnown(_ ino: UInt64) -> Bool {
-        FixedInode.contains(ino) || inodes.file(ino) != nil || treeNodes.node(ino) != nil
-    }
-
-    func lookup(parent: UInt64, name: FuseName, _ reply: FuseReply) {
-        switch parent {
-        case FixedInode.root: lookupRoot(name, reply)
-        case FixedInode.tree: lookupTreeRoot(name, reply)
-        case FixedInode.sha256: lookupBlob(name, reply)
-        default:
-            if let node = treeNodes.node(parent) {
-                guard case .directory(let digest) = node.kind else { return reply.error(ENOTDIR) }
-                lookupInTree(parent: parent, digest: digest, name: name, reply)
-            } else {
-                reply.error(inodes.file(parent) != nil ? ENOTDIR : ENOENT)
+    /// One entry of a listing; false when it does not fit. `entry`: for
+    /// READDIRPLUS, the entry the kernel will count as looked up (nil: name
+    /// and type only, the kernel looks it up itself).
+    func addListed(_ filler: inout DirectoryFiller, _ name: String, _ attrs: FuseAttributes, next: UInt64, plus: Bool,
+                   entry: FuseEntry?) -> Bool {
+        let type = FuseFileType(rawValue: attrs.mode & UInt32(S_IFMT)) ?? .regular
+        return Array(name.utf8).withUnsafeBytes { n in
+            if plus {
+                var e = entry ?? FuseEntry(nodeid: 0, entryTimeout: 0, attrTimeout: 0, attributes: attrs)
+                e.attributes.ino = attrs.ino
+                return filler.add(name: n, entry: e, type: type, nextOffset: next)
             }
+            return filler.add(name: n, ino: attrs.ino, type: type, nextOffset: next)
         }
     }
 
-    func getattr(_ ino: UInt64, fh: UInt64?, _ reply: FuseReply) {
-        if FixedInode.contains(ino) {
-            reply.attributes(dirAttributes(ino), timeout: ino == FixedInode.sha256 ? listingTimeout : options.attrTimeout)
-        } else if let f = inodes.file(ino) {
-            reply.attributes(fileAttributes(f.digest, f.variant, ino: ino, writer: fh.flatMap { handles.write($0) }),
-                             timeout: writers.active(ino) ? 0 : attrTimeout)
-        } else if let node = treeNodes.node(ino) {
-            reply.attributes(treeNodeAttributes(ino, node), timeout: options.attrTimeout)
+    // MARK: xattrs
+
+    static let checksumXattr = "user.checksum.sha256"
+    static let digestXattr = "user.casfs.digest"
+    static let statsXattr = "user.casfs.stats"
+    /// The configuration file the mount serves (absent on a zero-config mount).
+    static let configXattr = "user.casfs.config"
+
+    func replyXattr(_ value: [UInt8], size: Int, _ reply: FuseReply) {
+        if size == 0 {
+            reply.xattrSize(value.count)
+        } else if size < value.count {
+            reply.error(ERANGE)
         } else {
-            reply.error(ENOENT)
+            reply.bytes(value)
         }
     }
 
-    func readlink(_ ino: UInt64, _ reply: FuseReply) {
-        guard let node = treeNodes.node(ino) else {
-            return reply.error(inodes.file(ino) != nil || FixedInode.contains(ino) ? EINVAL : ENOENT)
-        }
-        guard case .symlink(let target) = node.kind else { return reply.error(EINVAL) }
-        // Returned as text: the kernel resolves it, from the caller's view.
-        reply.bytes(Array(target.utf8))
+    /// Every metric of the mount as one JSON object (`name{labels}` →
+    /// value), histogram buckets left out (the attribute has a 64 KiB limit).
+    public func statisticsJSON() -> String {
+        let snap = metrics.snapshot().filter { !$0.key.contains("_bucket{") }
+        let body = snap.keys.sorted().map { k -> String in
+            let v = snap[k]!
+            let num = v == v.rounded() && abs(v) < 1e15 ? String(Int64(v)) : String(v)
+            return "\(jsonString(k)):\(num)"
+        }.joined(separator: ",")
+        return "{\(body)}"
     }
 
     /// Blob entries on an open-less mount expire sooner, so that the lookups
@@ -284,8 +351,24 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
     var entryTimeout: Double { openless ? min(options.entryTimeout, Self.openlessEntryTimeout) : options.entryTimeout }
     var attrTimeout: Double { openless ? min(options.attrTimeout, Self.openlessEntryTimeout) : options.attrTimeout }
     static let openlessEntryTimeout: Double = 300
+    /// "Never expires", for answers that cannot change (a name a tree does not have).
+    static let forever: Double = 1e9
     /// /sha256 changes as blobs come and go: its attributes (and so the
     /// kernel's cached listing, whose validity follows the directory's mtime)
     /// are refreshed this often.
     var listingTimeout: Double { 1 }
+}
+
+/// `s` as a JSON string literal.
+func jsonString(_ s: String) -> String {
+    var out = "\""
+    for u in s.unicodeScalars {
+        switch u {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        default:
+            if u.value < 0x20 { out += String(format: "\\u%04x", u.value) } else { out.unicodeScalars.append(u) }
+        }
+    }
+    return out + "\""
 }

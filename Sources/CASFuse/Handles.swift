@@ -72,32 +72,63 @@ final class WriterTable: Sendable {
     /// The writers of `ino`.
     func all(_ ino: UInt64) -> [WriteHandle] { state.withLock { $0[ino] ?? [] } }
 
-    /// The most recent writer of `ino` whose bytes are not committed.
+    /// The most recent writer of `ino` whose bytes are not committed. Each
+    /// writer's state is read outside the table's lock (and without the
+    /// writer's own, which a commit holds).
     func latest(_ ino: UInt64) -> WriteHandle? {
-        state.withLock { $0[ino]?.last { !$0.isCommitted } }
+        all(ino).last { !$0.isCommitted }
     }
 
     func active(_ ino: UInt64) -> Bool { latest(ino) != nil }
 }
 
 /// Blobs held for open-less reads: the kernel opens files itself, so the
-/// daemon holds each inode's blob from its first read until the kernel
-/// forgets the inode (a deleted blob stays readable meanwhile). At most
-/// `limit` are held; beyond that, reads open the blob each time.
+/// daemon holds each inode's blob from its first read (or from the lookup
+/// that opened it) until the kernel forgets the inode (a deleted blob stays
+/// readable meanwhile). At most `limit` open files and `bytesLimit` bytes of
+/// blobs held in memory; beyond that, reads open the blob each time.
 final class PinnedSources: Sendable {
     let limit: Int
-    private let state = Mutex<[UInt64: BlobSource]>([:])
+    let bytesLimit: Int64
+    private struct State {
+        var held: [UInt64: BlobSource] = [:]
+        var files = 0
+        var bytes: Int64 = 0
+    }
+    private let state = Mutex(State())
 
-    init(limit: Int) { self.limit = limit }
+    init(limit: Int, bytesLimit: Int64 = 64 << 20) {
+        self.limit = limit
+        self.bytesLimit = bytesLimit
+    }
 
     func source(_ ino: UInt64, open: () throws -> BlobSource?) throws -> BlobSource? {
-        if let s = state.withLock({ $0[ino] }) { return s }
+        if let s = state.withLock({ $0.held[ino] }) { return s }
         guard let s = try open() else { return nil }
-        state.withLock { held in
-            if held.count < limit { held[ino] = s }
-        }
+        hold(ino, s)
         return s
     }
 
-    func drop(_ ino: UInt64) { state.withLock { _ = $0.removeValue(forKey: ino) } }
+    /// Holds `source` for `ino` (opened already), if there is room.
+    func hold(_ ino: UInt64, _ source: BlobSource) {
+        let inMemory = source.fileDescriptor == nil
+        state.withLock { s in
+            guard s.held[ino] == nil else { return }
+            if inMemory {
+                guard s.bytes + source.size <= bytesLimit else { return }
+                s.bytes += source.size
+            } else {
+                guard s.files < limit else { return }
+                s.files += 1
+            }
+            s.held[ino] = source
+        }
+    }
+
+    func drop(_ ino: UInt64) {
+        state.withLock { s in
+            guard let src = s.held.removeValue(forKey: ino) else { return }
+            if src.fileDescriptor == nil { s.bytes -= src.size } else { s.files -= 1 }
+        }
+    }
 }

@@ -1,6 +1,5 @@
 import CASCore
 import CASTree
-import Synchronization
 
 /// Inode numbers of the fixed directories.
 public enum FixedInode {
@@ -68,130 +67,23 @@ public func fileInode(_ digest: Digest, _ variant: FileVariant?) -> UInt64 {
     return (base ^ variant.inodeSalt) | (1 << 63)
 }
 
-/// Inode → value for the inodes the kernel currently knows, with the kernel's
-/// lookup counts: an entry goes when FORGET brings its count to zero.
-final class LookupTable<Value: Equatable & Sendable>: Sendable {
-    private struct Entry {
-        var value: Value
-        var lookups: UInt64
-    }
-
-    private let entries = Mutex<[UInt64: Entry]>([:])
-
-    /// Records one more kernel reference. On an inode collision (another
-    /// value already has this number) returns that value and records nothing.
-    func remember(_ ino: UInt64, _ value: Value) -> Value? {
-        entries.withLock { table in
-            if var e = table[ino] {
-                guard e.value == value else { return e.value }
-                e.lookups += 1
-                table[ino] = e
-            } else {
-                table[ino] = Entry(value: value, lookups: 1)
-            }
-            return nil
+/// The inode of a directory or symlink inside a tree: derived from the path
+/// (parent inode + name), never from a digest (the same subtree can appear
+/// at several places, and the kernel cannot give one directory inode two
+/// parents). Bit 62 set, bit 63 clear: apart from blobs and the fixed
+/// inodes, and known before any lookup (a listing reports it).
+func treeNodeInode(parent: UInt64, name: some Collection<UInt8>) -> UInt64 {
+    var h = mix64(parent)
+    var word: UInt64 = 0, n = 0
+    for b in name {
+        word = (word << 8) | UInt64(b)
+        n += 1
+        if n == 8 {
+            h = mix64(h ^ word)
+            word = 0
+            n = 0
         }
     }
-
-    subscript(_ ino: UInt64) -> Value? { entries.withLock { $0[ino]?.value } }
-
-    /// Drops `n` kernel references; true when the inode is gone.
-    @discardableResult
-    func forget(_ ino: UInt64, _ n: UInt64) -> Bool {
-        entries.withLock { table in
-            guard var e = table[ino] else { return false }
-            if e.lookups <= n {
-                table[ino] = nil
-                return true
-            }
-            e.lookups -= n
-            table[ino] = e
-            return false
-        }
-    }
-
-    var count: Int { entries.withLock { $0.count } }
-}
-
-/// Inode → file (blob digest and tree variant) for the file inodes the kernel knows.
-final class InodeTable: Sendable {
-    struct File: Equatable, Sendable {
-        var digest: Digest
-        var variant: FileVariant?
-    }
-
-    private let table = LookupTable<File>()
-
-    enum RememberResult {
-        case ok(UInt64)
-        case collision(UInt64, Digest)
-    }
-
-    /// Records one more kernel reference to the file's inode.
-    func remember(_ digest: Digest, _ variant: FileVariant? = nil) -> RememberResult {
-        let ino = fileInode(digest, variant)
-        if let other = table.remember(ino, File(digest: digest, variant: variant)) { return .collision(ino, other.digest) }
-        return .ok(ino)
-    }
-
-    func digest(_ ino: UInt64) -> Digest? { table[ino]?.digest }
-    func file(_ ino: UInt64) -> File? { table[ino] }
-    @discardableResult
-    func forget(_ ino: UInt64, _ n: UInt64) -> Bool { table.forget(ino, n) }
-    var count: Int { table.count }
-}
-
-/// Directories and symlinks inside trees. Each gets an inode per path (parent
-/// inode + name), never per digest: the same subtree can appear at several
-/// places, and the kernel cannot give one directory inode two parents. The
-/// number is derived from the path (bit 62 set, bit 63 clear), so a listing
-/// can report it before any lookup.
-final class TreeInodes: Sendable {
-    enum Kind: Equatable, Sendable {
-        case directory(Digest)
-        case symlink(String)
-    }
-
-    struct Node: Equatable, Sendable {
-        var kind: Kind
-        var parent: UInt64
-        var name: [UInt8]
-        var mode: UInt32
-        var mtime: TreeTime?
-        var nlink: Int
-    }
-
-    private let table = LookupTable<Node>()
-
-    static func inode(parent: UInt64, name: some Collection<UInt8>) -> UInt64 {
-        var h = mix64(parent)
-        var word: UInt64 = 0, n = 0
-        for b in name {
-            word = (word << 8) | UInt64(b)
-            n += 1
-            if n == 8 {
-                h = mix64(h ^ word)
-                word = 0
-                n = 0
-            }
-        }
-        h = mix64(h ^ word ^ (UInt64(name.count) << 56))
-        return (h & ~(UInt64(3) << 62)) | (1 << 62)
-    }
-
-    static func isTreeNode(_ ino: UInt64) -> Bool { ino >> 62 == 1 }
-
-    /// Records one more kernel reference; nil on an inode collision.
-    func remember(_ node: Node) -> UInt64? {
-        let ino = Self.inode(parent: node.parent, name: node.name)
-        return table.remember(ino, node) == nil ? ino : nil
-    }
-
-    func node(_ ino: UInt64) -> Node? {
-        guard Self.isTreeNode(ino) else { return nil }
-        return table[ino]
-    }
-
-    func forget(_ ino: UInt64, _ n: UInt64) { table.forget(ino, n) }
-    var count: Int { table.count }
+    h = mix64(h ^ word ^ (UInt64(name.count) << 56))
+    return (h & ~(UInt64(3) << 62)) | (1 << 62)
 }

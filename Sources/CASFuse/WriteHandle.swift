@@ -1,5 +1,6 @@
 import CASCore
 import Foundation
+import Synchronization
 import FuseKernel
 
 /// A blob being written through the mount: a private, already-unlinked file
@@ -29,13 +30,23 @@ final class WriteHandle: @unchecked Sendable {
     let openerThread: UInt32
     var mode: PassthroughFiles.Mode = .none
 
+    /// Held while bytes are written or judged (a commit stores them through
+    /// the storage stack under it, so nothing changes them meanwhile). What
+    /// `stat` needs (size, committed) is published in atomics: a getattr
+    /// never waits for a commit.
     private let lock = NSLock()
+    private let publishedSize = Atomic<Int64>(0)
+    private let publishedCommitted = Atomic<Bool>(false)
     // Guarded by `lock`.
-    private var size: Int64 = 0
+    private var size: Int64 = 0 {
+        didSet { publishedSize.store(size, ordering: .releasing) }
+    }
     private var hasher: DigestHasher? = DigestHasher()
     private var hashedEnd: Int64 = 0
     private var mayWrite: Bool
-    private var committed = false
+    private var committed = false {
+        didSet { publishedCommitted.store(committed, ordering: .releasing) }
+    }
     /// A commit was tried since the last change (and failed): not tried again.
     private var triedSinceChange = false
     private var failure: String?
@@ -63,11 +74,11 @@ final class WriteHandle: @unchecked Sendable {
         return w
     }
 
-    var isCommitted: Bool { lock.withLock { committed } }
+    var isCommitted: Bool { publishedCommitted.load(ordering: .acquiring) }
 
     /// The size `stat` shows: the blob's for a rewrite of an existing one,
     /// else what has been written.
-    var visibleSize: Int64 { existed ? digest.size : lock.withLock { size } }
+    var visibleSize: Int64 { existed ? digest.size : publishedSize.load(ordering: .acquiring) }
 
     func write(offset: UInt64, _ data: UnsafeRawBufferPointer, pid: UInt32) -> Result<Int, FuseErrno> {
         lock.withLock {
@@ -178,14 +189,23 @@ final class WriteHandle: @unchecked Sendable {
 
     /// A close of one descriptor. `pid` is the closing thread.
     func flush(_ storage: any Storage, closer pid: UInt32, holders check: ProcessHolders) -> Int32 {
-        lock.withLock {
+        let first = lock.withLock { () -> Result<Set<Int32>, FuseErrno> in
             // An existing blob, untouched: nothing to judge.
-            if existed && !mayWrite { return 0 }
+            if existed && !mayWrite { return .failure(FuseErrno(0)) }
+            if let rc = commitIfComplete(storage) { return .failure(FuseErrno(rc)) }
+            return .success(holders)
+        }
+        var candidates: Set<Int32>
+        switch first {
+        case .failure(let rc): return rc.code
+        case .success(let c): candidates = c
+        }
+        // Incomplete: fine while another descriptor may still add the rest
+        // (read from /proc, without the lock: writes go on meanwhile).
+        if let t = ProcessHolders.threadGroup(of: pid) { candidates.insert(t) }
+        if check.anyHolds(candidates, ino: ino) { return 0 }
+        return lock.withLock {
             if let rc = commitIfComplete(storage) { return rc }
-            // Incomplete: fine while another descriptor may still add the rest.
-            var candidates = holders
-            if let t = ProcessHolders.threadGroup(of: pid) { candidates.insert(t) }
-            if check.anyHolds(candidates, ino: ino) { return 0 }
             failure = "\(size) of \(digest.size) bytes written"
             return EIO
         }
@@ -213,7 +233,8 @@ final class WriteHandle: @unchecked Sendable {
                 // Let the storage's check see (and count) the wrong length.
                 _ = try? storage.commitWrite(digest, FileSource(fd: copy, size: size))
             }
-            log.error("write of \(digest) rejected: \(failure ?? "\(size) of \(digest.size) bytes written"); nothing stored")
+            folded.error(kind: "write rejected", key: digest.description,
+                         "write of \(digest) rejected: \(failure ?? "\(size) of \(digest.size) bytes written"); nothing stored")
         }
     }
 }

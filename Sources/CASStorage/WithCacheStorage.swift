@@ -33,6 +33,14 @@ public final class WithCacheStorage: Storage {
     /// Blobs the cache refused to keep (e.g. larger than it): read straight
     /// from the fallback instead of fetching them whole again.
     private let uncacheable = RecentSet<Digest>(capacity: 4096)
+    /// Small blobs just fetched in bulk (verified below): the reads that
+    /// follow a prefetch take them from memory, not from the cache's files.
+    private let fresh = FreshBlobs(maxBytes: 64 << 20)
+    /// Blobs fetched by `warm` are written into the cache behind the readers
+    /// (who read them from `fresh` meanwhile): at most `maxFillsBehind`
+    /// batches wait; beyond that `warm` writes its batch before it returns.
+    private let fills = BackgroundJobs(threads: 1, name: "casfs-cache-fill")
+    private let maxFillsBehind = 8
     private let filling = Mutex<Set<Digest>>([])
     /// Deferred mode: whether the fallback is taken to be unreachable.
     public let outage = FallbackOutage()
@@ -78,10 +86,14 @@ public final class WithCacheStorage: Storage {
 
     /// Sends what the journal holds (bounded wait), then stops both sides.
     public func stop() throws {
+        fills.stop()
         journal?.stop()
         try cache.stop()
         try fallback.stop()
     }
+
+    /// Blocks until the blobs `warm` fetched are all in the cache.
+    public func waitForCacheFills() { fills.drain() }
 
     /// Blocks until every deferred write journaled so far reached the fallback
     /// (or `timeout` passes).
@@ -135,6 +147,10 @@ public final class WithCacheStorage: Storage {
     /// damaged large copy is found here, before the caller reads it, and
     /// the blob is served by the fallback instead.
     private func cached(_ d: Digest, whole: Bool = false) -> BlobSource? {
+        if let data = fresh.get(d) {
+            counters.hits.add()
+            return DataSource(data, verified: true)
+        }
         do {
             if let src = try whole ? cache.getBlob(d) : cache.openBlob(d) {
                 counters.hits.add()
@@ -143,7 +159,7 @@ public final class WithCacheStorage: Storage {
         } catch StorageError.corrupt {
             // The cache dropped its bad copy: a miss, served by the fallback.
         } catch {
-            log.warning("cache read of \(d) failed: \(error)")
+            foldedLog.warning(kind: "cache read", key: d.description, "cache read of \(d) failed: \(error)")
         }
         return nil
     }
@@ -185,7 +201,7 @@ public final class WithCacheStorage: Storage {
         DispatchQueue.global(qos: .utility).async { [self] in
             defer { _ = filling.withLock { $0.remove(d) } }
             do { _ = try fetch(d) } catch {
-                log.error("background fetch of \(d) failed: \(error)")
+                foldedLog.error(kind: "background fetch", key: d.description, "background fetch of \(d) failed: \(error)")
             }
         }
     }
@@ -193,7 +209,7 @@ public final class WithCacheStorage: Storage {
     public func bulkReadBlobs(_ ds: [Digest]) throws -> [Digest: Data] {
         var found: [Digest: Data]
         do { found = try cache.bulkReadBlobs(ds) } catch {
-            log.warning("cache bulk read failed: \(error)")
+            foldedLog.warning(kind: "cache bulk read", key: "\(type(of: error))", "cache bulk read failed: \(error)")
             found = [:]
         }
         counters.hits.add(found.count)
@@ -215,16 +231,26 @@ public final class WithCacheStorage: Storage {
     }
 
     /// Brings the blobs the cache lacks into it, in one bulk fallback call.
+    /// Returns once they can be read without the fallback: from memory
+    /// while the cache stores them behind (`waitForCacheFills`).
     public func warm(_ ds: [Digest]) {
-        let missing = ds.filter { (try? cache.hasBlob($0)) != true }
+        let missing = ds.filter { fresh.get($0) == nil && (try? cache.hasBlob($0)) != true }
         guard !missing.isEmpty else { return }
         do {
-            let fetched = try fallback.bulkReadBlobs(missing)
+            let fetched = Array(try fallback.bulkReadBlobs(missing))
             counters.fetches.add(fetched.count)
-            fill(Array(fetched))
-            counters.prefetched.add(fetched.count)
+            for (d, data) in fetched { fresh.insert(d, data) }
+            if fills.pending < maxFillsBehind {
+                fills.submit { [self] in
+                    fill(fetched)
+                    counters.prefetched.add(fetched.count)
+                }
+            } else {
+                fill(fetched)
+                counters.prefetched.add(fetched.count)
+            }
         } catch {
-            log.warning("prefetch of \(missing.count) blobs failed: \(error)")
+            foldedLog.warning(kind: "prefetch", key: "\(type(of: error))", "prefetch of \(missing.count) blobs failed: \(error)")
         }
     }
 
@@ -330,13 +356,17 @@ public final class WithCacheStorage: Storage {
 
     public func deleteBlob(_ d: Digest) throws {
         journal?.cancel(d)
+        fresh.remove(d)
         do { try cache.deleteBlob(d) } catch { log.warning("cache delete of \(d) failed: \(error)") }
         uncacheable.remove(d)
         try fallback.deleteBlob(d)
     }
 
     public func bulkDelete(_ ds: [Digest]) -> [String] {
-        for d in ds { journal?.cancel(d) }
+        for d in ds {
+            journal?.cancel(d)
+            fresh.remove(d)
+        }
         let cacheFailed = cache.bulkDelete(ds)
         if !cacheFailed.isEmpty { log.warning("cache failed to delete \(cacheFailed.count) blobs") }
         return fallback.bulkDelete(ds)

@@ -35,11 +35,17 @@ public final class DirectoryCache: Sendable {
     private let state = Mutex(State())
     private let hits: MetricCounter
     private let loads: MetricCounter
+    private let parsed: (@Sendable (Int) -> Void)?
 
-    /// - Parameter capacity: bytes of Directory blobs to keep parsed.
-    public init(storage: any Storage, capacity: Int64 = 32 << 20, metrics: Metrics = Metrics()) {
+    /// - Parameters:
+    ///   - capacity: bytes of Directory blobs to keep parsed.
+    ///   - parsed: told the number of entries of each Directory parsed (the
+    ///     parse's transient memory is freed again).
+    public init(storage: any Storage, capacity: Int64 = 32 << 20, metrics: Metrics = Metrics(),
+                parsed: (@Sendable (Int) -> Void)? = nil) {
         self.storage = storage
         self.capacity = capacity
+        self.parsed = parsed
         hits = metrics.counter(MetricCatalog.treeHits)
         loads = metrics.counter(MetricCatalog.treeLoads)
         let cached = metrics.gauge(MetricCatalog.treeCached)
@@ -74,7 +80,9 @@ public final class DirectoryCache: Sendable {
                 throw StorageError.sizeMismatch(expected: digest, actualSize: Int64(bytes.count))
             }
             do {
-                result = .directory(try TreeDirectory(parsing: bytes))
+                let d = try TreeDirectory(parsing: bytes)
+                parsed?(d.entries.count)
+                result = .directory(d)
             } catch {
                 result = .invalid(error)
             }
@@ -84,10 +92,9 @@ public final class DirectoryCache: Sendable {
     }
 
     private func insert(_ digest: Digest, _ load: DirectoryLoad) {
-        // A parsed entry costs more than its bytes; count a floor per entry.
-        // A blob too large to load (its size is only a claim) costs the floor.
-        var cost = max(min(digest.size, TreeDirectory.maxBlobSize), 64)
-        if case .directory(let d) = load { cost += Int64(d.entries.count) * 64 }  // at most 64 MiB of entries
+        // What the parsed form holds in memory; an invalid one, its error.
+        var cost: Int64 = 256
+        if case .directory(let d) = load { cost = Int64(d.memoryCost) }
         loads.add()
         state.withLock { s in
             if let old = s.slots[digest] { s.bytes -= old.cost }

@@ -87,17 +87,19 @@ private func quoted(_ s: String) -> String {
 }
 
 /// A parsed and checked REAPI `Directory`: every child has a valid name and
-/// digest, names are unique, and each list was in REAPI's sorted order.
+/// digest, names are unique, and each list was in REAPI's sorted order. The
+/// children are kept compact (`TreeEntries`), so a directory of a million
+/// entries stays affordable while the mount holds it.
 public struct TreeDirectory: Sendable {
-    /// The largest Directory blob accepted (a directory of ~500,000 entries).
-    public static let maxBlobSize: Int64 = 64 << 20
+    /// The largest Directory blob accepted (a directory of about 1,500,000 files).
+    public static let maxBlobSize: Int64 = 128 << 20
     /// The longest name a Linux filesystem can show.
     public static let maxNameLength = 255
     /// The longest symlink target Linux accepts.
     public static let maxTargetLength = 4095
 
     /// All children, merged from the three lists and sorted bytewise by name.
-    public let entries: [TreeEntry]
+    public let entries: TreeEntries
     /// The directory's own `node_properties`.
     public let properties: TreeNodeProperties
     public let subdirectoryCount: Int
@@ -105,79 +107,112 @@ public struct TreeDirectory: Sendable {
     /// Parses and checks a Directory blob.
     public init(parsing bytes: Data) throws(TreeError) {
         guard Int64(bytes.count) <= Self.maxBlobSize else { throw .tooLarge(Int64(bytes.count)) }
-        let message: Build_Bazel_Remote_Execution_V2_Directory
+        var message: Build_Bazel_Remote_Execution_V2_Directory
         do {
             message = try Build_Bazel_Remote_Execution_V2_Directory(serializedBytes: bytes)
         } catch {
             throw .unparsable(String(describing: error))
         }
         try Self.checkNoUnknownFields(message)
+        let properties = try Self.checkedProperties(message.hasNodeProperties ? message.nodeProperties : nil, ".")
 
-        var files: [TreeEntry] = []
-        files.reserveCapacity(message.files.count)
+        // Each child checked, each list in order (by its own rules first).
+        typealias Words = (UInt64, UInt64, UInt64, UInt64)
+        var fileDigests: [(Words, Int64)] = []
+        fileDigests.reserveCapacity(message.files.count)
+        var fileProperties: [TreeNodeProperties] = []
+        fileProperties.reserveCapacity(message.files.count)
         for f in message.files {
-            let name = try Self.checkedName(f.name)
-            files.append(TreeEntry(nameBytes: name, kind: .file(try Self.checkedDigest(f.digest, f.name), executable: f.isExecutable),
-                                   properties: try Self.checkedProperties(f.hasNodeProperties ? f.nodeProperties : nil, f.name)))
+            try Self.checkName(f.name)
+            fileDigests.append(try Self.checkedDigest(f.digest, f.name))
+            fileProperties.append(try Self.checkedProperties(f.hasNodeProperties ? f.nodeProperties : nil, f.name))
         }
-        var dirs: [TreeEntry] = []
-        dirs.reserveCapacity(message.directories.count)
+        var dirDigests: [(Words, Int64)] = []
+        dirDigests.reserveCapacity(message.directories.count)
         for d in message.directories {
-            let name = try Self.checkedName(d.name)
-            dirs.append(TreeEntry(nameBytes: name, kind: .directory(try Self.checkedDigest(d.digest, d.name)),
-                                  properties: TreeNodeProperties()))
+            try Self.checkName(d.name)
+            dirDigests.append(try Self.checkedDigest(d.digest, d.name))
         }
-        var links: [TreeEntry] = []
-        links.reserveCapacity(message.symlinks.count)
-        for s in message.symlinks {
-            let name = try Self.checkedName(s.name)
-            let target = Array(s.target.utf8)
-            guard !target.isEmpty else { throw .badSymlink(s.name, reason: "empty target") }
-            guard !target.contains(0) else { throw .badSymlink(s.name, reason: "NUL byte in target") }
-            guard target.count <= Self.maxTargetLength else { throw .badSymlink(s.name, reason: "target longer than \(Self.maxTargetLength) bytes") }
-            links.append(TreeEntry(nameBytes: name, kind: .symlink(target: s.target),
-                                   properties: try Self.checkedProperties(s.hasNodeProperties ? s.nodeProperties : nil, s.name)))
+        var linkProperties: [TreeNodeProperties] = []
+        for l in message.symlinks {
+            try Self.checkName(l.name)
+            let target = l.target.utf8
+            guard !target.isEmpty else { throw .badSymlink(l.name, reason: "empty target") }
+            guard !target.contains(0) else { throw .badSymlink(l.name, reason: "NUL byte in target") }
+            guard target.count <= Self.maxTargetLength else {
+                throw .badSymlink(l.name, reason: "target longer than \(Self.maxTargetLength) bytes")
+            }
+            linkProperties.append(try Self.checkedProperties(l.hasNodeProperties ? l.nodeProperties : nil, l.name))
         }
-        for list in [files, dirs, links] { try Self.checkSorted(list) }
+        try Self.checkSorted(message.files.map(\.name))
+        try Self.checkSorted(message.directories.map(\.name))
+        try Self.checkSorted(message.symlinks.map(\.name))
 
-        var all = files + dirs + links
-        all.sort { $0.nameBytes.lexicographicallyPrecedes($1.nameBytes) }
-        try Self.checkSorted(all)  // now only duplicates across the lists can fail
-        self.entries = all
+        // Merged bytewise; a name in two lists is a duplicate.
+        let files = message.files, dirs = message.directories, links = message.symlinks
+        var builder = TreeEntriesBuilder(capacity: files.count + dirs.count + links.count)
+        var (fi, di, li) = (0, 0, 0)
+        var last: String?
+        while fi < files.count || di < dirs.count || li < links.count {
+            var pick = -1
+            var name: String?
+            for (k, candidate) in [fi < files.count ? files[fi].name : nil, di < dirs.count ? dirs[di].name : nil,
+                                   li < links.count ? links[li].name : nil].enumerated() {
+                guard let c = candidate else { continue }
+                if name == nil || c.utf8.lexicographicallyPrecedes(name!.utf8) {
+                    name = c
+                    pick = k
+                }
+            }
+            let n = name!
+            if let last, last.utf8.elementsEqual(n.utf8) { throw .duplicate(n) }
+            switch pick {
+            case 0:
+                let (w, size) = fileDigests[fi]
+                builder.add(name: n.utf8, kind: files[fi].isExecutable ? 1 : 0, hashWords: w, size: size,
+                            properties: fileProperties[fi])
+                fi += 1
+            case 1:
+                let (w, size) = dirDigests[di]
+                builder.add(name: n.utf8, kind: 2, hashWords: w, size: size, properties: TreeNodeProperties())
+                di += 1
+            default:
+                builder.add(name: n.utf8, kind: 3, target: links[li].target, properties: linkProperties[li])
+                li += 1
+            }
+            last = n
+        }
+        message = Build_Bazel_Remote_Execution_V2_Directory()  // the parsed message goes before the list is sealed
+        self.entries = builder.build()
         self.subdirectoryCount = dirs.count
-        self.properties = try Self.checkedProperties(message.hasNodeProperties ? message.nodeProperties : nil, ".")
+        self.properties = properties
     }
 
     /// The child with exactly these name bytes.
     public func entry(named name: some Collection<UInt8>) -> TreeEntry? {
-        var lo = 0, hi = entries.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            let e = entries[mid].nameBytes
-            if e.elementsEqual(name) { return entries[mid] }
-            if e.lexicographicallyPrecedes(name) { lo = mid + 1 } else { hi = mid }
-        }
-        return nil
+        entries.index(named: name).map { entries[$0] }
     }
+
+    /// Bytes this directory holds in memory (about).
+    public var memoryCost: Int { entries.memoryCost + 64 }
 
     // MARK: checks
 
-    static func checkedName(_ name: String) throws(TreeError) -> [UInt8] {
-        let bytes = Array(name.utf8)
+    static func checkName(_ name: String) throws(TreeError) {
+        let bytes = name.utf8
         if bytes.isEmpty { throw .badName(name, reason: "empty") }
         if name == "." || name == ".." { throw .badName(name, reason: "not a child") }
         if bytes.contains(UInt8(ascii: "/")) { throw .badName(name, reason: "contains /") }
         if bytes.contains(0) { throw .badName(name, reason: "contains a NUL byte") }
         if bytes.count > maxNameLength { throw .badName(name, reason: "longer than \(maxNameLength) bytes") }
-        return bytes
     }
 
-    static func checkedDigest(_ d: Build_Bazel_Remote_Execution_V2_Digest, _ name: String) throws(TreeError) -> Digest {
-        do {
-            return try Digest(hash: d.hash, size: d.sizeBytes)
-        } catch {
-            throw .badDigest(name, reason: String(describing: error))
-        }
+    /// The digest as hash words and size (what `TreeEntries` keeps).
+    static func checkedDigest(_ d: Build_Bazel_Remote_Execution_V2_Digest, _ name: String) throws(TreeError)
+        -> ((UInt64, UInt64, UInt64, UInt64), Int64) {
+        guard let w = hashWords(d.hash) else { throw .badDigest(name, reason: "bad hash '\(d.hash)'") }
+        guard d.sizeBytes >= 0 else { throw .badDigest(name, reason: "negative size \(d.sizeBytes)") }
+        return (w, d.sizeBytes)
     }
 
     static func checkedProperties(_ p: Build_Bazel_Remote_Execution_V2_NodeProperties?, _ name: String) throws(TreeError) -> TreeNodeProperties {
@@ -194,12 +229,12 @@ public struct TreeDirectory: Sendable {
         return out
     }
 
-    static func checkSorted(_ list: [TreeEntry]) throws(TreeError) {
-        guard list.count > 1 else { return }
-        for i in 1..<list.count {
-            let a = list[i - 1].nameBytes, b = list[i].nameBytes
-            if a == b { throw .duplicate(list[i].name) }
-            if !a.lexicographicallyPrecedes(b) { throw .unsorted(list[i].name, after: list[i - 1].name) }
+    static func checkSorted(_ names: [String]) throws(TreeError) {
+        guard names.count > 1 else { return }
+        for i in 1..<names.count {
+            let a = names[i - 1].utf8, b = names[i].utf8
+            if a.elementsEqual(b) { throw .duplicate(names[i]) }
+            if !a.lexicographicallyPrecedes(b) { throw .unsorted(names[i], after: names[i - 1]) }
         }
     }
 

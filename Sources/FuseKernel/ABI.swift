@@ -116,6 +116,7 @@ public struct FuseSetattrValid: OptionSet, Sendable {
 public enum FuseNotifyCode: Int32, Sendable {
     case invalInode = 2
     case invalEntry = 3
+    case store = 4
 }
 
 /// Device ioctls (`_IOR`/`_IOW` with magic 229).

@@ -66,6 +66,40 @@ public final class FuseChannel: Sendable {
         return msg.withUnsafeBytes { send($0.baseAddress!, $0.count) }
     }
 
+    /// Puts `data` into the kernel's page cache of inode `ino` at `offset`
+    /// (FUSE_NOTIFY_STORE), so reads of it never reach the daemon. Returns
+    /// 0, or the errno: ENOENT when the kernel does not (yet) hold the inode.
+    /// Never call it from the handler of a request on that inode: the
+    /// kernel may hold a page of it locked, waiting on that very request.
+    @discardableResult
+    public func store(_ ino: UInt64, offset: UInt64 = 0, _ data: UnsafeRawBufferPointer) -> Int32 {
+        guard data.count <= Int(UInt32.max) - 64 else { return EINVAL }
+        var head = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+        let length = FuseABI.outHeaderSize + 24 + data.count
+        withUnsafeMutableBytes(of: &head) { b in
+            header(b, length: length, code: .store)
+            b.storeBytes(of: ino.littleEndian, toByteOffset: 16, as: UInt64.self)
+            b.storeBytes(of: offset.littleEndian, toByteOffset: 24, as: UInt64.self)
+            b.storeBytes(of: UInt32(data.count).littleEndian, toByteOffset: 32, as: UInt32.self)
+            b.storeBytes(of: UInt32(0), toByteOffset: 36, as: UInt32.self)
+        }
+        return withUnsafeBytes(of: &head) { h in
+            var iov = [iovec(iov_base: UnsafeMutableRawPointer(mutating: h.baseAddress), iov_len: 40),
+                       iovec(iov_base: UnsafeMutableRawPointer(mutating: data.baseAddress), iov_len: data.count)]
+            while true {
+                let r = writev(fd, &iov, data.count > 0 ? 2 : 1)
+                if r == length { return 0 }
+                let e = r < 0 ? errno : EIO
+                if e == EINTR { continue }
+                if e == ENODEV { markGone() }
+                // ENOENT: the inode is not (or no longer) in the kernel's
+                // cache: nothing to store into, not a failure of the device.
+                if e != ENOENT && e != ENODEV { onWriteError(e) }
+                return e
+            }
+        }
+    }
+
     private func header(_ b: UnsafeMutableRawBufferPointer, length: Int, code: FuseNotifyCode) {
         b.storeBytes(of: UInt32(length).littleEndian, toByteOffset: 0, as: UInt32.self)
         b.storeBytes(of: code.rawValue.littleEndian, toByteOffset: 4, as: Int32.self)

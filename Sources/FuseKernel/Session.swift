@@ -40,6 +40,12 @@ public protocol FuseFileSystem: AnyObject, Sendable {
     func connected(_ info: FuseConnectionInfo, _ channel: FuseChannel)
     /// Answers one request: exactly one reply through `reply` (FORGET: `none()`).
     func handle(_ header: FuseRequestHeader, _ operation: FuseOperation, _ reply: FuseReply)
+    /// The connection ended (unmounted): stop what serves it.
+    func disconnected()
+}
+
+extension FuseFileSystem {
+    public func disconnected() {}
 }
 
 public enum FuseSessionError: Error, CustomStringConvertible {
@@ -105,6 +111,7 @@ public final class FuseSession: @unchecked Sendable {
         }
         loop(buffer, reply)
         done.wait()
+        fs.disconnected()
     }
 
     /// Reads one request into `buffer`; nil when the connection is gone.

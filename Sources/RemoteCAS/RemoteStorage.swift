@@ -7,6 +7,8 @@ import REAPI
 import Synchronization
 
 let log = Logger(label: "casfs.remote")
+/// Failures a server (or whoever controls it) can repeat at will are folded.
+let folded = LogFolder(logger: log)
 
 typealias REDigest = Build_Bazel_Remote_Execution_V2_Digest
 typealias CASClient = Build_Bazel_Remote_Execution_V2_ContentAddressableStorage.Client<HTTP2ClientTransport.Posix>
@@ -132,12 +134,25 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     /// Largest request casfs builds.
     private let sendLimit: Int
     private let deleteWarned = Atomic<Bool>(false)
+    /// The largest range read at once: lowered when a range stalls (no
+    /// answer within the stall timeout) and raised again as ranges succeed.
+    private let rangeCap = Atomic<Int64>(64 << 20)
+    private let rangeSuccesses = Atomic<Int>(0)
     /// Failed calls and retries, when a scope was given.
     private let errorCount: MetricCounter?
     private let retryCount: MetricCounter?
 
     /// Default per-request limit when the server does not say (BuildGrid's and Bazel's 4 MiB).
     static let defaultBatchLimit = 4 << 20
+    /// The most one batch may carry, whatever the server allows.
+    static let maxBatchLimit = 64 << 20
+    /// Ranges a stalled read is split down to, at the least.
+    static let minRange: Int64 = 16 << 10
+    /// Ranges of a whole-blob download (several in flight).
+    static let downloadChunk: Int64 = 4 << 20
+    static let downloadParallelism = 4
+    /// The slowest a blob may come and still be waited for (besides `requestTimeout`).
+    static let minimumRate: Double = 262_144
     /// Room kept in each batch request for names, digests and framing.
     static let batchHeadroom = 64 << 10
     /// Per-blob framing allowance inside a batch.
@@ -296,6 +311,11 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         }
     }
 
+    /// A range over ByteStream. A range that stalls is split and its parts
+    /// read at once (`readRange`), so a server that cannot send large ranges
+    /// still answers the whole request: the kernel never falls back to
+    /// 4 KiB reads. The whole read has a deadline of `requestTimeout` plus
+    /// its size at `minimumRate`.
     public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {
         guard offset >= 0, length >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
         if digest.size == 0 { return digest.isEmpty ? Data() : nil }
@@ -304,24 +324,84 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
             return try hasBlob(digest) ? Data() : nil
         }
         let limit = min(Int64(length), digest.size - offset)
-        var req = Google_Bytestream_ReadRequest()
-        req.resourceName = readResourceName(digest)
-        req.readOffset = offset
-        req.readLimit = limit
+        let overall = overallDeadline(bytes: limit)
         do {
-            return try call("ByteStream.Read", bytes: limit) { [self, req] in
-                try await ByteStreamClient(wrapping: client).read(req, options: options(bytes: limit)) { response in
-                    var out = Data()
-                    out.reserveCapacity(Int(limit))
-                    for try await message in response.messages {
-                        out.append(message.data)
-                        if out.count > limit { throw RemoteError.protocolViolation("server sent more than read_limit") }
-                    }
-                    return out
-                }
+            return try call("ByteStream.Read", bytes: limit, budget: overall) { [self] in
+                try await readRange(digest, offset: offset, length: limit, until: .now + .seconds(overall))
             }
         } catch StorageError.io(ENOENT, _) {
             return nil
+        }
+    }
+
+    /// Seconds a read of `bytes` may take in all (stalls and splits included).
+    private func overallDeadline(bytes: Int64) -> Double {
+        min(requestTimeout * 2 + Double(max(0, bytes)) / Self.minimumRate, Self.maxRequestTimeout * 2)
+    }
+
+    /// How long one range may go without an answer before it counts as stalled.
+    private var stallTimeout: Double { min(requestTimeout, 10) }
+
+    /// Reads `[offset, offset + length)`: in parts of at most `rangeCap`, up
+    /// to 8 at once; a part that stalls lowers `rangeCap` and is read again
+    /// in smaller parts, down to `minRange`, until `deadline`.
+    func readRange(_ d: Digest, offset: Int64, length: Int64, until deadline: ContinuousClock.Instant) async throws -> Data {
+        let cap = max(Self.minRange, rangeCap.load(ordering: .relaxed))
+        if length > cap {
+            let parts = stride(from: offset, to: offset + length, by: Int(cap)).map { ($0, min(cap, offset + length - $0)) }
+            var chunks = [Data?](repeating: nil, count: parts.count)
+            try await withThrowingTaskGroup(of: (Int, Data).self) { group in
+                var next = 0
+                func add() {
+                    let (i, (o, n)) = (next, parts[next])
+                    group.addTask { (i, try await self.readRange(d, offset: o, length: n, until: deadline)) }
+                    next += 1
+                }
+                while next < min(8, parts.count) { add() }
+                while let (i, data) = try await group.next() {
+                    chunks[i] = data
+                    if next < parts.count { add() }
+                }
+            }
+            var out = Data()
+            out.reserveCapacity(Int(length))
+            for c in chunks { out.append(c!) }
+            return out
+        }
+        let remaining = deadline - .now
+        guard remaining > .zero else {
+            throw StorageError.unavailable("ByteStream.Read of \(d) from \(endpoint): no answer in time (stalled ranges)")
+        }
+        let wait = min(stallTimeout + Double(length) / Double(8 << 20), Double(remaining.components.seconds) + 1)
+        var req = Google_Bytestream_ReadRequest()
+        req.resourceName = readResourceName(d)
+        req.readOffset = offset
+        req.readLimit = length
+        do {
+            let data = try await ByteStreamClient(wrapping: client).read(req, options: options(timeout: wait)) { response in
+                var out = Data()
+                out.reserveCapacity(Int(length))
+                for try await message in response.messages {
+                    out.append(message.data)
+                    if out.count > length { throw RemoteError.protocolViolation("server sent more than read_limit") }
+                }
+                return out
+            }
+            guard Int64(data.count) == length else {
+                throw StorageError.io(errno: EIO, "ByteStream.Read of \(d) at \(offset): \(data.count) of \(length) bytes")
+            }
+            // Ranges come back whole again: let the cap grow back, slowly.
+            if length >= cap / 2, rangeSuccesses.add(1, ordering: .relaxed).newValue % 16 == 0, cap < (64 << 20) {
+                rangeCap.store(min(64 << 20, cap * 2), ordering: .relaxed)
+            }
+            return data
+        } catch let e as RPCError where e.code == .deadlineExceeded && length > Self.minRange && ContinuousClock.now < deadline {
+            let smaller = max(Self.minRange, min(cap, length) / 4)
+            rangeCap.store(smaller, ordering: .relaxed)
+            rangeSuccesses.store(0, ordering: .relaxed)
+            folded.warning(kind: "remote range stalled", key: endpoint.description,
+                           "\(endpoint): a range of \(length) bytes of \(d) got no answer in \(Int(wait)) s; reading ranges of \(smaller) bytes from now on")
+            return try await readRange(d, offset: offset, length: length, until: deadline)
         }
     }
 
@@ -434,9 +514,11 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
                 try await CapabilitiesClient(wrapping: client).getCapabilities(req, options: options())
             }
             capabilitiesAsked.store(true, ordering: .releasing)
+            // The server's own limit (the channel's limits apply on top, in
+            // `currentBatchLimit`); a server that names none gets 4 MiB.
             let max = caps.cacheCapabilities.maxBatchTotalSizeBytes
             if max > 0 {
-                batchLimit.store(Int(min(max, Int64(Self.defaultBatchLimit))), ordering: .relaxed)
+                batchLimit.store(Int(min(max, Int64(Self.maxBatchLimit))), ordering: .relaxed)
             }
             let offered = caps.cacheCapabilities.supportedCompressors
             compressors.withLock { $0 = offered }
@@ -501,29 +583,44 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     // MARK: - ByteStream
 
     /// Reads the whole blob into an unnamed temporary file; nil if absent.
+    /// Ranges of `downloadChunk` bytes are read `downloadParallelism` at a
+    /// time (each split further if it stalls, see `readRange`) and written
+    /// where they belong; the whole download has the deadline of `read`.
     private func streamToFile(_ digest: Digest) throws -> BlobSource? {
         let fd = try openAnonymousFile(in: temporaryDirectory)
         let source = FileSource(fd: fd, size: digest.size)
-        var req = Google_Bytestream_ReadRequest()
-        req.resourceName = readResourceName(digest)
+        let size = digest.size
+        let overall = overallDeadline(bytes: size)
         do {
-            let written = try call("ByteStream.Read", bytes: digest.size) { [self, req] in
-                // A retried attempt continues where the last one stopped.
-                let have = lseek(fd, 0, SEEK_END)
-                var r = req
-                r.readOffset = Int64(have)
-                return try await ByteStreamClient(wrapping: client).read(r, options: options(bytes: digest.size)) { response in
-                    var total = Int64(have)
-                    for try await message in response.messages {
-                        try message.data.withUnsafeBytes { try writeFully(fd, $0) }
-                        total += Int64(message.data.count)
-                        if total > digest.size { throw RemoteError.protocolViolation("server sent more than \(digest.size) bytes") }
+            try call("ByteStream.Read", bytes: size, budget: overall) { [self] in
+                let deadline = ContinuousClock.now + .seconds(overall)
+                let chunk = Self.downloadChunk
+                let starts = Array(stride(from: Int64(0), to: size, by: Int(chunk)))
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    var next = 0
+                    func add() {
+                        let o = starts[next]
+                        next += 1
+                        group.addTask {
+                            let data = try await self.readRange(digest, offset: o, length: min(chunk, size - o), until: deadline)
+                            try data.withUnsafeBytes { b in
+                                var done = 0
+                                while done < b.count {
+                                    let r = pwrite(fd, b.baseAddress! + done, b.count - done, off_t(o) + off_t(done))
+                                    if r < 0 {
+                                        if errno == EINTR { continue }
+                                        throw StorageError.posix("write of a download")
+                                    }
+                                    done += r
+                                }
+                            }
+                        }
                     }
-                    return total
+                    while next < min(Self.downloadParallelism, starts.count) { add() }
+                    while try await group.next() != nil {
+                        if next < starts.count { add() }
+                    }
                 }
-            }
-            guard written == digest.size else {
-                throw StorageError.sizeMismatch(expected: digest, actualSize: written)
             }
             return source
         } catch StorageError.io(ENOENT, _) {
@@ -582,9 +679,9 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     /// Call options: the deadline grows with the bytes moved (at least 8 MiB/s
     /// is expected on top of `requestTimeout`). Calls fail fast when the
     /// server is unreachable instead of waiting for it.
-    private func options(bytes: Int64 = 0) -> CallOptions {
+    private func options(bytes: Int64 = 0, timeout: Double? = nil) -> CallOptions {
         var o = CallOptions.defaults
-        o.timeout = .milliseconds(Int64(deadline(bytes: bytes) * 1000))
+        o.timeout = .milliseconds(Int64((timeout ?? deadline(bytes: bytes)) * 1000))
         o.waitForReady = false
         // grpc-swift-nio-transport 2.9 limits the messages it *receives* by
         // maxRequestMessageBytes (its deframer's limit) and does not read
@@ -604,7 +701,8 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     /// Runs `body` (with retries) on the concurrency pool and blocks until it
     /// finishes. The wait itself is bounded so that a stuck transport cannot
     /// hang the caller.
-    private func call<T: Sendable>(_ what: String, bytes: Int64 = 0, retrying: Bool = true,
+    /// `budget`: seconds one attempt may take, when not `deadline(bytes:)`.
+    private func call<T: Sendable>(_ what: String, bytes: Int64 = 0, retrying: Bool = true, budget attempt: Double? = nil,
                                    _ body: @escaping @Sendable () async throws -> T) throws -> T {
         let box = ResultBox<T>()
         let done = DispatchSemaphore(value: 0)
@@ -622,7 +720,8 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
                     attempt += 1
                     retryCount?.add()
                     let delay = backoff.delay(afterAttempt: attempt)
-                    log.info("\(what) to \(endpoint): \(e.code) (\(e.message)); retry \(attempt) of \(retries) in \(String(format: "%.1f", delay)) s")
+                    folded.log(.info, kind: "remote retry", key: "\(endpoint) \(what) \(e.code)",
+                               "\(what) to \(endpoint): \(e.code) (\(e.message)); retry \(attempt) of \(retries) in \(String(format: "%.1f", delay)) s")
                     do { try await Task.sleep(for: .milliseconds(Int64(delay * 1000))) } catch {
                         box.set(.failure(e))
                         break
@@ -634,7 +733,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
             }
             done.signal()
         }
-        let budget = Double(retries + 1) * (deadline(bytes: bytes) + 2.5) + backoff.worstCaseTotalDelay + 5
+        let budget = Double(retries + 1) * ((attempt ?? deadline(bytes: bytes)) + 2.5) + backoff.worstCaseTotalDelay + 5
         if done.wait(timeout: .now() + budget) == .timedOut {
             task.cancel()
             errorCount?.add()

@@ -20,6 +20,8 @@ struct MountOverrides {
     var openless: Bool?
     /// `metrics=HOST:PORT`: serve the metrics there.
     var metricsAddress: ListenAddress?
+    /// `tree_directory_mode=0755`.
+    var treeDirectoryMode: UInt32?
 
     static let ignored: Set<String> = [
         "defaults", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -73,6 +75,11 @@ struct MountOverrides {
                 case "fsname":
                     guard let value, !value.isEmpty, !value.contains(",") else { throw BadOption(description: "-o fsname needs a value") }
                     o.fsName = value
+                case "tree_directory_mode":
+                    guard let value, let mode = MountOptions.parseMode(value) else {
+                        throw BadOption(description: "-o tree_directory_mode needs an octal mode (e.g. 0755)")
+                    }
+                    o.treeDirectoryMode = mode
                 case "metrics":
                     guard let value else { throw BadOption(description: "-o metrics needs HOST:PORT") }
                     do { o.metricsAddress = try ListenAddress(parsing: value) } catch {
@@ -80,7 +87,7 @@ struct MountOverrides {
                     }
                 default:
                     if ignored.contains(key) { continue }
-                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, open, noopen, passthrough=auto|off, metrics=HOST:PORT)")
+                    throw BadOption(description: "unknown mount option '\(item)' (known: rw, ro, allow_other, entry_timeout=S, attr_timeout=S, negative_timeout=S, threads=N, max_read=N, fsname=NAME, open, noopen, passthrough=auto|off, metrics=HOST:PORT, tree_directory_mode=MODE)")
                 }
             }
         }
@@ -99,5 +106,6 @@ struct MountOverrides {
         if let passthrough { m.passthrough = passthrough }
         if let openless { m.openless = openless }
         if let metricsAddress { m.metricsAddress = metricsAddress }
+        if let treeDirectoryMode { m.treeDirectoryMode = treeDirectoryMode }
     }
 }

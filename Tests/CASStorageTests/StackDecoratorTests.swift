@@ -105,6 +105,40 @@ final class PrefetchingStorageTests: XCTestCase {
         XCTAssertEqual(fallback.getCalls.load(ordering: .relaxed), 0, "no second fetch of the blob")
     }
 
+    /// A reader of a blob whose batch waits behind others runs that batch
+    /// itself, with the blob's neighbours, instead of waiting or fetching alone.
+    func testReaderRunsItsQueuedBatchItself() throws {
+        let m = MetricScope.standalone("storage")
+        let cache = InstrumentedStorage(MemoryStorage(maxBytes: 8 << 20))
+        let fallback = InstrumentedStorage(try DiskStorage(root: tempDir()))
+        let wc = WithCacheStorage(cache: cache, fallback: VerifyingStorage(fallback, sourceName: "fallback", metrics: m), metrics: m)
+        let s = PrefetchingStorage(wc, batchBytes: 64, threads: 1)
+        var digests: [Digest] = []
+        for i in 0..<4 {
+            let (d, data) = blob("queued blob \(i) with some length to it")
+            try fallback.inner.commitWrite(d, DataSource(data))
+            digests.append(d)
+        }
+        let gate = DispatchSemaphore(value: 0)
+        fallback.gate.withLock { $0 = gate }
+        s.prefetch(digests)  // one blob per batch; the only thread blocks on the first
+        XCTAssertTrue(waitUntil { fallback.bulkReadCalls.load(ordering: .relaxed) == 1 })
+        let done = DispatchSemaphore(value: 0)
+        let last = digests[3]
+        Thread {
+            _ = try? s.getBlob(last)
+            done.signal()
+        }.start()
+        XCTAssertTrue(waitUntil { fallback.bulkReadCalls.load(ordering: .relaxed) == 2 }, "the reader ran the last batch")
+        fallback.gate.withLock { $0 = nil }
+        gate.signal()
+        gate.signal()
+        XCTAssertEqual(done.wait(timeout: .now() + 30), .success)
+        for d in digests { _ = try s.getBlob(d) }
+        XCTAssertEqual(fallback.getCalls.load(ordering: .relaxed), 0, "no blob fetched alone")
+        try s.stop()
+    }
+
     func testPrefetchNeverCachesCorruptBytesOrThrows() throws {
         let (s, _, cache, fallback, m) = try make()
         let (d, data) = blob("will be corrupted")

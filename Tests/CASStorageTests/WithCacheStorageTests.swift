@@ -235,6 +235,11 @@ final class WithCacheStorageTests: XCTestCase {
         }
         _ = try t.s.getBlob(small[0])
         t.s.warm(small + [blob("absent").0])
+        // Readable at once without the fallback; in the cache once the fills ran.
+        let gets = t.fallback.getCalls.load(ordering: .relaxed)
+        for d in small { XCTAssertNotNil(try t.s.openBlob(d)) }
+        XCTAssertEqual(t.fallback.getCalls.load(ordering: .relaxed), gets)
+        t.s.waitForCacheFills()
         for d in small { XCTAssertTrue(try t.cache.inner.hasBlob(d)) }
         XCTAssertEqual(t.fallback.bulkReadCalls.load(ordering: .relaxed), 1, "39 small blobs: one bulk call")
         XCTAssertEqual(t.metrics.value(MetricCatalog.prefetchedBlobs), 39)

@@ -1,5 +1,6 @@
 import Foundation
 import FuseKernel
+import FuseTestHarness
 import Glibc
 import Synchronization
 import XCTest

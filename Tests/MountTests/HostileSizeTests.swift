@@ -254,5 +254,5 @@ final class HostileSizeTests: MountTestCase {
 
 enum TreeLimit {
     /// Directory blobs above this size are refused (TreeDirectory.maxBlobSize).
-    static let directory: Int64 = 64 << 20
+    static let directory: Int64 = 128 << 20
 }

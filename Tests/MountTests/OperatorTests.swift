@@ -120,6 +120,8 @@ final class OperatorTests: MountTestCase {
         XCTAssertTrue(pollUntil(30) { kill(first, 0) != 0 || self.isZombie(first) })
         // Back within a bounded time, with no remount.
         XCTAssertTrue(pollUntil(60) { self.sh("cmp \(shq(pa)) \(shq(m.path(da)))").ok }, "the indexed blob is not served again; log:\n\(m.log.suffix(3000))")
+        // (Blobs found present lately are served without Redis: wait for the new one.)
+        XCTAssertTrue(pollUntil(60) { (m.redisPID() ?? first) != first }, "the private Redis was not started again")
         let second = try XCTUnwrap(m.redisPID())
         XCTAssertNotEqual(second, first)
         XCTAssertEqual(kill(second, 0), 0)
