@@ -17,12 +17,19 @@ public protocol BlobSource: Sendable {
     var fileDescriptor: Int32? { get }
     /// The digest of these bytes, when casfs computed it while they were written.
     var computedDigest: Digest? { get }
+    /// How many bytes this source keeps in memory (by default: all of them,
+    /// unless it reads a file).
+    var heldBytes: Int64 { get }
 }
 
 extension BlobSource {
     public var isVerified: Bool { false }
     public var fileDescriptor: Int32? { nil }
     public var computedDigest: Digest? { nil }
+    public var heldBytes: Int64 { fileDescriptor == nil ? size : 0 }
+    /// True when each read asks the origin again (a remote read range by
+    /// range): two reads of one range need not return the same bytes.
+    public var rereads: Bool { fileDescriptor == nil && heldBytes == 0 }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
         let data = try read(offset: offset, length: buffer.count)
@@ -160,6 +167,7 @@ public final class FileSource: BlobSource {
 /// nothing held: each read asks again.
 public struct RangeSource: BlobSource {
     public let size: Int64
+    public var heldBytes: Int64 { 0 }
     private let reader: @Sendable (Int64, Int) throws -> Data
 
     public init(size: Int64, reader: @escaping @Sendable (_ offset: Int64, _ length: Int) throws -> Data) {
@@ -187,6 +195,19 @@ public func preadFully(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int
         done += r
     }
     return done
+}
+
+/// pwrite until all bytes are written at `offset`; retries on EINTR.
+public func pwriteFully(_ fd: Int32, _ buf: UnsafeRawBufferPointer, _ offset: Int64) throws {
+    var done = 0
+    while done < buf.count {
+        let r = pwrite(fd, buf.baseAddress! + done, buf.count - done, off_t(offset) + off_t(done))
+        if r < 0 {
+            if errno == EINTR { continue }
+            throw StorageError.posix("pwrite")
+        }
+        done += r
+    }
 }
 
 /// write until all bytes are written; retries on EINTR.

@@ -45,6 +45,8 @@ public final class LogFolder: @unchecked Sendable {  // `timer` is set once and 
         var kinds: [String: KindState] = [:]
     }
 
+    /// Distinct kinds counted apart in one window.
+    public static let maxKinds = 256
     private let state: Mutex<State>
     private let timer: DispatchSourceTimer
 
@@ -77,14 +79,17 @@ public final class LogFolder: @unchecked Sendable {  // `timer` is set once and 
                 s.seen[k] = f
                 return false
             }
-            var ks = s.kinds[kind] ?? KindState(level: level)
-            guard ks.logged < perKindLimit, s.seen.count < maxKeys else {
+            // Kinds are few and fixed; should a caller's kinds vary, those
+            // beyond `maxKinds` in a window share one count.
+            let counted = s.kinds[kind] != nil || s.kinds.count < Self.maxKinds ? kind : "other warnings"
+            var ks = s.kinds[counted] ?? KindState(level: level)
+            guard counted == kind, ks.logged < perKindLimit, s.seen.count < maxKeys else {
                 ks.suppressed += 1
-                s.kinds[kind] = ks
+                s.kinds[counted] = ks
                 return false
             }
             ks.logged += 1
-            s.kinds[kind] = ks
+            s.kinds[counted] = ks
             s.seen[k] = Folded(level: level, sample: key)
             return true
         }

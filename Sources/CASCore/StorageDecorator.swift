@@ -27,3 +27,15 @@ extension StorageDecorator {
     public func warm(_ ds: [Digest]) { inner.warm(ds) }
     public func prefetch(_ ds: [Digest]) { inner.prefetch(ds) }
 }
+
+extension Storage {
+    /// The first layer of this stack that is a `T`, looking through decorators.
+    public func layer<T>(_ type: T.Type) -> T? {
+        var s: any Storage = self
+        while true {
+            if let t = s as? T { return t }
+            guard let d = s as? any StorageDecorator else { return nil }
+            s = d.inner
+        }
+    }
+}

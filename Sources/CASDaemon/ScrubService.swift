@@ -24,7 +24,9 @@ public struct ScrubService: Service {
 
     public func run() async throws {
         let fs = fileSystem
+        let existence = stack.storage.layer(ExistenceCachingStorage.self)
         let scrub = BackgroundScrub.start(stack.scrubTargets, interval: interval, rate: rate, metrics: stack.metrics) { d in
+            existence?.forget([d])
             fs?.blobChanged(d)
         }
         await untilShutdown { scrub?.stop() }

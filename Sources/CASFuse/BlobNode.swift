@@ -107,7 +107,7 @@ final class FileNode: Node {
                                          truncated: truncated, opener: r.header.pid)
             let readable = Int32(bitPattern: openFlags) & O_ACCMODE == O_RDWR
             guard let mode = fs.passthrough.openWriter(ino, readable: readable) else {
-                log.info("read-write open of \(digest) refused: it is being read through passthrough")
+                folded.log(.info, kind: "read-write open refused", key: digest.description, "read-write open of \(digest) refused: it is being read through passthrough")
                 return r.reply.error(EBUSY)
             }
             w.mode = mode

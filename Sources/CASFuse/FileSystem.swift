@@ -138,7 +138,13 @@ public final class CASFileSystem: FuseFileSystem, @unchecked Sendable {
         channelBox.withLock { $0 = channel }
         // Open-less mounts: the kernel's page cache is the only one readers
         // use, so small blobs are pushed into it ahead of their reads.
-        if openless { feederBox.withLock { $0 = PageCacheFeeder(storage: storage, channel: channel, metrics: metrics) } }
+        if openless {
+            let nodes = self.nodes
+            let feeder = PageCacheFeeder(storage: storage, channel: channel, metrics: metrics) { ino, digest in
+                (nodes[ino] as? FileNode)?.digest == digest
+            }
+            feederBox.withLock { $0 = feeder }
+        }
         passthrough.connect(channel, agreed: info.flags.contains(.passthrough))
         log.info("FUSE 7.\(info.minor): passthrough \(passthrough.isOn ? "on" : "off"), \(openless ? "open-less" : "with OPEN"), requests up to \(info.maxWrite) bytes")
         if let ready = onReady.withLock({ r -> (@Sendable () -> Void)? in defer { r = nil }; return r }) { ready() }

@@ -111,7 +111,10 @@ final class PinnedSources: Sendable {
 
     /// Holds `source` for `ino` (opened already), if there is room.
     func hold(_ ino: UInt64, _ source: BlobSource) {
-        let inMemory = source.fileDescriptor == nil
+        // A source that holds its bytes counts against the byte bound; one
+        // that reads a file or a remote as asked (a stream check's progress
+        // lives in it) against the count.
+        let inMemory = source.heldBytes > 0
         state.withLock { s in
             guard s.held[ino] == nil else { return }
             if inMemory {
@@ -128,7 +131,7 @@ final class PinnedSources: Sendable {
     func drop(_ ino: UInt64) {
         state.withLock { s in
             guard let src = s.held.removeValue(forKey: ino) else { return }
-            if src.fileDescriptor == nil { s.bytes -= src.size } else { s.files -= 1 }
+            if src.heldBytes > 0 { s.bytes -= src.size } else { s.files -= 1 }
         }
     }
 }

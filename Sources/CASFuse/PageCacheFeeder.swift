@@ -57,6 +57,10 @@ final class PageCacheFeeder: @unchecked Sendable {
     let patience: Duration
     private let storage: any Storage
     private let channel: FuseChannel
+    /// Whether inode `ino` still stands for blob `digest` (an offer can wait
+    /// long; meanwhile the kernel may forget the inode and its number go to
+    /// another blob): asked before every store.
+    private let holds: @Sendable (_ ino: UInt64, _ digest: Digest) -> Bool
     private let cond = NSCondition()
     // Guarded by `cond`.
     private var queue: [Job] = []
@@ -77,11 +81,13 @@ final class PageCacheFeeder: @unchecked Sendable {
         let won, lost, refused, skipped, bytes: MetricCounter
     }
 
-    init(storage: any Storage, channel: FuseChannel, metrics: Metrics, threads: Int = 2,
+    init(storage: any Storage, channel: FuseChannel, metrics: Metrics,
+         holds: @escaping @Sendable (_ ino: UInt64, _ digest: Digest) -> Bool, threads: Int = 2,
          maxBlobSize: Int64 = 64 << 10, maxQueuedBytes: Int64 = 32 << 20, maxOffered: Int = 200_000,
          listingBudgetBytes: Int64 = 2 << 20, listingBudgetFiles: Int = 512, patience: Duration = .milliseconds(20)) {
         self.storage = storage
         self.channel = channel
+        self.holds = holds
         self.maxBlobSize = maxBlobSize
         self.maxQueuedBytes = maxQueuedBytes
         self.maxOffered = maxOffered
@@ -262,6 +268,10 @@ final class PageCacheFeeder: @unchecked Sendable {
         let deadline = start + patience
         while true {
             if isOvertaken(j.ino) { return false }
+            guard holds(j.ino, j.digest) else {
+                counters.skipped.add()
+                return false
+            }
             let rc = data.withUnsafeBytes { channel.store(j.ino, $0) }
             if rc == 0 { return true }
             // ENOENT: the reader has not taken the reply yet; try again shortly.

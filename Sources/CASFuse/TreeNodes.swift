@@ -85,7 +85,7 @@ final class TreeDirectoryNode: Node {
             fs.replyFileEntry(digest, FileVariant(executable: executable, properties: child.properties),
                               timeout: fs.options.entryTimeout, r.reply)
         case .directory(let digest):
-            guard let sub = fs.loadDirectory(digest, op: "lookup \(child.name) in", r.reply) else { return }
+            guard let sub = fs.loadDirectory(digest, op: "lookup", r.reply) else { return }
             fs.replyTreeDirectory(TreeDirectoryNode(parent: ino, name: name.array, digest: digest, sub, fs: fs), sub, r.reply)
         case .symlink(let target):
             fs.replyTreeNode(SymlinkNode(parent: ino, name: name.array, target: target, mtime: child.properties.mtime),

@@ -122,7 +122,10 @@ final class WriteHandle: @unchecked Sendable {
     /// A blob gone since the kernel looked it up (cleanup, a repair, another
     /// mount) is written as a new one: its truncate changes nothing.
     func acceptOpenTruncate(size n: UInt64, thread: UInt32) -> Bool {
-        lock.withLock {
+        // Another open's truncate never waits for this handle (which may be
+        // committing, under its lock).
+        guard n == 0, thread == openerThread else { return false }
+        return lock.withLock {
             guard n == 0, thread == openerThread, size == 0 else { return false }
             if !existed { return true }
             guard !mayWrite else { return false }
@@ -159,7 +162,8 @@ final class WriteHandle: @unchecked Sendable {
     }
 
     func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
-        let n = lock.withLock { size }
+        // Not under the lock: a read never waits for a commit.
+        let n = publishedSize.load(ordering: .acquiring)
         return try FileSource(fd: fcntl(fd, F_DUPFD_CLOEXEC, 0), size: n).read(into: buffer, offset: Int64(bitPattern: offset))
     }
 

@@ -478,6 +478,8 @@ final class JournalEntrySource: BlobSource, @unchecked Sendable {
 
     deinit { close(fd) }
 
+    var heldBytes: Int64 { 0 }
+
     var size: Int64 { digest.size }
     var isVerified: Bool { true }
 

@@ -51,6 +51,7 @@ public final class ExistenceCachingStorage: StorageDecorator {
     }
 
     private let state = Mutex(State())
+    private let deletes = RecentDeletes()
     private let start = ContinuousClock.now
     private let hits: MetricCounter
     private let misses: MetricCounter
@@ -88,10 +89,13 @@ public final class ExistenceCachingStorage: StorageDecorator {
         }
     }
 
-    func remember(_ ds: some Sequence<Digest>) {
+    /// Remembers these names as present, as found by a call to the storage
+    /// below that began at moment `started` (`deletes.now`): not those
+    /// deleted since (the answer may predate the delete).
+    func remember(_ ds: some Sequence<Digest>, since started: UInt64) {
         let until = now() &+ expiryNanoseconds
         state.withLock { s in
-            for d in ds {
+            for d in ds where !deletes.deleted(d, since: started) {
                 s.young[Key(d)] = until
                 if s.young.count >= capacity / 2 {
                     s.old = s.young
@@ -101,7 +105,9 @@ public final class ExistenceCachingStorage: StorageDecorator {
         }
     }
 
-    func forget(_ ds: some Sequence<Digest>) {
+    /// Drops these names (a blob removed or replaced below this layer, by a
+    /// repair or a scrub).
+    public func forget(_ ds: some Sequence<Digest>) {
         state.withLock { s in
             for d in ds {
                 let k = Key(d)
@@ -121,57 +127,74 @@ public final class ExistenceCachingStorage: StorageDecorator {
             return true
         }
         misses.add()
+        let started = deletes.now
         let found = try inner.hasBlob(d)
-        if found { remember([d]) }
+        if found { remember([d], since: started) }
         return found
     }
 
     public func getBlob(_ d: Digest) throws -> BlobSource? {
-        let src = try inner.getBlob(d)
+        let src = try forgettingCorrupt(d) { try inner.getBlob(d) }
         if src == nil { forget([d]) }
         return src
     }
 
     public func openBlob(_ d: Digest) throws -> BlobSource? {
-        let src = try inner.openBlob(d)
+        let src = try forgettingCorrupt(d) { try inner.openBlob(d) }
         if src == nil { forget([d]) }
         return src
     }
 
     public func read(_ d: Digest, offset: Int64, length: Int) throws -> Data? {
-        let data = try inner.read(d, offset: offset, length: length)
+        let data = try forgettingCorrupt(d) { try inner.read(d, offset: offset, length: length) }
         if data == nil { forget([d]) }
         return data
     }
 
+    /// A corrupt copy found below was removed (or is about to be): the name
+    /// is no longer known present.
+    private func forgettingCorrupt<T>(_ d: Digest, _ body: () throws -> T) throws -> T {
+        do { return try body() } catch {
+            if case .corrupt = StorageError.wrap(error) { forget([d]) }
+            throw error
+        }
+    }
+
     public func commitWrite(_ d: Digest, _ source: BlobSource) throws {
+        let started = deletes.now
         try inner.commitWrite(d, source)
-        remember([d])
+        remember([d], since: started)
     }
 
     public func bulkUpdateBlobs(_ blobs: [(Digest, Data)]) -> [StorageError?] {
+        let started = deletes.now
         let results = inner.bulkUpdateBlobs(blobs)
-        remember(zip(blobs, results).compactMap { $1 == nil ? $0.0 : nil })
+        remember(zip(blobs, results).compactMap { $1 == nil ? $0.0 : nil }, since: started)
         return results
     }
 
     public func deleteBlob(_ d: Digest) throws {
+        // Lookups under way may have found it before the delete: they do not
+        // remember it after (`deletes`).
+        deletes.record([d])
         forget([d])
-        defer { forget([d]) }  // a lookup racing the delete may have put it back
+        defer { forget([d]) }
         try inner.deleteBlob(d)
     }
 
     public func bulkDelete(_ ds: [Digest]) -> [String] {
+        deletes.record(ds)
         forget(ds)
         defer { forget(ds) }
         return inner.bulkDelete(ds)
     }
 
     public func missingBlobs(_ ds: [Digest]) throws -> [Digest] {
+        let started = deletes.now
         let missing = try inner.missingBlobs(ds)
         let absent = Set(missing)
         forget(missing)
-        remember(ds.filter { !absent.contains($0) })
+        remember(ds.filter { !absent.contains($0) }, since: started)
         return missing
     }
 }

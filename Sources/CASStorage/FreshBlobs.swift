@@ -32,8 +32,19 @@ final class FreshBlobs: Sendable {
             s.order.append(d)
             s.bytes += n
             while s.bytes > maxBytes, s.head < s.order.count { drop(&s) }
+            // Entries expire oldest first: their places in `order` go too.
+            while s.head < s.order.count {
+                if let e = s.blobs[s.order[s.head]], now - e.at < maxAge { break }
+                drop(&s)
+            }
             if s.head > 1024, s.head * 2 > s.order.count {
                 s.order.removeFirst(s.head)
+                s.head = 0
+            }
+            // Places of entries taken by `get` or `remove`: `order` stays
+            // within twice the entries held (plus a little).
+            if s.order.count - s.head > 2 * s.blobs.count + 1024 {
+                s.order = s.order[s.head...].filter { s.blobs[$0] != nil }
                 s.head = 0
             }
         }

@@ -17,6 +17,10 @@ import Synchronization
 ///   is deleted from the storage below (and so from its index), so the next
 ///   reader gets ENOENT or, through a cache's fallback, the right bytes.
 /// - A verified file gets its proof recorded by the storage that holds it.
+/// - A source that reads again at each call (a remote read range by range)
+///   could answer differently the second time: the bytes it gave are kept
+///   while they are hashed (in memory up to 4 MiB, else in an unnamed file)
+///   and served from there, never fetched again unchecked.
 public final class VerifyingStorage: StorageDecorator {
     public let inner: any Storage
     /// Names the source in logs and errors (e.g. `storage.fallback`).
@@ -29,9 +33,8 @@ public final class VerifyingStorage: StorageDecorator {
     public let streamWindow: Int64
 
     private let streams = Mutex<[Digest: WeakStreamCheck]>([:])
-    /// Blobs of sources that cannot hold a proof (a remote), verified in full
-    /// by this process: their ranged reads are trusted.
-    private let verifiedRemotely = RecentSet<Digest>(capacity: 4096)
+    /// Where the bytes of re-reading sources are kept while checked.
+    let spoolDirectory: String
     let counters: Counters
 
     struct Counters: Sendable {
@@ -44,6 +47,7 @@ public final class VerifyingStorage: StorageDecorator {
         self.sourceName = sourceName
         self.wholeCheckLimit = wholeCheckLimit
         self.streamWindow = max(0, streamWindow)
+        spoolDirectory = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
         counters = Counters(verifications: metrics.counter(MetricCatalog.verifications),
                             verifiedBytes: metrics.counter(MetricCatalog.verifiedBytes),
                             failures: metrics.counter(MetricCatalog.verifyFailures),
@@ -60,7 +64,7 @@ public final class VerifyingStorage: StorageDecorator {
         guard let src = try inner.openBlob(d) else { return nil }
         if trusted(d, src) { return src }
         if d.size <= wholeCheckLimit { return try checkWhole(d, src) }
-        return StreamCheckedSource(digest: d, source: src, check: streamCheck(d), owner: self)
+        return StreamCheckedSource(digest: d, source: src, check: try streamCheck(d, spooled: src.rereads), owner: self)
     }
 
     public func read(_ d: Digest, offset: Int64, length: Int) throws -> Data? {
@@ -81,57 +85,105 @@ public final class VerifyingStorage: StorageDecorator {
         return found
     }
 
-    private func trusted(_ d: Digest, _ src: BlobSource) -> Bool {
-        src.isVerified || (src.fileDescriptor == nil && verifiedRemotely.contains(d))
-    }
+    private func trusted(_ d: Digest, _ src: BlobSource) -> Bool { src.isVerified }
 
     /// Hashes all of `src`; returns it marked verified, or throws `corrupt`.
+    /// A source that reads again at each call is copied while hashed, and
+    /// the copy is what is returned.
     func checkWhole(_ d: Digest, _ src: BlobSource) throws -> BlobSource {
         counters.verifications.add()
-        guard src.size == d.size else { throw failed(d, "\(src.size) bytes") }
+        guard src.size == d.size else { throw failed(d, "\(src.size) bytes", read: src) }
+        if src.rereads { return try checkCopying(d, src) }
         var h = DigestHasher()
         var buf = [UInt8](repeating: 0, count: Int(min(d.size, Int64(streamChunkSize))))
         var offset: Int64 = 0
         while offset < d.size {
             let n = try buf.withUnsafeMutableBytes { try src.read(into: $0, offset: offset) }
-            guard n > 0 else { throw failed(d, "ended after \(offset) bytes") }
+            guard n > 0 else { throw failed(d, "ended after \(offset) bytes", read: src) }
             buf.withUnsafeBytes { h.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
             offset += Int64(n)
         }
         counters.verifiedBytes.add(d.size)
         let actual = h.finalize()
-        guard actual == d else { throw failed(d, "content is \(actual)") }
+        guard actual == d else { throw failed(d, "content is \(actual)", read: src) }
         verified(d, src)
         return VerifiedSource(src)
     }
 
+    /// `checkWhole` of a source that reads again at each call: its bytes are
+    /// copied (memory up to 4 MiB, else an unnamed file) while hashed.
+    private func checkCopying(_ d: Digest, _ src: BlobSource) throws -> BlobSource {
+        var h = DigestHasher()
+        let copy: BlobSource
+        if d.size <= 4 << 20 {
+            let data = try src.readAll()
+            guard Int64(data.count) == d.size else { throw failed(d, "ended after \(data.count) bytes", read: src) }
+            h.update(data)
+            copy = DataSource(data)
+        } else {
+            let fd = try openAnonymousFile(in: spoolDirectory)
+            let file = FileSource(fd: fd, size: d.size)
+            var buf = [UInt8](repeating: 0, count: streamChunkSize)
+            var offset: Int64 = 0
+            while offset < d.size {
+                let n = try buf.withUnsafeMutableBytes { try src.read(into: $0, offset: offset) }
+                guard n > 0 else { throw failed(d, "ended after \(offset) bytes", read: src) }
+                try buf.withUnsafeBytes { b in
+                    let chunk = UnsafeRawBufferPointer(rebasing: b[0..<n])
+                    h.update(chunk)
+                    try pwriteFully(fd, chunk, offset)
+                }
+                offset += Int64(n)
+            }
+            copy = file
+        }
+        counters.verifiedBytes.add(d.size)
+        let actual = h.finalize()
+        guard actual == d else { throw failed(d, "content is \(actual)", read: src) }
+        return VerifiedSource(copy)
+    }
+
     func verified(_ d: Digest, _ src: BlobSource) {
-        if src.fileDescriptor == nil { verifiedRemotely.insert(d) }
         inner.recordVerified(d, src)
     }
 
     /// Logs, counts and repairs a mismatch; returns the error to throw.
     @discardableResult
-    func failed(_ d: Digest, _ what: String) -> StorageError {
+    func failed(_ d: Digest, _ what: String, read src: BlobSource? = nil) -> StorageError {
         counters.failures.add()
-        verifiedRemotely.remove(d)
         var repaired = "not removed"
         do {
-            try inner.deleteBlob(d)
-            counters.repairs.add()
-            repaired = "removed"
+            if let old = src as? StoreFile, let current = (try? inner.openBlob(d)) as? StoreFile,
+               current.isVerified, current.stamp != old.stamp {
+                // A verified rewrite replaced the damaged file since it was
+                // opened: the new copy stays.
+                repaired = "a verified copy replaced it meanwhile"
+            } else {
+                try inner.deleteBlob(d)
+                counters.repairs.add()
+                repaired = "removed"
+            }
         } catch {
             repaired = "could not be removed: \(error)"
         }
-        log.error("corrupt blob \(d) from \(sourceName): \(what); \(repaired)")
+        // A reader can ask again and again (a remote that keeps serving bad
+        // bytes): one line per blob and minute, the rest counted.
+        foldedLog.error(kind: "corrupt blob", key: d.description, "corrupt blob \(d) from \(sourceName): \(what); \(repaired)")
         return .corrupt(d, source: sourceName)
     }
 
-    private func streamCheck(_ d: Digest) -> StreamCheck {
-        streams.withLock { map in
-            if let c = map[d]?.check { return c }
+    /// The check shared by the readers of `d`. `spooled`: its sources read
+    /// again at each call, so the hashed bytes are kept in an unnamed file
+    /// and later reads of them are served from it.
+    private func streamCheck(_ d: Digest, spooled: Bool) throws -> StreamCheck {
+        let spool = spooled ? try openAnonymousFile(in: spoolDirectory) : nil
+        var unused = spool
+        defer { if let fd = unused { close(fd) } }
+        return streams.withLock { map in
+            if let c = map[d]?.check, (c.spool != nil) == spooled { return c }
             if map.count > 1024 { map = map.filter { $0.value.check != nil } }
-            let c = StreamCheck(size: d.size)
+            let c = StreamCheck(size: d.size, spool: spool)
+            unused = nil
             map[d] = WeakStreamCheck(check: c)
             return c
         }
@@ -145,6 +197,7 @@ struct VerifiedSource: BlobSource {
     var size: Int64 { inner.size }
     var isVerified: Bool { true }
     var fileDescriptor: Int32? { inner.fileDescriptor }
+    var heldBytes: Int64 { inner.heldBytes }
     func read(offset: Int64, length: Int) throws -> Data { try inner.read(offset: offset, length: length) }
     func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
         try inner.read(into: buffer, offset: offset)
@@ -169,8 +222,30 @@ final class StreamCheck: @unchecked Sendable {
     // Used only by the reader that set `extending`.
     var hasher = DigestHasher()
     let size: Int64
+    /// An unnamed file holding the hashed bytes (sources that read again at
+    /// each call): what later reads are served from. Owned.
+    let spool: Int32?
 
-    init(size: Int64) { self.size = size }
+    init(size: Int64, spool: Int32? = nil) {
+        self.size = size
+        self.spool = spool
+    }
+
+    deinit { if let spool { close(spool) } }
+
+    /// Keeps hashed bytes (spooled checks only).
+    func keep(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws {
+        guard let spool else { return }
+        try pwriteFully(spool, bytes, offset)
+    }
+
+    /// Hashed bytes: from the spool where there is one, else from `source`.
+    func hashedBytes(_ source: BlobSource, into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
+        guard let spool else { return try source.read(into: buffer, offset: offset) }
+        let n = Int(max(0, min(Int64(buffer.count), size - offset)))
+        guard n > 0 else { return 0 }
+        return try preadFully(spool, buffer.baseAddress!, n, offset)
+    }
 }
 
 /// Reads of a large unverified blob. In-order reads are hashed as they pass
@@ -195,6 +270,7 @@ final class StreamCheckedSource: BlobSource, @unchecked Sendable {
 
     var size: Int64 { digest.size }
     var fileDescriptor: Int32? { nil }  // not handed to the kernel unverified
+    var heldBytes: Int64 { source.heldBytes }
 
     func read(offset: Int64, length: Int) throws -> Data {
         var data = Data(count: max(0, Int(min(Int64(length), max(0, size - offset)))))
@@ -212,7 +288,7 @@ final class StreamCheckedSource: BlobSource, @unchecked Sendable {
             switch check.outcome {
             case .verified:
                 check.cond.unlock()
-                return try source.read(into: buffer, offset: offset)
+                return try check.hashedBytes(source, into: buffer, offset: offset)
             case .corrupt(let e):
                 check.cond.unlock()
                 throw e
@@ -221,7 +297,7 @@ final class StreamCheckedSource: BlobSource, @unchecked Sendable {
             if end < size && end <= check.hashedEnd {
                 // Hashed already (by an earlier reader): read it on our own.
                 check.cond.unlock()
-                return try source.read(into: buffer, offset: offset)
+                return try check.hashedBytes(source, into: buffer, offset: offset)
             }
             if check.extending {
                 check.cond.wait()
@@ -236,6 +312,7 @@ final class StreamCheckedSource: BlobSource, @unchecked Sendable {
                     let n = try source.read(into: buffer, offset: offset)
                     guard n == Int(end - offset) else { throw StreamFailure.damaged("short read at \(offset)") }
                     check.hasher.update(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+                    try check.keep(UnsafeRawBufferPointer(rebasing: buffer[0..<n]), at: offset)
                     owner.counters.verifiedBytes.add(Int64(n))
                     advance(to: end)
                     return n
@@ -292,7 +369,10 @@ final class StreamCheckedSource: BlobSource, @unchecked Sendable {
                 try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<want]), offset: at)
             }
             guard n == want else { throw StreamFailure.damaged("short read at \(at)") }
-            buf.withUnsafeBytes { check.hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            try buf.withUnsafeBytes {
+                check.hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n]))
+                try check.keep(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: at)
+            }
             at += Int64(n)
             owner.counters.verifiedBytes.add(Int64(n))
             advance(to: at)
@@ -316,6 +396,6 @@ final class StreamCheckedSource: BlobSource, @unchecked Sendable {
         check.extending = false
         check.cond.broadcast()
         check.cond.unlock()
-        return owner.failed(digest, what)
+        return owner.failed(digest, what, read: source)
     }
 }

@@ -42,6 +42,9 @@ public final class WithCacheStorage: Storage {
     private let fills = BackgroundJobs(threads: 1, name: "casfs-cache-fill")
     private let maxFillsBehind = 8
     private let filling = Mutex<Set<Digest>>([])
+    /// Deletes seen, so that a fetch that was under way when its blob was
+    /// deleted does not put it back into the cache.
+    private let deletes = RecentDeletes()
     /// Deferred mode: whether the fallback is taken to be unreachable.
     public let outage = FallbackOutage()
     private let counters: Counters
@@ -170,9 +173,10 @@ public final class WithCacheStorage: Storage {
         try fetches.run(d) {
             if let hit = try? cache.openBlob(d) { return hit }
             counters.fetches.add()
+            let started = deletes.now
             guard let src = try fallback.getBlob(d) else { return nil }
             counters.fetchBytes.add(src.size)
-            guard !uncacheable.contains(d) else { return src }
+            guard !uncacheable.contains(d), !deletes.deleted(d, since: started) else { return src }
             do {
                 try cache.commitWrite(d, src)
                 if let cached = try cache.openBlob(d) { return cached }
@@ -221,12 +225,13 @@ public final class WithCacheStorage: Storage {
         guard !rest.isEmpty else { return found }
         counters.misses.add(rest.count)
         counters.fetches.add(rest.count)
+        let started = deletes.now
         let fetched = try fallback.bulkReadBlobs(rest)
         for (d, data) in fetched {
             found[d] = data
             counters.fetchBytes.add(Int64(data.count))
         }
-        fill(Array(fetched))
+        fill(Array(fetched), fetchedSince: started)
         return found
     }
 
@@ -236,17 +241,18 @@ public final class WithCacheStorage: Storage {
     public func warm(_ ds: [Digest]) {
         let missing = ds.filter { fresh.get($0) == nil && (try? cache.hasBlob($0)) != true }
         guard !missing.isEmpty else { return }
+        let started = deletes.now
         do {
             let fetched = Array(try fallback.bulkReadBlobs(missing))
             counters.fetches.add(fetched.count)
-            for (d, data) in fetched { fresh.insert(d, data) }
+            for (d, data) in fetched where !deletes.deleted(d, since: started) { fresh.insert(d, data) }
             if fills.pending < maxFillsBehind {
                 fills.submit { [self] in
-                    fill(fetched)
+                    fill(fetched, fetchedSince: started)
                     counters.prefetched.add(fetched.count)
                 }
             } else {
-                fill(fetched)
+                fill(fetched, fetchedSince: started)
                 counters.prefetched.add(fetched.count)
             }
         } catch {
@@ -254,7 +260,9 @@ public final class WithCacheStorage: Storage {
         }
     }
 
-    private func fill(_ blobs: [(Digest, Data)]) {
+    /// Stores fetched blobs in the cache, but none deleted since `started`.
+    private func fill(_ fetched: [(Digest, Data)], fetchedSince started: UInt64) {
+        let blobs = fetched.filter { !deletes.deleted($0.0, since: started) }
         guard !blobs.isEmpty else { return }
         let results = cache.bulkUpdateBlobs(blobs)
         let failed = results.compactMap { $0 }
@@ -355,6 +363,7 @@ public final class WithCacheStorage: Storage {
     }
 
     public func deleteBlob(_ d: Digest) throws {
+        deletes.record([d])
         journal?.cancel(d)
         fresh.remove(d)
         do { try cache.deleteBlob(d) } catch { log.warning("cache delete of \(d) failed: \(error)") }
@@ -363,6 +372,7 @@ public final class WithCacheStorage: Storage {
     }
 
     public func bulkDelete(_ ds: [Digest]) -> [String] {
+        deletes.record(ds)
         for d in ds {
             journal?.cancel(d)
             fresh.remove(d)
@@ -370,5 +380,41 @@ public final class WithCacheStorage: Storage {
         let cacheFailed = cache.bulkDelete(ds)
         if !cacheFailed.isEmpty { log.warning("cache failed to delete \(cacheFailed.count) blobs") }
         return fallback.bulkDelete(ds)
+    }
+}
+
+/// Which blobs were deleted after a given moment (a count of deletes), for
+/// fetches that must not cache what was deleted while they ran. Bounded:
+/// beyond `capacity` names it forgets them and answers "deleted" for every
+/// moment before that.
+final class RecentDeletes: Sendable {
+    private struct State {
+        var count: UInt64 = 0
+        var floor: UInt64 = 0
+        var at: [Digest: UInt64] = [:]
+    }
+    private let state = Mutex(State())
+    let capacity: Int
+
+    init(capacity: Int = 16_384) { self.capacity = capacity }
+
+    /// The current moment.
+    var now: UInt64 { state.withLock { $0.count } }
+
+    func record(_ ds: [Digest]) {
+        guard !ds.isEmpty else { return }
+        state.withLock { s in
+            s.count &+= 1
+            if s.at.count + ds.count > capacity {
+                s.at = [:]
+                s.floor = s.count
+            }
+            for d in ds.prefix(capacity) { s.at[d] = s.count }
+        }
+    }
+
+    /// Whether `d` may have been deleted after moment `since`.
+    func deleted(_ d: Digest, since: UInt64) -> Bool {
+        state.withLock { s in since < s.floor || (s.at[d] ?? 0) > since }
     }
 }

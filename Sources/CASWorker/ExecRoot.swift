@@ -7,10 +7,11 @@ import Foundation
 /// Writes land in the upper layer; nothing is written into the CAS. Needs
 /// root (the worker mounts it; the action, without capabilities, only uses it).
 ///
-/// A tree's directories are 0555: a process without capabilities cannot
-/// create files in them, even through the overlay. So before the run the
-/// worker makes the directories the action writes into writable (u+w) in the
-/// merged view — the working directory and every parent of an output — which
+/// The worker's mount shows tree directories as 0755 (`tree-directory-mode`),
+/// so an action without capabilities may create files in any of them through
+/// the overlay. A directory whose own `unix_mode` lacks u+w keeps it; before
+/// the run the worker makes the working directory and every parent of an
+/// output writable (u+w) in the merged view, creating what is missing, which
 /// copies up only those directories' metadata, never a file.
 final class ExecRoot {
     let scratch: String

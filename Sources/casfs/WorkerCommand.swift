@@ -139,6 +139,8 @@ struct WorkerCommand: ParsableCommand {
     }
 
     private func serve() throws {
+        // Blobs come and go in megabytes: the allocator gives them back.
+        MallocTuning.apply()
         let log = Logger(label: "casfs.worker")
         // A descriptor limit to match the actions' load; nothing it opens (gRPC's sockets included) reaches a child.
         Daemon.prepareProcess(log: log)
@@ -170,6 +172,10 @@ struct WorkerCommand: ParsableCommand {
         var options = stack.stack.mount
         options.writable = false
         options.fsName = "casfs-worker"
+        // Input directories are presented writable by their owner (0755): an
+        // action may create files anywhere in its exec root, as in a local
+        // sandbox; the writes land in the overlay's upper layer, never here.
+        if options.treeDirectoryMode == nil { options.treeDirectoryMode = 0o755 }
         let fs = MountDaemon.fileSystem(stack: stack.stack, options: options, stagingDirectory: layout.scratch, log: log)
         let mount = try ServedMount.start(fs, mountpoint: layout.mount, log: log)
         stopStack = false

@@ -66,4 +66,12 @@ final class LogFoldingTests: XCTestCase {
         XCTAssertTrue(sink.all.contains { $0.contains("bad name: … and 33 more lines") }, "\(sink.all)")
         XCTAssertTrue(sink.all.contains { $0.contains("bad name n0: … and 33 more in the last") }, "\(sink.all)")
     }
+
+    /// Kinds that vary (a caller that puts a name into its kind) cannot get
+    /// round the folding: beyond `maxKinds` in a window they share one count.
+    func testVaryingKindsAreBounded() {
+        let (folder, sink) = make(window: .seconds(60), perKind: 5)
+        for i in 0..<5000 { folder.warning(kind: "lookup \(i) in", key: "tree \(i)", "lookup \(i): bad") }
+        XCTAssertEqual(sink.all.count, LogFolder.maxKinds, "lines logged in one window")
+    }
 }

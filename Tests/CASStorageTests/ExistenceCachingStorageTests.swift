@@ -100,4 +100,51 @@ final class ExistenceCachingStorageTests: XCTestCase {
         XCTAssertTrue(try cache.hasBlob(d))
         XCTAssertEqual(counting.hasCalls.load(ordering: .relaxed), 0)
     }
+
+    /// A lookup that found the blob before a delete through the cache does
+    /// not remember it afterwards (its answer predates the delete).
+    func testALookupRacingADeleteDoesNotBringItBack() throws {
+        let memory = MemoryStorage(maxBytes: 1 << 20)
+        let racing = DeletingDuringHas(memory)
+        let cache = ExistenceCachingStorage(racing, expiry: .seconds(30), capacity: 1000)
+        racing.outer.withLock { $0 = cache }
+        let (d, data) = blob("deleted while looked up")
+        try memory.commitWrite(d, DataSource(data))
+        XCTAssertTrue(try cache.hasBlob(d), "the storage below said present before the delete")
+        XCTAssertFalse(cache.knowsPresent(d))
+        XCTAssertFalse(try cache.hasBlob(d))
+    }
+
+    /// A read that finds a corrupt copy forgets the name (the copy was removed below).
+    func testACorruptReadForgetsTheName() throws {
+        let memory = MemoryStorage(maxBytes: 1 << 20)
+        let corrupt = CorruptOnOpen(memory)
+        let cache = ExistenceCachingStorage(corrupt, expiry: .seconds(30), capacity: 1000)
+        let (d, data) = blob("corrupt below")
+        try memory.commitWrite(d, DataSource(data))
+        XCTAssertTrue(try cache.hasBlob(d))
+        XCTAssertTrue(cache.knowsPresent(d))
+        XCTAssertThrowsError(try cache.openBlob(d))
+        XCTAssertFalse(cache.knowsPresent(d))
+    }
+}
+
+/// Deletes the blob through `outer` while answering its `hasBlob` (once).
+private final class DeletingDuringHas: StorageDecorator, Sendable {
+    let inner: any Storage
+    let outer = Mutex<ExistenceCachingStorage?>(nil)
+    let done = Atomic<Bool>(false)
+    init(_ inner: any Storage) { self.inner = inner }
+    func hasBlob(_ d: Digest) throws -> Bool {
+        let found = try inner.hasBlob(d)
+        if !done.exchange(true, ordering: .relaxed), let o = outer.withLock({ $0 }) { try o.deleteBlob(d) }
+        return found
+    }
+}
+
+/// Reads of every blob find it corrupt.
+private final class CorruptOnOpen: StorageDecorator, Sendable {
+    let inner: any Storage
+    init(_ inner: any Storage) { self.inner = inner }
+    func openBlob(_ d: Digest) throws -> BlobSource? { throw StorageError.corrupt(d, source: "test") }
 }

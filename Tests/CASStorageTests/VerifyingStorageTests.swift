@@ -117,6 +117,26 @@ final class VerifyingStorageTests: XCTestCase {
         XCTAssertTrue(try disk.skipsWrite(d, DataSource(data)))
     }
 
+    /// A reader that finds its (unproven) copy damaged removes that copy
+    /// only: a verified rewrite that replaced it while it was read stays.
+    func testADamagedReadDoesNotRemoveTheRewriteThatReplacedIt() throws {
+        let (v, disk, m) = try make(limit: 1 << 20)
+        let data = patterned(3 << 20)
+        let d = Digest.of(data)
+        var bad = data
+        bad[2 << 20] ^= 1
+        try plant(disk, d, bad)
+        let src = try XCTUnwrap(v.openBlob(d))
+        XCTAssertFalse(src.isVerified)
+        XCTAssertEqual(try src.read(offset: 0, length: 1 << 20), data.subdata(in: 0..<(1 << 20)))
+        try disk.commitWrite(d, DataSource(data))  // a verified rewrite replaces the damaged file
+        XCTAssertThrowsError(try src.read(offset: 1 << 20, length: 2 << 20)) { e in
+            guard case StorageError.corrupt = e else { return XCTFail("\(e)") }
+        }
+        XCTAssertEqual(m.value(MetricCatalog.verifyFailures), 1)
+        XCTAssertEqual(try v.openBlob(d)?.readAll(), data, "the rewrite is still there")
+    }
+
     func testChangedFileLosesItsProofAndCorruptionIsRepaired() throws {
         let (v, disk, m) = try make()
         let (d, data) = blob("soon to be damaged")

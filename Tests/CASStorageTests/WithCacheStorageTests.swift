@@ -244,6 +244,45 @@ final class WithCacheStorageTests: XCTestCase {
         XCTAssertEqual(t.fallback.bulkReadCalls.load(ordering: .relaxed), 1, "39 small blobs: one bulk call")
         XCTAssertEqual(t.metrics.value(MetricCatalog.prefetchedBlobs), 39)
     }
+
+    /// A blob deleted while a bulk fetch of it was under way is not put
+    /// back into the cache (nor served from memory) when the fetch returns.
+    func testAFetchUnderWayDoesNotBringBackADeletedBlob() throws {
+        let metrics = MetricScope.standalone("storage")
+        let cache = MemoryStorage(maxBytes: 1 << 20)
+        let fallback = HeldAfterRead(MemoryStorage(maxBytes: 1 << 20))
+        let s = WithCacheStorage(cache: cache, fallback: fallback, journal: nil, metrics: metrics)
+        try s.start()
+        let (d, data) = blob("deleted during its prefetch")
+        let (e, edata) = blob("kept")
+        try fallback.inner.commitWrite(d, DataSource(data))
+        try fallback.inner.commitWrite(e, DataSource(edata))
+        let warmed = DispatchSemaphore(value: 0)
+        Thread { s.warm([d, e]); warmed.signal() }.start()
+        XCTAssertEqual(fallback.read.wait(timeout: .now() + 10), .success, "the bulk read happened")
+        try s.deleteBlob(d)
+        fallback.release.signal()
+        XCTAssertEqual(warmed.wait(timeout: .now() + 10), .success)
+        s.waitForCacheFills()
+        XCTAssertFalse(try cache.hasBlob(d), "the deleted blob came back into the cache")
+        XCTAssertNil(try s.openBlob(d))
+        XCTAssertTrue(try cache.hasBlob(e))
+        XCTAssertEqual(try s.openBlob(e)?.readAll(), edata)
+    }
+}
+
+/// Bulk reads answer only once released, after reading the storage below.
+private final class HeldAfterRead: StorageDecorator, Sendable {
+    let inner: any Storage
+    let read = DispatchSemaphore(value: 0)
+    let release = DispatchSemaphore(value: 0)
+    init(_ inner: any Storage) { self.inner = inner }
+    func bulkReadBlobs(_ ds: [Digest]) throws -> [Digest: Data] {
+        let found = try inner.bulkReadBlobs(ds)
+        read.signal()
+        release.wait()
+        return found
+    }
 }
 
 func patterned(_ n: Int) -> Data {

@@ -207,6 +207,22 @@ final class WorkerExecuteTests: XCTestCase {
         XCTAssertEqual(again.stdout, "original\n")
     }
 
+    /// Any input directory is writable, not only the working directory and
+    /// the parents of outputs (compilers and tests write temporary files
+    /// beside their inputs); the CAS keeps the input root unchanged.
+    func testEveryInputDirectoryIsWritable() throws {
+        let r = try execute([
+            "files": ["a/b/c/in.txt": "original\n", "x/y.txt": "y"],
+            "arguments": ["/bin/sh", "-c", "echo tmp > a/b/c/tmp.txt && mkdir a/b/new && rm x/y.txt && echo changed > x/y.txt && cat a/b/c/tmp.txt x/y.txt && stat -c %a a/b/c"],
+        ])
+        XCTAssertEqual(r.exitCode, 0, r.stderr)
+        XCTAssertEqual(r.stdout, "tmp\nchanged\n755\n")
+        let again = try execute(["input_root": r["input_root"] as! String,
+                                 "arguments": ["/bin/sh", "-c", "ls a/b/c; cat x/y.txt"]])
+        XCTAssertEqual(again.exitCode, 0, again.stderr)
+        XCTAssertEqual(again.stdout, "in.txt\ny")
+    }
+
     func testAFileNeverOpenedIsNeverFetched() throws {
         let big = 48 << 20
         let before = try worker.metric("casfs_fallback_fetch_bytes_total")
