@@ -19,7 +19,8 @@ typealias ByteStreamClient = Google_Bytestream_ByteStream.Client<HTTP2ClientTran
 /// (BuildGrid, Buildbarn, bazel-remote, ...), as a synchronous `Storage`.
 ///
 /// - Small blobs go through BatchReadBlobs / BatchUpdateBlobs, batches split
-///   to stay under the server's per-request limit; larger blobs through
+///   to stay under the server's per-request limit (a single blob only up to
+///   4 MiB, however large the server's limit); larger blobs through
 ///   ByteStream (`blobs/<hash>/<size>` to read, with read_offset/read_limit
 ///   for ranges; `uploads/<uuid>/blobs/<hash>/<size>` to write, in 1 MiB
 ///   chunks, resumed after QueryWriteStatus when a stream breaks).
@@ -138,6 +139,10 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     /// answer within the stall timeout) and raised again as ranges succeed.
     private let rangeCap = Atomic<Int64>(64 << 20)
     private let rangeSuccesses = Atomic<Int>(0)
+    /// When a ByteStream read last received bytes (nanoseconds since
+    /// `clockBase`): whether the server is alive while a range stalls.
+    private let lastProgress = Atomic<Int64>(.min)
+    private let clockBase = ContinuousClock.now
     /// Failed calls and retries, when a scope was given.
     private let errorCount: MetricCounter?
     private let retryCount: MetricCounter?
@@ -146,8 +151,15 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     static let defaultBatchLimit = 4 << 20
     /// The most one batch may carry, whatever the server allows.
     static let maxBatchLimit = 64 << 20
-    /// Ranges a stalled read is split down to, at the least.
+    /// The largest single blob `getBlob` and `commitWrite` hold in memory
+    /// for a batch call, whatever the server's batch limit; larger ones go
+    /// through ByteStream (to or from a file).
+    static let maxBufferedBlob = defaultBatchLimit - batchHeadroom - perBlobOverhead
+    /// Ranges a stalled read is split down to, at the least; also the range
+    /// read to tell a hung server from one that stalls only large ranges.
     static let minRange: Int64 = 16 << 10
+    /// Most memory reserved ahead for one read (the rest grows as bytes come).
+    static let maxReserve = 64 << 20
     /// Ranges of a whole-blob download (several in flight).
     static let downloadChunk: Int64 = 4 << 20
     static let downloadParallelism = 4
@@ -293,7 +305,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         if digest.size == 0 {
             return digest.isEmpty ? DataSource(Data()) : nil
         }
-        if fitsInBatch(digest.size) {
+        if fitsInMemory(digest.size) {
             let found = try batchRead([digest])
             return found[digest].map { DataSource($0) }
         }
@@ -314,8 +326,9 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     /// A range over ByteStream. A range that stalls is split and its parts
     /// read at once (`readRange`), so a server that cannot send large ranges
     /// still answers the whole request: the kernel never falls back to
-    /// 4 KiB reads. The whole read has a deadline of `requestTimeout` plus
-    /// its size at `minimumRate`.
+    /// 4 KiB reads; a server that answers nothing fails the read
+    /// (`unavailable`) after two stall timeouts. The whole read has a
+    /// deadline of twice `requestTimeout` plus its size at `minimumRate`.
     public func read(_ digest: Digest, offset: Int64, length: Int) throws -> Data? {
         guard offset >= 0, length >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
         if digest.size == 0 { return digest.isEmpty ? Data() : nil }
@@ -342,11 +355,21 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     /// How long one range may go without an answer before it counts as stalled.
     private var stallTimeout: Double { min(requestTimeout, 10) }
 
-    /// Reads `[offset, offset + length)`: in parts of at most `rangeCap`, up
-    /// to 8 at once; a part that stalls lowers `rangeCap` and is read again
-    /// in smaller parts, down to `minRange`, until `deadline`.
-    func readRange(_ d: Digest, offset: Int64, length: Int64, until deadline: ContinuousClock.Instant) async throws -> Data {
-        let cap = max(Self.minRange, rangeCap.load(ordering: .relaxed))
+    /// Reads `[offset, offset + length)`: in parts of at most `rangeCap`
+    /// (or `localCap`, when smaller), up to 8 at once.
+    ///
+    /// A part that gets no answer in time is read again in smaller parts,
+    /// down to `minRange`, until `deadline`, but only while the server shows
+    /// that it is alive: the part received some bytes (they are kept; the
+    /// rest is read), another range received bytes lately, or one small
+    /// range (`minRange`) read at once answers. A server that sends nothing
+    /// at all fails the read after that small range (`unavailable`), so a
+    /// hung server costs a reader two stall timeouts, not the whole deadline.
+    /// `rangeCap` is lowered only when a smaller range succeeded where a
+    /// larger one stalled, never on a server that answers nothing.
+    func readRange(_ d: Digest, offset: Int64, length: Int64, cap localCap: Int64 = .max,
+                   until deadline: ContinuousClock.Instant) async throws -> Data {
+        let cap = max(Self.minRange, min(localCap, rangeCap.load(ordering: .relaxed)))
         if length > cap {
             let parts = stride(from: offset, to: offset + length, by: Int(cap)).map { ($0, min(cap, offset + length - $0)) }
             var chunks = [Data?](repeating: nil, count: parts.count)
@@ -354,7 +377,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
                 var next = 0
                 func add() {
                     let (i, (o, n)) = (next, parts[next])
-                    group.addTask { (i, try await self.readRange(d, offset: o, length: n, until: deadline)) }
+                    group.addTask { (i, try await self.readRange(d, offset: o, length: n, cap: localCap, until: deadline)) }
                     next += 1
                 }
                 while next < min(8, parts.count) { add() }
@@ -364,45 +387,119 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
                 }
             }
             var out = Data()
-            out.reserveCapacity(Int(length))
+            out.reserveCapacity(Int(min(length, Int64(Self.maxReserve))))
             for c in chunks { out.append(c!) }
             return out
         }
+        let started = ContinuousClock.now
+        let wait = try attemptTimeout(d, length: length, until: deadline)
+        let first = try await readOnce(d, offset: offset, length: length, timeout: wait)
+        if first.complete {
+            noteRangeServed(length: length, cap: cap, localCap: localCap)
+            return first.data
+        }
+        var got = first.data
+        guard ContinuousClock.now < deadline else {
+            throw StorageError.unavailable("ByteStream.Read of \(d) from \(endpoint): no answer in time (stalled ranges)")
+        }
+        if got.isEmpty {
+            // Nothing came. Split only while the server shows it is alive.
+            if length <= Self.minRange {
+                throw StorageError.unavailable("ByteStream.Read of \(d) at \(offset) from \(endpoint): no answer in \(Int(wait)) s")
+            }
+            if !progressed(since: started - .seconds(stallTimeout)) {
+                let n = Self.minRange
+                let probe = try await readOnce(d, offset: offset, length: n,
+                                               timeout: try attemptTimeout(d, length: n, until: deadline))
+                guard !probe.data.isEmpty else {
+                    folded.warning(kind: "remote not answering", key: endpoint.description,
+                                   "\(endpoint): no answer to a range of \(length) bytes of \(d) in \(Int(wait)) s, nor to one of \(n) bytes; failing the read")
+                    throw StorageError.unavailable("ByteStream.Read of \(d) at \(offset) from \(endpoint): no answer in \(Int(wait)) s, nor to a range of \(n) bytes")
+                }
+                got = probe.data
+            }
+        }
+        let smaller = max(Self.minRange, min(cap, length) / 4)
+        rangeSuccesses.store(0, ordering: .relaxed)
+        folded.warning(kind: "remote range stalled", key: endpoint.description,
+                       "\(endpoint): a range of \(length) bytes of \(d) got no answer in \(Int(wait)) s"
+                           + " (\(got.count) bytes came); reading the rest in ranges of \(smaller) bytes")
+        let done = Int64(got.count)
+        guard done < length else { return got }
+        let rest = try await readRange(d, offset: offset + done, length: length - done, cap: smaller, until: deadline)
+        got.append(rest)
+        return got
+    }
+
+    /// Seconds one attempt at `length` bytes may wait for its answer; throws
+    /// when `deadline` has passed.
+    private func attemptTimeout(_ d: Digest, length: Int64, until deadline: ContinuousClock.Instant) throws -> Double {
         let remaining = deadline - .now
         guard remaining > .zero else {
             throw StorageError.unavailable("ByteStream.Read of \(d) from \(endpoint): no answer in time (stalled ranges)")
         }
-        let wait = min(stallTimeout + Double(length) / Double(8 << 20), Double(remaining.components.seconds) + 1)
+        return min(stallTimeout + Double(length) / Double(8 << 20), Double(remaining.components.seconds) + 1)
+    }
+
+    /// One ByteStream Read of `[offset, offset + length)` within `timeout`:
+    /// the whole range (`complete`), or what came before the deadline passed.
+    /// Any other failure is thrown. Every message received counts as
+    /// progress of the server (`progressed(since:)`).
+    private func readOnce(_ d: Digest, offset: Int64, length: Int64, timeout: Double) async throws -> (data: Data, complete: Bool) {
         var req = Google_Bytestream_ReadRequest()
         req.resourceName = readResourceName(d)
         req.readOffset = offset
         req.readLimit = length
+        let received = ReceivedBytes(expected: length)
         do {
-            let data = try await ByteStreamClient(wrapping: client).read(req, options: options(timeout: wait)) { response in
-                var out = Data()
-                out.reserveCapacity(Int(length))
-                for try await message in response.messages {
-                    out.append(message.data)
-                    if out.count > length { throw RemoteError.protocolViolation("server sent more than read_limit") }
+            try await ByteStreamClient(wrapping: client).read(req, options: options(timeout: timeout)) { [self] response in
+                for try await message in response.messages where !message.data.isEmpty {
+                    guard received.append(message.data) else {
+                        throw RemoteError.protocolViolation("server sent more than read_limit")
+                    }
+                    lastProgress.store(nanoseconds(.now), ordering: .relaxed)
                 }
-                return out
             }
-            guard Int64(data.count) == length else {
-                throw StorageError.io(errno: EIO, "ByteStream.Read of \(d) at \(offset): \(data.count) of \(length) bytes")
-            }
-            // Ranges come back whole again: let the cap grow back, slowly.
-            if length >= cap / 2, rangeSuccesses.add(1, ordering: .relaxed).newValue % 16 == 0, cap < (64 << 20) {
-                rangeCap.store(min(64 << 20, cap * 2), ordering: .relaxed)
-            }
-            return data
-        } catch let e as RPCError where e.code == .deadlineExceeded && length > Self.minRange && ContinuousClock.now < deadline {
-            let smaller = max(Self.minRange, min(cap, length) / 4)
-            rangeCap.store(smaller, ordering: .relaxed)
-            rangeSuccesses.store(0, ordering: .relaxed)
-            folded.warning(kind: "remote range stalled", key: endpoint.description,
-                           "\(endpoint): a range of \(length) bytes of \(d) got no answer in \(Int(wait)) s; reading ranges of \(smaller) bytes from now on")
-            return try await readRange(d, offset: offset, length: length, until: deadline)
+        } catch let e as RPCError where e.code == .deadlineExceeded {
+            return (received.take(), false)
         }
+        let data = received.take()
+        guard Int64(data.count) == length else {
+            throw StorageError.io(errno: EIO, "ByteStream.Read of \(d) at \(offset): \(data.count) of \(length) bytes")
+        }
+        return (data, true)
+    }
+
+    /// A range came back whole: a smaller range that works where a larger
+    /// one stalled becomes the cap for every read; otherwise the cap grows
+    /// back, slowly.
+    private func noteRangeServed(length: Int64, cap: Int64, localCap: Int64) {
+        var current = rangeCap.load(ordering: .relaxed)
+        if localCap < current {
+            while localCap < current {
+                let (exchanged, now) = rangeCap.compareExchange(expected: current, desired: localCap, ordering: .relaxed)
+                if exchanged {
+                    folded.warning(kind: "remote range cap", key: endpoint.description,
+                                   "\(endpoint): larger ranges stall; reading ranges of \(localCap) bytes from now on")
+                    break
+                }
+                current = now
+            }
+            return
+        }
+        if length >= cap / 2, rangeSuccesses.add(1, ordering: .relaxed).newValue % 16 == 0, current < (64 << 20) {
+            rangeCap.store(min(64 << 20, current * 2), ordering: .relaxed)
+        }
+    }
+
+    /// True if some ByteStream read received bytes at or after `instant`.
+    private func progressed(since instant: ContinuousClock.Instant) -> Bool {
+        lastProgress.load(ordering: .relaxed) >= nanoseconds(instant)
+    }
+
+    private func nanoseconds(_ instant: ContinuousClock.Instant) -> Int64 {
+        let c = (instant - clockBase).components
+        return c.seconds &* 1_000_000_000 &+ c.attoseconds / 1_000_000_000
     }
 
     public func deleteBlob(_ digest: Digest) throws {
@@ -419,7 +516,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
             throw StorageError.sizeMismatch(expected: digest, actualSize: source.size)
         }
         if digest.size == 0 { return }  // every REAPI CAS has the empty blob
-        if fitsInBatch(digest.size) {
+        if fitsInMemory(digest.size) {
             let data = try source.readAll()
             if let e = try batchUpdate([(digest, data)]).first ?? nil { throw e }
             return
@@ -503,6 +600,12 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         size <= Int64(currentBatchLimit()) - Int64(Self.perBlobOverhead)
     }
 
+    /// Whether one blob on its own goes in a batch call: it fits the batch
+    /// and is small enough to hold in memory (`maxBufferedBlob`).
+    private func fitsInMemory(_ size: Int64) -> Bool {
+        size <= Int64(Self.maxBufferedBlob) && fitsInBatch(size)
+    }
+
     /// Learns the server's batch limit (GetCapabilities) on first use; a server
     /// without the Capabilities service keeps the 4 MiB default.
     private func askCapabilitiesOnce() {
@@ -567,11 +670,18 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         let resp = try call("BatchReadBlobs", bytes: bytes) { [self, req] in
             try await CASClient(wrapping: client).batchReadBlobs(req, options: options(bytes: bytes))
         }
+        let asked = Set(digests)
         var out: [Digest: Data] = [:]
         for r in resp.responses {
-            guard let d = try? Digest(hash: r.digest.hash, size: r.digest.sizeBytes) else { continue }
+            // Only blobs asked for; a blob of another length than its digest
+            // says is the server's error, not an answer.
+            guard let d = try? Digest(hash: r.digest.hash, size: r.digest.sizeBytes), asked.contains(d) else { continue }
             switch r.status.code {
-            case 0: out[d] = r.data
+            case 0:
+                guard Int64(r.data.count) == d.size else {
+                    throw StorageError.io(errno: EIO, "BatchReadBlobs from \(endpoint): \(r.data.count) bytes for \(d)")
+                }
+                out[d] = r.data
             case Int32(RPCError.Code.notFound.rawValue): continue
             default:
                 throw Self.storageError(code: r.status.code, message: r.status.message, what: "BatchReadBlobs \(d)", endpoint: endpoint)
@@ -589,24 +699,27 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
     private func streamToFile(_ digest: Digest) throws -> BlobSource? {
         let fd = try openAnonymousFile(in: temporaryDirectory)
         let source = FileSource(fd: fd, size: digest.size)
+        // The ranges are written through a descriptor the download owns: if
+        // `call` gives up waiting, its tasks may still be finishing after
+        // `source` (and `fd`) are closed here.
+        let target = try OwnedDescriptor(duplicating: fd)
         let size = digest.size
         let overall = overallDeadline(bytes: size)
         do {
             try call("ByteStream.Read", bytes: size, budget: overall) { [self] in
                 let deadline = ContinuousClock.now + .seconds(overall)
                 let chunk = Self.downloadChunk
-                let starts = Array(stride(from: Int64(0), to: size, by: Int(chunk)))
                 try await withThrowingTaskGroup(of: Void.self) { group in
-                    var next = 0
+                    var next: Int64 = 0
                     func add() {
-                        let o = starts[next]
-                        next += 1
+                        let o = next
+                        next += min(chunk, size - o)
                         group.addTask {
                             let data = try await self.readRange(digest, offset: o, length: min(chunk, size - o), until: deadline)
                             try data.withUnsafeBytes { b in
                                 var done = 0
                                 while done < b.count {
-                                    let r = pwrite(fd, b.baseAddress! + done, b.count - done, off_t(o) + off_t(done))
+                                    let r = pwrite(target.fd, b.baseAddress! + done, b.count - done, off_t(o) + off_t(done))
                                     if r < 0 {
                                         if errno == EINTR { continue }
                                         throw StorageError.posix("write of a download")
@@ -616,9 +729,13 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
                             }
                         }
                     }
-                    while next < min(Self.downloadParallelism, starts.count) { add() }
+                    var started = 0
+                    while started < Self.downloadParallelism, next < size {
+                        add()
+                        started += 1
+                    }
                     while try await group.next() != nil {
-                        if next < starts.count { add() }
+                        if next < size { add() }
                     }
                 }
             }
@@ -830,6 +947,48 @@ private final class Counter: Sendable {
     private let value = Atomic<Int>(0)
     /// The count before this call.
     func next() -> Int { value.add(1, ordering: .relaxed).oldValue }
+}
+
+/// The bytes of one ByteStream read as they come, at most `expected`.
+private final class ReceivedBytes: Sendable {
+    private let expected: Int64
+    private let data = Mutex(Data())
+
+    init(expected: Int64) { self.expected = expected }
+
+    /// False (and nothing kept) if `more` would go past `expected`.
+    func append(_ more: Data) -> Bool {
+        data.withLock { d in
+            guard Int64(more.count) <= expected - Int64(d.count) else { return false }
+            if d.isEmpty { d.reserveCapacity(Int(min(expected, Int64(RemoteStorage.maxReserve)))) }
+            d.append(more)
+            return true
+        }
+    }
+
+    /// The bytes received; the buffer is handed over, not copied.
+    func take() -> Data {
+        data.withLock { d in
+            let out = d
+            d = Data()
+            return out
+        }
+    }
+}
+
+/// A descriptor of its own (a duplicate, close-on-exec), closed when the
+/// last task holding it lets go: work that outlives its caller never
+/// writes through a number the caller closed and the process reused.
+private final class OwnedDescriptor: Sendable {
+    let fd: Int32
+
+    init(duplicating fd: Int32) throws {
+        let dup = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+        guard dup >= 0 else { throw StorageError.posix("dup of a download file") }
+        self.fd = dup
+    }
+
+    deinit { close(fd) }
 }
 
 private final class Flag: Sendable {
