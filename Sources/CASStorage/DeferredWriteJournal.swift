@@ -1,4 +1,5 @@
 import CASCore
+import CLinux
 import Foundation
 import Synchronization
 
@@ -40,6 +41,10 @@ public final class DeferredWriteJournal: Sendable {
 
     private struct State {
         var entries: [Digest: Entry] = [:]
+        /// Digests whose entry an `add` is writing: a second adder waits for it.
+        var adding: Set<Digest> = []
+        /// Digests whose bad entry is being moved aside (and replaced).
+        var quarantining: Set<Digest> = []
         var fallback: (any Storage)?
         var onSend: (@Sendable (Error?) -> Void)?
         var repairSource: (@Sendable (Digest) -> BlobSource?)?
@@ -128,22 +133,41 @@ public final class DeferredWriteJournal: Sendable {
     func path(_ d: Digest) -> String { directory + "/" + d.description }
 
     /// Journals `d` durably (bytes and name synced) and queues its send.
+    /// Concurrent adds of one digest write it once: the others wait for
+    /// that write and return when it is journaled (or write it themselves
+    /// if it failed).
     public func add(_ d: Digest, _ source: BlobSource) throws {
-        if contains(d) { return }
-        try write(d, source)
-        state.withLock { s in
-            if s.entries[d] == nil { s.entries[d] = Entry(added: Date()) }
+        while true {
+            let turn = state.withLock { s -> Bool? in
+                if s.entries[d] != nil { return nil }
+                return s.adding.insert(d).inserted
+            }
+            guard let turn else { return }
+            if turn { break }
+            cond.lock()
+            if state.withLock({ $0.adding.contains(d) }) { _ = cond.wait(until: Date().addingTimeInterval(0.5)) }
+            cond.unlock()
         }
-        signal()
+        var journaled = false
+        defer {
+            state.withLock { s in
+                if journaled, s.entries[d] == nil { s.entries[d] = Entry(added: Date()) }
+                s.adding.remove(d)
+            }
+            signal()
+        }
+        try write(d, source)
+        journaled = true
     }
 
-    /// Writes `source` as `d`'s entry (a temporary file, synced, renamed into place).
+    /// Writes `source` as `d`'s entry: a temporary file of this writer's
+    /// own (`<entry>.partial.XXXXXX`), synced, renamed into place.
     private func write(_ d: Digest, _ source: BlobSource) throws {
         let final = path(d)
-        let partial = final + ".partial"
-        unlink(partial)
-        let fd = open(partial, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
-        guard fd >= 0 else { throw StorageError.posix("journal \(partial)") }
+        var template = Array((final + ".partial.XXXXXX").utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { casfs_mkstemp_cloexec($0.baseAddress!) }
+        guard fd >= 0 else { throw StorageError.posix("journal \(final).partial") }
+        let partial = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
         do {
             defer { close(fd) }
             if let from = source.fileDescriptor, try copyFile(from: from, to: fd, size: source.size) {
@@ -188,8 +212,10 @@ public final class DeferredWriteJournal: Sendable {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
         var recovered = 0
         for n in names {
-            if n.hasSuffix(".partial") {
-                unlink(directory + "/" + n)
+            if let r = n.range(of: ".partial") {
+                // A temporary of a writer that died; not one an add is writing now.
+                let writing = Digest(parsing: String(n[..<r.lowerBound])).map { d in state.withLock { $0.adding.contains(d) } } ?? false
+                if !writing { unlink(directory + "/" + n) }
                 continue
             }
             guard let d = Digest(parsing: n) else { continue }
@@ -316,8 +342,27 @@ public final class DeferredWriteJournal: Sendable {
     /// Moves a bad entry aside, counts and logs it, and puts the cache's
     /// proven copy in its place if there is one; else the write is dropped.
     /// True if the entry was replaced.
+    /// One quarantine of a digest at a time, and each looks at the entry
+    /// again first: a reader and a sender that both found it bad handle it
+    /// once, and a proven copy that replaced it is never moved aside.
     @discardableResult
     func quarantine(_ d: Digest, _ why: String) -> Bool {
+        while !state.withLock({ $0.quarantining.insert(d).inserted }) {
+            cond.lock()
+            if state.withLock({ $0.quarantining.contains(d) }) { _ = cond.wait(until: Date().addingTimeInterval(0.5)) }
+            cond.unlock()
+        }
+        defer {
+            state.withLock { _ = $0.quarantining.remove(d) }
+            signal()
+        }
+        var why = why
+        switch check(d) {
+        case .good: return true
+        case .absent:
+            return false
+        case .bad(let now): why = now
+        }
         damaged.add()
         checked.withLock { _ = $0.removeValue(forKey: d) }
         let aside = moveAside(d.description, to: "damaged")
@@ -419,6 +464,13 @@ public final class DeferredWriteJournal: Sendable {
             return
         }
         state.withLock { $0.onSend }?(failure)
+        if failure == nil {
+            // Removed while the entry is still queued: an add of the blob
+            // meanwhile finds it queued and returns (the fallback has it),
+            // rather than writing an entry this unlink would take.
+            unlink(path(d))
+            checked.withLock { _ = $0.removeValue(forKey: d) }
+        }
         let permanent = failure.map { StorageError.wrap($0).isPermanent } ?? false
         let (attempts, refusals) = state.withLock { s -> (Int, Int) in
             guard var e = s.entries[d] else { return (0, 0) }
@@ -447,8 +499,6 @@ public final class DeferredWriteJournal: Sendable {
                 log.debug("deferred write of \(d) failed again (attempt \(attempts)): \(failure)")
             }
         } else {
-            unlink(path(d))
-            checked.withLock { _ = $0.removeValue(forKey: d) }
             sent.add()
             if attempts > 0 { log.info("deferred write of \(d) reached the fallback after \(attempts) failed attempts") }
         }

@@ -180,17 +180,47 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating, Co
                     if mkdir(dir, 0o755) != 0 && errno != EEXIST { throw StorageError.posix("mkdir \(dir)") }
                     e = link(tmpPath, path) == 0 ? 0 : errno
                 }
-                // EEXIST: another writer's copy landed first.
-                if e == EEXIST { return nil }
-                if e != 0 { throw StorageError.posix("link \(path)", e) }
+                if e == EEXIST {
+                    // Another writer's copy landed first, if it is a regular
+                    // file of the blob's length; anything else there (a
+                    // symlink, a directory, a FIFO, a file of another length)
+                    // holds no bytes of this blob and is replaced.
+                    var st = stat()
+                    let found = lstat(path, &st) == 0
+                    if found && (st.st_mode & S_IFMT) == S_IFREG && Int64(st.st_size) == digest.size { return nil }
+                    try replaceForeign(path, found ? st.st_mode & S_IFMT : 0, with: tmpPath, digest)
+                    placed = true
+                } else if e != 0 {
+                    throw StorageError.posix("link \(path)", e)
+                }
             }
-            unlink(tmpPath)
+            if !placed { unlink(tmpPath) }
             placed = true
         }
         // The stamp after the last change of links (each moves ctime): the proof names it.
         guard let stamp = FileStamp.of(fd: fd) else { return nil }
         proofs.record(digest, stamp)
         return stamp
+    }
+
+    /// Puts the temporary `tmpPath` at the object path `path`, where
+    /// something that is not a copy of `digest` is (`type`: its file type,
+    /// 0 if it vanished): renamed over it in one step; a directory is first
+    /// moved aside into the temporary area (removed there if empty).
+    private func replaceForeign(_ path: String, _ type: mode_t, with tmpPath: String, _ digest: Digest) throws {
+        proofs.forget(digest)
+        if type == S_IFDIR {
+            let aside = "\(tmpDir)/displaced-\(digest.hash)-\(UUID().uuidString.prefix(8))"
+            guard rename(path, aside) == 0 || errno == ENOENT else { throw StorageError.posix("move aside the directory at \(path)") }
+            if rmdir(aside) != 0 && errno != ENOENT {
+                log.warning("a directory stood at the object path of \(digest); moved to \(aside)")
+            }
+        }
+        guard rename(tmpPath, path) == 0 else { throw StorageError.posix("rename into \(path)") }
+        replacedCopies.add()
+        let what = type == S_IFLNK ? "a symbolic link" : type == S_IFDIR ? "a directory" : type == S_IFIFO ? "a FIFO"
+            : type == S_IFREG ? "a file of another length" : type == 0 ? "nothing" : "a special file"
+        log.warning("\(what) stood at the object path of \(digest) in \(root); replaced with verified bytes")
     }
 
     /// Records the proof of a file of this store that was just verified,
@@ -317,6 +347,9 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating, Co
 
     /// Removes temporaries nobody has written to for `staleTemporaryAge`
     /// (a live writer keeps touching its file): leftovers of a killed writer.
+    /// A withdrawn copy (`withdrawn-*`, renamed here by a deletion that may
+    /// still be undone) keeps its object's old mtime: its age is judged by
+    /// its change time, which the rename moved.
     @discardableResult
     public func removeStaleTemporaries(olderThan age: TimeInterval = DiskStorage.staleTemporaryAge) -> Int {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: tmpDir) else { return 0 }
@@ -326,7 +359,7 @@ public final class DiskStorage: Storage, ReversibleDeletion, BlobEnumerating, Co
             let p = tmpDir + "/" + n
             var st = stat()
             guard lstat(p, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG,
-                  Double(st.st_mtim.tv_sec) < cutoff else { continue }
+                  Double(n.hasPrefix("withdrawn-") ? st.st_ctim.tv_sec : st.st_mtim.tv_sec) < cutoff else { continue }
             if unlink(p) == 0 { removed += 1 }
         }
         if removed > 0 { log.info("removed \(removed) stale temporary files from \(tmpDir)") }

@@ -51,10 +51,22 @@ extension RedisIndex {
                     report.added += absent.count
                     report.addedBytes = report.addedBytes.saturatingAdd(absent.map(\.size).saturatingSum())
                 } else {
-                    let readded = absent
-                    let n = try addToIndex(readded)
-                    report.added += n
-                    report.addedBytes = report.addedBytes.saturatingAdd(readded.map(\.size).saturatingSum())
+                    let n = try addToIndex(absent)
+                    // A blob listed, then deleted (cleanup, an unlink, a scrub)
+                    // before its key was added: take the key back out, unless
+                    // a write stored the blob again meanwhile.
+                    var gone: [Digest] = []
+                    let missing = try storage.missingBlobs(absent)
+                    if !missing.isEmpty {
+                        let removed = try deleteFromIndex(missing)
+                        let still = Set(try storage.missingBlobs(removed))
+                        let reappeared = removed.filter { !still.contains($0) }
+                        if !reappeared.isEmpty { try addToIndex(reappeared) }
+                        gone = removed.filter { still.contains($0) }
+                    }
+                    let goneSet = Set(gone)
+                    report.added += max(0, n - gone.count)
+                    report.addedBytes = report.addedBytes.saturatingAdd(absent.filter { !goneSet.contains($0) }.map(\.size).saturatingSum())
                 }
             }
             try store.forEachBlob { d in

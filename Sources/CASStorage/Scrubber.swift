@@ -254,7 +254,9 @@ public final class Scrubber: @unchecked Sendable {
                     state.passBytes = state.passBytes.saturatingAdd(digest.size)
                     state.passDamaged = state.passDamaged.saturatingAdd(1)
                     counters.damaged.add()
-                    let repair = dryRun ? .leftAlone : self.repair(digest, stamp)
+                    // Whatever is done about it, the damaged file is proven no more.
+                    let current = voidProofs(digest, stamp)
+                    let repair = dryRun ? .leftAlone : self.repair(digest, current)
                     switch repair {
                     case .repaired:
                         summary.repaired += 1
@@ -264,7 +266,8 @@ public final class Scrubber: @unchecked Sendable {
                         counters.removed.add()
                     default: break
                     }
-                    if repair == .removed || repair != .leftAlone && Scrubber.isRepaired(repair) { onChange?(digest) }
+                    // Also when left as it is: what a kernel holds of it was proven, and is no more.
+                    onChange?(digest)
                     let finding = ScrubFinding(target: target.name, digest: digest, problem: problem, repair: repair)
                     log.error("scrub: damaged \(digest) in \(target.name) (\(root)): \(problem); \(Scrubber.describe(repair))")
                     report(finding)
@@ -396,6 +399,33 @@ public final class Scrubber: @unchecked Sendable {
 
     private func stillThere(_ path: String, _ stamp: FileStamp) -> Bool {
         FileStamp.of(path: path)?.proves(stamp) == true
+    }
+
+    /// Voids every proof of the damaged file found with `stamp`: this
+    /// process's (forgotten) and every other's (a proof binds the change
+    /// time: setting the file's mode to what it is moves it). Returns the
+    /// file's stamp after that (the repair names the file by it), or
+    /// `stamp` if the file was replaced or removed meanwhile.
+    func voidProofs(_ d: Digest, _ stamp: FileStamp) -> FileStamp {
+        target.disk.proofs.forget(d)
+        let path = target.disk.objectPath(d)
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        guard fd >= 0 else { return stamp }  // a symbolic link is never served; gone is gone
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, FileStamp(st).proves(stamp) else { return stamp }
+        // The clock behind ctime is coarse: a change within its tick may leave ctime as it was.
+        for attempt in 0..<50 {
+            if attempt > 0 { usleep(2_000) }
+            guard fchmod(fd, st.st_mode & 0o7777) == 0 else {
+                log.warning("scrub: cannot void the proofs of the damaged \(path) (chmod: \(String(cString: strerror(errno)))); other processes may still take it as proven until it is repaired")
+                return stamp
+            }
+            guard let now = FileStamp.of(fd: fd) else { return stamp }
+            if !now.proves(stamp) { return now }
+        }
+        log.warning("scrub: the change time of the damaged \(path) did not move; other processes may still take it as proven until it is repaired")
+        return stamp
     }
 
     /// Replaces the damaged copy with verified bytes from a repair source,
