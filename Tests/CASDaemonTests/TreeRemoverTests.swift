@@ -232,6 +232,8 @@ final class TreeRemoverTests: XCTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: foreign))
 
         release()
+        // The holder's child (sleep) may still be exiting, its copy of the lock with it.
+        XCTAssertTrue(pollUntil(30) { runShell("flock -n -x \(shq(live + "/.lock")) true").ok })
         XCTAssertEqual(ScratchDirectory.removeStale(in: tmp, prefix: "casfs-test-") { _ in true },
                        [ScratchDirectory.StaleOutcome(path: live, error: nil)])
     }
