@@ -2,6 +2,7 @@ import CASConfig
 import CASCore
 import CASProcess
 import Foundation
+import Logging
 import Redis
 import Synchronization
 
@@ -32,9 +33,13 @@ public final class PrivateRedis: Sendable {
     /// The server this object started or found, by pidfd.
     private let server = Mutex<ProcessHandle?>(nil)
 
-    public init(directory: String, executable: String? = nil) {
+    /// Where starting the server (and waiting for it to load) is reported.
+    let log: Logger
+
+    public init(directory: String, executable: String? = nil, log: Logger = Logger(label: "casfs.private-redis")) {
         self.directory = directory
         self.executable = executable
+        self.log = log
     }
 
     /// A client configuration for the private server.
@@ -43,12 +48,40 @@ public final class PrivateRedis: Sendable {
                     commandTimeout: DefaultConfig.redisCommandTimeout)
     }
 
-    /// True if a server already answers on the socket.
+    /// True if a server already answers on the socket (and has its data loaded).
     public func isRunning() -> Bool {
-        guard FileManager.default.fileExists(atPath: socketPath) else { return false }
-        let pool = RedisPool(RedisConfig(unixSocket: socketPath, connectTimeout: 1, commandTimeout: 2, maxConnections: 1))
-        defer { pool.close() }
-        return (try? pool.ping()) != nil
+        probe() == .serving
+    }
+
+    /// What a server on the socket answers.
+    public enum Answer: Equatable, Sendable {
+        /// PONG: it serves.
+        case serving
+        /// It is there but still loading its data (`-LOADING` to PING):
+        /// it serves once its append-only file is read; `percent` and
+        /// `etaSeconds` are its progress, when INFO tells.
+        case loading(percent: Double?, etaSeconds: Int?)
+        /// No answer (no socket, refused, timed out, another error).
+        case none
+    }
+
+    /// Asks the server on the socket how it is: PING, and INFO persistence
+    /// (which a loading server answers too) when it says it is loading.
+    public func probe() -> Answer {
+        guard FileManager.default.fileExists(atPath: socketPath) else { return .none }
+        return RedisProbe.ask(socketPath: socketPath, timeout: 2)
+    }
+
+    /// The progress a server's `INFO persistence` reports while it loads.
+    static func loadingProgress(_ info: String) -> Answer {
+        var fields: [Substring: Substring] = [:]
+        for line in info.split(whereSeparator: \.isNewline) {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            fields[line[..<colon]] = line[line.index(after: colon)...]
+        }
+        let percent = fields["loading_loaded_perc"].flatMap { Double($0) }.flatMap { $0.isFinite && $0 >= 0 ? $0 : nil }
+        let eta = fields["loading_eta_seconds"].flatMap { Int($0) }.flatMap { $0 >= 0 ? $0 : nil }
+        return .loading(percent: percent, etaSeconds: eta)
     }
 
     // MARK: the directory's lock
@@ -94,40 +127,89 @@ public final class PrivateRedis: Sendable {
     // MARK: starting and stopping
 
     /// Starts the server unless one holds the directory already, and waits
-    /// until it answers. With a server there, waits for it to answer (or to
+    /// until it serves. With a server there, waits for it to serve (or to
     /// go, then starts one). Throws with a clear message when redis-server
     /// is not installed, and stops a server that does not come up.
+    /// `timeout` bounds only the wait for a first answer: a server loading
+    /// its data (however long that takes) is waited for, never stopped.
     /// Returns true if this call started it.
     @discardableResult
     public func start(timeout: Double = 15) throws -> Bool {
         let exe = try findServer()
         try prepareDirectory()
         let deadline = Date().addingTimeInterval(timeout)
+        var loading = LoadingReport(log: log, socketPath: socketPath)
         while true {
             switch tryLock() {
             case .taken(let fd):
                 try launch(exe: exe, lock: fd, timeout: max(1, deadline.timeIntervalSinceNow))
                 return true
             case .held:
-                if isRunning() {
+                switch probe() {
+                case .serving:
+                    loading.finished()
                     adopt()
                     return false
+                case .loading(let percent, let eta):
+                    // Another process's server, answering: it is there, and loads.
+                    loading.note(percent: percent, eta: eta)
+                    usleep(100_000)
+                    continue
+                case .none:
+                    break
                 }
             case .unknown(let e):
                 throw Failure(description: "cannot open \(lockFile): \(String(cString: strerror(e)))")
             }
-            if Date() >= deadline {
+            if Date() >= deadline && !loading.seen {
                 throw Failure(description: "another redis-server holds \(directory) (\(lockFile)) and does not answer on \(socketPath) within \(Int(timeout)) s; see \(directory)/redis.log")
             }
             usleep(50_000)
         }
     }
 
+    /// Logs that a server is loading its data once, its progress now and
+    /// then (every 30 s), and the end of the load.
+    struct LoadingReport {
+        let log: Logger
+        let socketPath: String
+        private(set) var seen = false
+        private var since = Date()
+        private var lastProgress = Date()
+
+        init(log: Logger, socketPath: String) {
+            self.log = log
+            self.socketPath = socketPath
+        }
+
+        mutating func note(percent: Double?, eta: Int?) {
+            let progress = percent.map { String(format: " (%.0f%% loaded", $0) + (eta.map { ", about \($0) s left)" } ?? ")") } ?? ""
+            if !seen {
+                seen = true
+                since = Date()
+                lastProgress = since
+                log.notice("the private Redis on \(socketPath) is loading its data\(progress); waiting for it")
+            } else if Date().timeIntervalSince(lastProgress) >= 30 {
+                lastProgress = Date()
+                log.notice("the private Redis is still loading its data\(progress)")
+            }
+        }
+
+        func finished() {
+            guard seen else { return }
+            log.notice("the private Redis loaded its data in \(Int(Date().timeIntervalSince(since).rounded())) s")
+        }
+    }
+
     /// Starts a server holding `lock` (the directory's lock, taken; this
-    /// call closes it) and waits up to `timeout` seconds until it answers. A
-    /// server that exits or does not answer in time is stopped, and the
-    /// start fails.
-    public func launch(exe: String? = nil, lock: Int32, timeout: Double = 15) throws {
+    /// call closes it) and waits until it serves. A server that exits, or
+    /// that does not answer at all within `timeout` seconds, is stopped, and
+    /// the start fails. A server that answers it is loading its data is
+    /// alive: it is waited for as long as it loads, never stopped; if
+    /// `cancelled` becomes true meanwhile, the wait ends (with an error)
+    /// and the server is left loading, known to this object, for `stop()`.
+    public func launch(exe: String? = nil, lock: Int32, timeout: Double = 15,
+                       cancelled: () -> Bool = { false }) throws {
         let lockInChild: Int32 = 3
         let exe = try exe ?? findServer()
         unlink(socketPath)
@@ -160,14 +242,31 @@ public final class PrivateRedis: Sendable {
             throw Failure(description: "cannot watch redis-server (pid \(pid)): \(String(cString: strerror(errno)))")
         }
         let deadline = Date().addingTimeInterval(timeout)
+        var loading = LoadingReport(log: log, socketPath: socketPath)
         while true {
-            if isRunning() {
+            switch probe() {
+            case .serving:
                 server.withLock { $0 = handle }
+                loading.finished()
                 return
+            case .loading(let percent, let eta) where !handle.hasExited:
+                // Alive, reading its append-only file: no deadline while it does.
+                server.withLock { $0 = handle }
+                loading.note(percent: percent, eta: eta)
+            case .loading, .none:
+                break
             }
             if handle.hasExited {
+                server.withLock { if $0 === handle { $0 = nil } }
                 let end = Spawn.wait(pid, seconds: 1)
                 throw Failure(description: "redis-server failed to start (\(end.map { "\($0)" } ?? "exited")); see \(directory)/redis.log")
+            }
+            if loading.seen {
+                if cancelled() {
+                    throw Failure(description: "stopped waiting for the private Redis (pid \(pid)), which is loading its data")
+                }
+                usleep(100_000)
+                continue
             }
             if Date() >= deadline { break }
             usleep(20_000)

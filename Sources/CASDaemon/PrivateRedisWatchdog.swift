@@ -8,10 +8,10 @@ import Synchronization
 /// (killed, crashed, OOM) and the directory's lock is free (no process of
 /// the old server holds it any more) does it start a server again, in the
 /// same directory, where it reloads its append-only file. A server that is
-/// slow, stopped (SIGSTOP) or unreachable (the daemon out of descriptors,
-/// a connect that times out) still exists and is left alone, and when the
-/// lock cannot even be checked nothing is started: two servers on one
-/// append-only file would corrupt it.
+/// slow, stopped (SIGSTOP), loading its data (`-LOADING`, however long) or
+/// unreachable (the daemon out of descriptors, a connect that times out)
+/// still exists and is left alone, and when the lock cannot even be checked
+/// nothing is started: two servers on one append-only file would corrupt it.
 public final class PrivateRedisWatchdog: Sendable {
     private let redis: PrivateRedis
     private let interval: Double
@@ -22,17 +22,24 @@ public final class PrivateRedisWatchdog: Sendable {
     private let finished = DispatchSemaphore(value: 0)
     private let restarts = Atomic<Int>(0)
 
-    private init(redis: PrivateRedis, interval: Double, log: Logger, restarted: @escaping @Sendable () -> Void) {
+    /// How long a restarted server may take to answer at all (one that
+    /// answers it is loading its data is waited for however long it loads).
+    private let startTimeout: Double
+
+    private init(redis: PrivateRedis, interval: Double, startTimeout: Double, log: Logger,
+                 restarted: @escaping @Sendable () -> Void) {
         self.redis = redis
         self.interval = interval
+        self.startTimeout = startTimeout
         self.log = log
         self.restarted = restarted
     }
 
     /// Starts watching `redis` on a thread of its own.
-    public static func start(_ redis: PrivateRedis, interval: Double = 1, log: Logger,
+    public static func start(_ redis: PrivateRedis, interval: Double = 1, startTimeout: Double = 15, log: Logger,
                              restarted: @escaping @Sendable () -> Void) -> PrivateRedisWatchdog {
-        let w = PrivateRedisWatchdog(redis: redis, interval: interval, log: log, restarted: restarted)
+        let w = PrivateRedisWatchdog(redis: redis, interval: interval, startTimeout: startTimeout, log: log,
+                                     restarted: restarted)
         let t = Thread { w.watch() }
         t.name = "casfs-redis-watchdog"
         t.start()
@@ -86,7 +93,7 @@ public final class PrivateRedisWatchdog: Sendable {
             case .taken(let fd):
                 log.warning("the private Redis is gone: starting it again in \(redis.directory)")
                 do {
-                    try redis.launch(lock: fd)
+                    try redis.launch(lock: fd, timeout: startTimeout, cancelled: { stopping.isStopped })
                 } catch {
                     note(.failed, "restarting the private Redis failed (trying again in \(interval) s): \(error)", level: .error)
                     continue

@@ -69,25 +69,58 @@ public enum Spawn {
         }
         posix_spawnattr_setflags(&attr, Int16(flags))
 
+        var standard: [Int32: Int32] = [:]
+        var nulls: Set<Int32> = []
+        for (fd, stream) in [(Int32(0), stdin), (1, stdout), (2, stderr)] {
+            switch stream {
+            case .inherit: break
+            case .null: nulls.insert(fd)
+            case .descriptor(let source): standard[fd] = source
+            }
+        }
+        let placement = Self.placement(standard: standard, nulls: nulls, descriptors: descriptors)
+
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
+        for (source, staged) in placement.staging {
+            posix_spawn_file_actions_adddup2(&actions, source, staged)
+        }
         for (fd, stream) in [(Int32(0), stdin), (1, stdout), (2, stderr)] {
             switch stream {
             case .inherit:
                 break
             case .null:
                 posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0)
-            case .descriptor(let source):
-                posix_spawn_file_actions_adddup2(&actions, source, fd)
+            case .descriptor:
+                break
             }
         }
-        // dup2 onto the same number clears close-on-exec (glibc 2.29+).
-        for (target, source) in descriptors.sorted(by: { $0.key < $1.key }) {
-            posix_spawn_file_actions_adddup2(&actions, source, target)
+        // dup2 clears close-on-exec on the copy (onto the same number too,
+        // glibc 2.29+); the staged copies go with the close below.
+        for (target, staged) in placement.moves {
+            posix_spawn_file_actions_adddup2(&actions, staged, target)
         }
-        let firstClosed = max(2, descriptors.keys.max() ?? 2) + 1
-        casfs_spawn_addclosefrom(&actions, firstClosed)
+        casfs_spawn_addclosefrom(&actions, placement.firstClosed)
+
+        // With the soft limit of open descriptors raised for this process,
+        // the child starts at the limit this process was given: through
+        // util-linux's prlimit, which sets it and executes the program in
+        // place (same pid; argv[0] becomes the program's path). Without
+        // prlimit the child inherits the raised limit.
+        let program = executable
+        var executable = executable
+        var argv = argv
+        if let restore = Descriptors.limitForChildren() {
+            guard access(executable, X_OK) == 0 else {
+                return .failure(SpawnError(executable: executable, code: errno))
+            }
+            if let prlimit = Self.prlimit {
+                argv = [prlimit, "--nofile=\(restore):", "--", executable.contains("/") ? executable : "./" + executable]
+                    + argv.dropFirst()
+                executable = prlimit
+            }
+        }
 
         let cArgs = argv.map { strdup($0) } + [nil]
         let cEnv = environment.map { env in env.sorted { $0.key < $1.key }.map { strdup("\($0.key)=\($0.value)") } + [nil] }
@@ -98,7 +131,51 @@ public enum Spawn {
         var pid: pid_t = 0
         let rc = cEnv.map { posix_spawn(&pid, executable, &actions, &attr, cArgs, $0) }
             ?? posix_spawn(&pid, executable, &actions, &attr, cArgs, environ)
-        return rc == 0 ? .success(pid) : .failure(SpawnError(executable: executable, code: rc))
+        return rc == 0 ? .success(pid) : .failure(SpawnError(executable: program, code: rc))
+    }
+
+    /// util-linux's prlimit, which starts children at the original soft limit of open descriptors.
+    static let prlimit: String? = findExecutable("prlimit", extraDirectories: ["/usr/bin", "/bin"])
+
+    /// Where each descriptor a child is given goes, in two steps so that no
+    /// source is overwritten before it is copied (a map such as [3: a, 4: 3]):
+    /// every source is first copied above all sources and targets, then from
+    /// there onto its target; everything from `firstClosed` up is closed.
+    struct Placement: Equatable {
+        /// Source here → its staged copy in the child.
+        var staging: [(Int32, Int32)]
+        /// Target → staged copy.
+        var moves: [(Int32, Int32)]
+        var firstClosed: Int32
+
+        static func == (a: Placement, b: Placement) -> Bool {
+            a.staging.elementsEqual(b.staging, by: ==) && a.moves.elementsEqual(b.moves, by: ==) && a.firstClosed == b.firstClosed
+        }
+    }
+
+    /// `standard`: the standard descriptors given a descriptor of this
+    /// process; `nulls`: those opened on /dev/null (before the moves).
+    static func placement(standard: [Int32: Int32], nulls: Set<Int32> = [], descriptors: [Int32: Int32]) -> Placement {
+        var targets = standard
+        for (target, source) in descriptors { targets[target] = source }
+        let sorted = targets.sorted { $0.key < $1.key }
+        let firstClosed = max(2, descriptors.keys.max() ?? 2) + 1
+        // No source is replaced by anything else: each goes straight to its place.
+        let replaced = { (fd: Int32) in nulls.contains(fd) || (targets[fd] != nil && targets[fd] != fd) }
+        if !sorted.contains(where: { replaced($0.value) }) {
+            return Placement(staging: [], moves: sorted.map { ($0.key, $0.value) }, firstClosed: firstClosed)
+        }
+        let highest = ([2] + sorted.map(\.key) + sorted.map(\.value)).max() ?? 2
+        var staged: [Int32: Int32] = [:]
+        var staging: [(Int32, Int32)] = []
+        var next = highest + 1
+        for (_, source) in sorted where staged[source] == nil {
+            staged[source] = next
+            staging.append((source, next))
+            next += 1
+        }
+        let moves = sorted.map { ($0.key, staged[$0.value]!) }
+        return Placement(staging: staging, moves: moves, firstClosed: firstClosed)
     }
 
     /// Starts `executable` with stdin, stdout and (unless `keepStderr`)

@@ -7,7 +7,9 @@ import Foundation
 /// tree's owner made unwritable or unreadable are made accessible first. It
 /// holds two descriptors at most, whatever the depth: it climbs back with
 /// `..`, checking that it arrives where it came from. A directory on another
-/// filesystem (a mount point) is not entered: that is an error.
+/// mount (another filesystem, or a bind mount of the same one) is not
+/// entered: that is an error. Nothing outside the tree is changed: not the
+/// mode of the directory it is in, nor that of what a symlink points to.
 public enum TreeRemover {
     /// Removes `path` (a directory tree, or any other file) and everything
     /// under it. Nothing there is not an error.
@@ -21,7 +23,7 @@ public enum TreeRemover {
             guard unlink(path) == 0 || errno == ENOENT else { throw failure(path, "unlink", errno) }
             return
         }
-        let fd = try openDirectory(AT_FDCWD, path, shown: path)
+        let fd = try openDirectory(AT_FDCWD, path, in: nil, shown: path)
         do {
             try removeContents(fd, root: path)
         } catch {
@@ -29,14 +31,8 @@ public enum TreeRemover {
             throw error
         }
         close(fd)
-        guard rmdir(path) == 0 || errno == ENOENT else {
-            if errno == EACCES || errno == EPERM {
-                let parent = (path as NSString).deletingLastPathComponent
-                _ = chmod(parent.isEmpty ? "." : parent, 0o700)  // best effort: the caller's own scratch
-                if rmdir(path) == 0 || errno == ENOENT { return }
-            }
-            throw failure(path, "rmdir", errno)
-        }
+        // The directory it is in is not the tree's: its mode is left as it is.
+        guard rmdir(path) == 0 || errno == ENOENT else { throw failure(path, "rmdir", errno) }
     }
 
     /// Removes everything inside the directory open at `rootFD` (which
@@ -44,6 +40,8 @@ public enum TreeRemover {
     public static func removeContents(_ rootFD: Int32, root: String, keeping: Set<String> = []) throws {
         var rootStat = stat()
         guard fstat(rootFD, &rootStat) == 0 else { throw failure(root, "fstat", errno) }
+        // A bind mount of the same filesystem has the same st_dev: the mount ID tells it apart.
+        let tree = Tree(device: rootStat.st_dev, mount: mountID(rootFD))
         // One frame per level below the root: the subdirectories still to
         // remove, and the identity of the directory they are in.
         struct Frame {
@@ -64,7 +62,7 @@ public enum TreeRemover {
                 // Down one level.
                 let child: Int32
                 do {
-                    child = try openDirectory(current, name, shown: describe(root, stack.count + 1, name))
+                    child = try openDirectory(current, name, in: tree, shown: describe(root, stack.count + 1, name))
                 } catch let e as Failure where e.code == ENOTDIR || e.code == ELOOP {
                     // Replaced by a file or a symlink meanwhile: remove that.
                     try unlinkEntry(current, name, directory: false, shown: describe(root, stack.count + 1, name))
@@ -76,9 +74,9 @@ public enum TreeRemover {
                     close(child)
                     throw failure(describe(root, stack.count + 1, name), "fstat", e)
                 }
-                guard st.st_dev == rootStat.st_dev else {
+                guard tree.contains(child, st) else {
                     close(child)
-                    throw Failure(description: "\(describe(root, stack.count + 1, name)) is on another filesystem (a mount point): not removed", code: EXDEV)
+                    throw Failure(description: "\(describe(root, stack.count + 1, name)) is a mount point (another filesystem, or a bind mount): not removed", code: EXDEV)
                 }
                 let entries: [String]
                 do { entries = try scan(child, where: describe(root, stack.count + 1, name), depth: stack.count + 1) } catch {
@@ -195,17 +193,81 @@ public enum TreeRemover {
         throw failure(shown + "/" + String(decoding: name, as: UTF8.self), "unlink", errno)
     }
 
-    private static func openDirectory(_ at: Int32, _ name: String, shown: String) throws -> Int32 {
+    /// The mount the tree is on: a directory elsewhere (another filesystem,
+    /// a bind mount) is not part of it.
+    struct Tree {
+        let device: dev_t
+        /// Nil when the kernel does not tell (no /proc): then the device alone decides.
+        let mount: Int?
+
+        init(device: dev_t, mount: Int?) {
+            self.device = device
+            self.mount = mount
+        }
+
+        /// The tree whose root is open at `fd`.
+        init?(root fd: Int32) {
+            var st = stat()
+            guard fstat(fd, &st) == 0 else { return nil }
+            self.init(device: st.st_dev, mount: TreeRemover.mountID(fd))
+        }
+
+        func contains(_ fd: Int32, _ st: stat) -> Bool {
+            guard st.st_dev == device else { return false }
+            guard let mount else { return true }
+            return TreeRemover.mountID(fd) == mount
+        }
+    }
+
+    /// The ID of the mount `fd` is on (the `mnt_id` of /proc/self/fdinfo),
+    /// nil if it cannot be read.
+    static func mountID(_ fd: Int32) -> Int? {
+        let info = open("/proc/self/fdinfo/\(fd)", O_RDONLY | O_CLOEXEC)
+        guard info >= 0 else { return nil }
+        defer { close(info) }
+        var buffer = [UInt8](repeating: 0, count: 1024)
+        var used = 0
+        while used < buffer.count {
+            let n = buffer.withUnsafeMutableBytes { read(info, $0.baseAddress! + used, $0.count - used) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            used += n
+        }
+        for line in String(decoding: buffer[0..<used], as: UTF8.self).split(separator: "\n")
+        where line.hasPrefix("mnt_id:") {
+            return Int(line.dropFirst("mnt_id:".count).trimmingCharacters(in: .whitespaces))
+        }
+        return nil
+    }
+
+    /// `tree` nil: `name` is the tree's root (it is then of no mount to check against).
+    private static func openDirectory(_ at: Int32, _ name: String, in tree: Tree?, shown: String) throws -> Int32 {
         let flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
         var fd = openat(at, name, flags)
         if fd < 0 && (errno == EACCES || errno == EPERM) {
             // Owner-unreadable or unsearchable: make it ours again.
-            _ = fchmodat(at, name, 0o700, 0)
+            makeAccessible(at, name, in: tree)
             fd = openat(at, name, flags)
         }
         guard fd >= 0 else { throw failure(shown, "open", errno) }
         return fd
     }
+
+    /// Adds owner rwx to the directory `name` in `at`, if that is a
+    /// directory (not a symlink put there meanwhile) of the tree's mount.
+    /// Through an O_PATH descriptor: what is changed is what was checked.
+    static func makeAccessible(_ at: Int32, _ name: String, in tree: Tree?) {
+        let path = openat(at, name, oPath | O_NOFOLLOW | O_CLOEXEC)
+        guard path >= 0 else { return }
+        defer { close(path) }
+        var st = stat()
+        guard fstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR, tree?.contains(path, st) ?? true else { return }
+        // fchmod does not take an O_PATH descriptor; its /proc link names that very directory.
+        _ = chmod("/proc/self/fd/\(path)", mode_t(st.st_mode & 0o7777) | 0o700)
+    }
+
+    /// O_PATH (Linux's value on x86-64 and arm64), which Swift's Glibc does not export.
+    private static let oPath: Int32 = 0o10000000
 
     /// A path for messages: the root and, below it, the depth and the name
     /// (a full path may be longer than any message should be).

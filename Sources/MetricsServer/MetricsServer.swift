@@ -101,6 +101,10 @@ public final class MetricsServer: Sendable {
         public var requests: Int
         /// Connections open now.
         public var open: Int
+        /// Times the listener rested (for `ServerLoop.listenerPause`)
+        /// because no descriptor was left to accept a connection with, nor a
+        /// spare to close to refuse it.
+        public var acceptPauses: Int
     }
 
     public var statistics: Statistics { loop.statistics }

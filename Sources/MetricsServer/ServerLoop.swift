@@ -13,11 +13,15 @@ final class ServerLoop: @unchecked Sendable {
     /// connection that cannot be served is closed rather than left to spin
     /// the loop.
     private var reserve: Int32
+    /// While set (a monotonic time), the listener is not polled: accepting
+    /// failed for want of descriptors and there was no spare to close.
+    private var listenerPausedUntil: Double = 0
+    static let listenerPause = 0.1
     private let limits: MetricsServerLimits
     private let render: @Sendable () -> String
     private var connections: [Int32: Connection] = [:]
     private let finished = DispatchSemaphore(value: 0)
-    private let counters = Mutex(MetricsServer.Statistics(accepted: 0, refused: 0, timedOut: 0, requests: 0, open: 0))
+    private let counters = Mutex(MetricsServer.Statistics(accepted: 0, refused: 0, timedOut: 0, requests: 0, open: 0, acceptPauses: 0))
 
     init(listener: Int32, limits: MetricsServerLimits, render: @escaping @Sendable () -> String) throws(SystemCallError) {
         var fds: [Int32] = [-1, -1]
@@ -64,19 +68,24 @@ final class ServerLoop: @unchecked Sendable {
         }
         var fds: [pollfd] = []
         while true {
+            // The spare descriptor, lost when another thread took its slot: taken again as soon as one is free.
+            if reserve < 0 { reserve = open("/dev/null", O_RDONLY | O_CLOEXEC) }
+            let now = Self.now()
+            if listenerPausedUntil <= now { listenerPausedUntil = 0 }
+            let listening = listenerPausedUntil == 0
             fds.removeAll(keepingCapacity: true)
             fds.append(pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0))
-            fds.append(pollfd(fd: listener, events: Int16(POLLIN), revents: 0))
+            // Left out while connections cannot be taken (nor refused): it would stay readable and spin the loop.
+            fds.append(pollfd(fd: listening ? listener : -1, events: Int16(POLLIN), revents: 0))
             for (fd, c) in connections {
                 fds.append(pollfd(fd: fd, events: Int16(c.isWriting ? POLLOUT : POLLIN), revents: 0))
             }
-            let now = Self.now()
-            let next = connections.values.map(\.deadline).min()
+            let next = (connections.values.map(\.deadline) + (listening ? [] : [listenerPausedUntil])).min()
             let timeout = next.map { Int32(max(0, min(60_000, (($0 - now) * 1000).rounded(.up)))) } ?? -1
             let n = poll(&fds, nfds_t(fds.count), timeout)
             if n < 0 && errno != EINTR { usleep(10_000) }
             if fds[0].revents != 0 { return }
-            if fds[1].revents & Int16(POLLIN) != 0 { acceptAll() }
+            if listening && fds[1].revents & Int16(POLLIN) != 0 { acceptAll() }
             for p in fds.dropFirst(2) where p.revents != 0 {
                 guard let c = connections[p.fd] else { continue }
                 if p.revents & Int16(POLLNVAL | POLLERR) != 0 {
@@ -98,6 +107,7 @@ final class ServerLoop: @unchecked Sendable {
     }
 
     private func acceptAll() {
+        if reserve < 0 { reserve = open("/dev/null", O_RDONLY | O_CLOEXEC) }
         for _ in 0..<64 {
             let fd = casfs_accept_cloexec_nonblock(listener)
             if fd < 0 {
@@ -108,8 +118,19 @@ final class ServerLoop: @unchecked Sendable {
                     let dropped = casfs_accept_cloexec_nonblock(listener)
                     if dropped >= 0 { close(dropped) }
                     reserve = open("/dev/null", O_RDONLY | O_CLOEXEC)
+                    // None was waiting any more: done until the listener is readable again.
+                    guard dropped >= 0 else { return }
                     counters.withLock { $0.refused += 1 }
                     continue
+                }
+                switch e {
+                case EAGAIN, EWOULDBLOCK, EINTR, ECONNABORTED, EPROTO:
+                    break
+                default:
+                    // Out of descriptors with no spare (or out of memory): the connection
+                    // waits in the queue; the listener rests a moment rather than spin.
+                    listenerPausedUntil = Self.now() + Self.listenerPause
+                    counters.withLock { $0.acceptPauses += 1 }
                 }
                 return
             }

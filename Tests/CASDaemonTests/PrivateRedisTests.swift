@@ -1,8 +1,9 @@
 import CASConfig
 import CASCore
-import CASDaemon
+@testable import CASDaemon
 import CASProcess
 import Logging
+import Redis
 import Synchronization
 import CASStorage
 import Foundation
@@ -88,7 +89,9 @@ final class PrivateRedisTests: XCTestCase {
     }
 
     /// The pids of redis-server processes listening on `redis`'s socket.
-    func servers(_ redis: PrivateRedis) -> [pid_t] {
+    func servers(_ redis: PrivateRedis) -> [pid_t] { Self.servers(redis) }
+
+    static func servers(_ redis: PrivateRedis) -> [pid_t] {
         runShell("pgrep -f \(shq("redis-server unixsocket:" + redis.socketPath))").stdout
             .split(separator: "\n").compactMap { pid_t($0) }
             .filter { processIsAlive($0) }
@@ -187,6 +190,133 @@ final class PrivateRedisTests: XCTestCase {
         redis.stop()
         XCTAssertFalse(FileManager.default.fileExists(atPath: "/proc/\(pid)"), "stop() reaped it")
         XCTAssertEqual(redis.isHeld(), false)
+    }
+
+    /// A server reading a large append-only file answers `-LOADING` for
+    /// longer than the start timeout: it is waited for, never killed, by
+    /// the start that launched it, by a second start that finds it there,
+    /// and by the watchdog restarting it; the index comes up once loaded.
+    /// The load is slowed by redis-server's own `key-load-delay` (a delay
+    /// per key read), through a wrapper that passes it on.
+    func testAServerLoadingItsDataIsWaitedForNotKilled() throws {
+        let data = makeDirectory()
+        let redisDirectory = DefaultConfig.redisDirectory(dataDirectory: data)
+        let plain = PrivateRedis(directory: redisDirectory)
+        // Five blobs in the index, 30000 other keys (database 2) to load.
+        try plain.start()
+        let blobs = (0..<5).map { Data("loaded blob \($0)".utf8) }
+        do {
+            let c = try DefaultConfig.make(dataDirectory: data, redis: plain)
+            for b in blobs { try c.storage.commitWrite(Digest.of(b), DataSource(b)) }
+            try c.storage.stop()
+        }
+        let keys = 30_000
+        let filler = RedisPool(RedisConfig(unixSocket: plain.socketPath, db: 2, commandTimeout: 30, maxConnections: 1))
+        for chunk in stride(from: 0, to: keys, by: 1000) {
+            let replies = try filler.pipeline((chunk..<min(keys, chunk + 1000)).map {
+                [.string("SET"), .string("filler:\($0)"), .string(String(repeating: "v", count: 32))]
+            })
+            XCTAssertTrue(replies.allSatisfy { $0.string == "OK" })
+        }
+        filler.close()
+        plain.stop()
+        XCTAssertEqual(servers(plain), [])
+
+        let wrapper = data + "/slow-loading-redis-server"
+        let real = try XCTUnwrap(Spawn.findExecutable("redis-server", extraDirectories: ["/usr/sbin", "/usr/bin"]))
+        // 300 µs per key: some 9 s of loading, answering between batches of 1024 keys.
+        try "#!/bin/sh\nexec \(shq(real)) \"$@\" --key-load-delay 300\n".write(toFile: wrapper, atomically: true, encoding: .utf8)
+        XCTAssertEqual(chmod(wrapper, 0o755), 0)
+        let timeout = 1.0
+
+        /// Runs `body` while watching the directory: the servers started
+        /// there (the pids their pid files named), and whether a `-LOADING`
+        /// answer came after `timeout` had passed.
+        func watching(_ redis: PrivateRedis, _ body: () throws -> Void) rethrows -> (pids: Set<pid_t>, loadingAfterTimeout: Bool) {
+            let seen = Mutex((pids: Set<pid_t>(), late: false))
+            let done = Atomic(false)
+            let began = Date()
+            let watcher = Thread {
+                while !done.load(ordering: .relaxed) {
+                    let now = redis.serverPID()
+                    let answer = redis.probe()
+                    seen.withLock { s in
+                        if let now { s.pids.insert(now) }
+                        if case .loading = answer, Date().timeIntervalSince(began) > timeout + 0.5 { s.late = true }
+                    }
+                    usleep(100_000)
+                }
+                done.store(false, ordering: .relaxed)
+            }
+            watcher.start()
+            defer {
+                done.store(true, ordering: .relaxed)
+                while done.load(ordering: .relaxed) { usleep(10_000) }
+            }
+            try body()
+            return seen.withLock { ($0.pids, $0.late) }
+        }
+
+        // The start that launches it, and a second start that finds it loading.
+        let redis = PrivateRedis(directory: redisDirectory, executable: wrapper)
+        let other = PrivateRedis(directory: redisDirectory, executable: wrapper)
+        let otherStarted = Mutex<Result<Bool, any Error>?>(nil)
+        let first = try watching(redis) {
+            let second = Thread {
+                _ = pollUntil(30) { !Self.servers(redis).isEmpty }
+                otherStarted.withLock { $0 = Result { try other.start(timeout: timeout) } }
+            }
+            second.start()
+            XCTAssertTrue(try redis.start(timeout: timeout), "this start launched the server")
+            XCTAssertTrue(pollUntil(60) { otherStarted.withLock { $0 != nil } })
+        }
+        XCTAssertTrue(first.loadingAfterTimeout, "the load did not outlast the start timeout: the test proves nothing")
+        XCTAssertEqual(first.pids.count, 1, "the loading server was replaced: \(first.pids)")
+        let pid = try XCTUnwrap(redis.serverHandle()?.pid)
+        XCTAssertEqual(first.pids, [pid])
+        switch otherStarted.withLock({ $0 }) {
+        case .success(let launched): XCTAssertFalse(launched, "the second start found the server there")
+        case .failure(let e): XCTFail("the second start failed: \(e)")
+        case nil: XCTFail("the second start did not end")
+        }
+        XCTAssertTrue(redis.isRunning())
+        XCTAssertEqual(other.serverHandle()?.pid, pid)
+        func checkLoaded() throws {
+            let c = try DefaultConfig.make(dataDirectory: data, redis: redis)
+            XCTAssertEqual(try c.index?.blobCount(), 5)
+            XCTAssertEqual(try c.storage.getBlob(Digest.of(blobs[2]))?.readAll(), blobs[2])
+            try c.storage.stop()
+            let pool = RedisPool(RedisConfig(unixSocket: redis.socketPath, db: 2, maxConnections: 1))
+            defer { pool.close() }
+            XCTAssertEqual(try pool.command("DBSIZE").integerValue(), Int64(keys))
+        }
+        try checkLoaded()
+
+        // The watchdog's restart: the new server loads as long, and is left to.
+        let restarts = Mutex(0)
+        let dog = PrivateRedisWatchdog.start(redis, interval: 0.1, startTimeout: timeout, log: Logger(label: "test")) {
+            restarts.withLock { $0 += 1 }
+        }
+        defer { dog.stop() }
+        let second = watching(redis) {
+            XCTAssertEqual(kill(pid, SIGKILL), 0)
+            XCTAssertTrue(pollUntil(120) { restarts.withLock { $0 } == 1 }, "the watchdog did not bring the server back")
+        }
+        XCTAssertTrue(second.loadingAfterTimeout, "the load did not outlast the start timeout: the test proves nothing")
+        let restarted = try XCTUnwrap(redis.serverHandle()?.pid)
+        XCTAssertEqual(second.pids.subtracting([pid]), [restarted], "the loading server was replaced")
+        XCTAssertEqual(dog.restartCount, 1)
+        XCTAssertTrue(servers(redis).contains(restarted))
+        try checkLoaded()
+        dog.stop()
+        redis.stop()
+        XCTAssertEqual(servers(redis), [])
+    }
+
+    func testLoadingProgressIsReadFromInfo() {
+        let info = "# Persistence\r\nloading:1\r\nloading_loaded_perc:42.50\r\nloading_eta_seconds:17\r\n"
+        XCTAssertEqual(PrivateRedis.loadingProgress(info), .loading(percent: 42.5, etaSeconds: 17))
+        XCTAssertEqual(PrivateRedis.loadingProgress("loading:1\r\nloading_eta_seconds:-3\r\n"), .loading(percent: nil, etaSeconds: nil))
     }
 
     func testAServerThatDoesNotComeUpIsStopped() throws {

@@ -1,5 +1,5 @@
 import CASProcess
-import CASSandbox
+@testable import CASSandbox
 import Foundation
 import TestSupport
 import XCTest
@@ -87,6 +87,94 @@ final class TreeRemoverTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: root))
     }
 
+    /// The directory a tree is in is not the tree's: its mode stays as it
+    /// is, whether the tree holds read-only directories or its own removal
+    /// is refused (an append-only directory refuses even root).
+    func testTheDirectoryATreeIsInKeepsItsMode() throws {
+        let parent = tmp + "/parent"
+        let root = parent + "/tree"
+        try FileManager.default.createDirectory(atPath: root + "/ro/sub", withIntermediateDirectories: true)
+        try "x".write(toFile: root + "/ro/sub/file", atomically: true, encoding: .utf8)
+        XCTAssertEqual(chmod(root + "/ro/sub", 0o555), 0)
+        XCTAssertEqual(chmod(root + "/ro", 0o555), 0)
+        XCTAssertEqual(chmod(parent, 0o751), 0)
+        try TreeRemover.remove(root)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: root))
+        XCTAssertEqual(try mode(parent), 0o751)
+
+        // An append-only directory cannot be removed, not even by root.
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        XCTAssertTrue(runShell("chattr +a \(shq(root))").ok, "chattr +a needs root and a filesystem with attributes")
+        defer { _ = runShell("chattr -a \(shq(root))") }
+        XCTAssertThrowsError(try TreeRemover.remove(root)) { e in
+            XCTAssertEqual((e as? TreeRemover.Failure)?.code, EPERM, "\(e)")
+        }
+        XCTAssertEqual(try mode(parent), 0o751, "the directory the tree is in was changed")
+        XCTAssertTrue(runShell("chattr -a \(shq(root))").ok)
+        try TreeRemover.remove(root)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: root))
+        XCTAssertEqual(try mode(parent), 0o751)
+    }
+
+    /// Making a directory of the tree accessible again does not follow a
+    /// symlink put in its place, nor change a directory of another mount.
+    func testMakingADirectoryAccessibleChangesOnlyADirectoryOfTheTree() throws {
+        let root = tmp + "/tree"
+        let outside = tmp + "/outside"
+        try FileManager.default.createDirectory(atPath: root + "/closed", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: root + "/bound", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: outside + "/target", withIntermediateDirectories: true)
+        try FileManager.default.createSymbolicLink(atPath: root + "/link", withDestinationPath: outside)
+        XCTAssertEqual(chmod(outside, 0o500), 0)
+        XCTAssertEqual(chmod(outside + "/target", 0o500), 0)
+        XCTAssertEqual(chmod(root + "/closed", 0o000), 0)
+        XCTAssertTrue(runShell("mount --bind \(shq(outside + "/target")) \(shq(root + "/bound"))").ok, "a bind mount needs root")
+        defer { _ = runShell("umount \(shq(root + "/bound")) 2>/dev/null") }
+        let fd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { close(fd) }
+        let tree = try XCTUnwrap(TreeRemover.Tree(root: fd))
+        XCTAssertNotNil(tree.mount, "the mount ID is read from /proc/self/fdinfo")
+        TreeRemover.makeAccessible(fd, "link", in: tree)
+        TreeRemover.makeAccessible(fd, "bound", in: tree)
+        TreeRemover.makeAccessible(fd, "closed", in: tree)
+        XCTAssertEqual(try mode(outside), 0o500, "a symlink was followed")
+        XCTAssertEqual(try mode(outside + "/target"), 0o500, "a bind mount's directory was changed")
+        XCTAssertEqual(try mode(root + "/closed"), 0o700)
+    }
+
+    /// A bind mount of the same filesystem (same st_dev) is a mount point
+    /// too: not entered, what it shows survives, and the removal says why.
+    func testABindMountInsideIsNotEntered() throws {
+        let root = tmp + "/bind"
+        let other = tmp + "/other"
+        try FileManager.default.createDirectory(atPath: root + "/a/m", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: other + "/deeper", withIntermediateDirectories: true)
+        try "keep\n".write(toFile: other + "/deeper/inside", atomically: true, encoding: .utf8)
+        XCTAssertTrue(runShell("mount --bind \(shq(other)) \(shq(root + "/a/m"))").ok, "a bind mount needs root")
+        defer { _ = runShell("umount \(shq(root + "/a/m")) 2>/dev/null") }
+        var a = stat(), b = stat()
+        XCTAssertEqual(stat(root + "/a", &a), 0)
+        XCTAssertEqual(stat(root + "/a/m", &b), 0)
+        XCTAssertEqual(a.st_dev, b.st_dev, "the bind mount is of the same filesystem")
+        XCTAssertThrowsError(try TreeRemover.remove(root)) { e in
+            XCTAssertTrue("\(e)".contains("/m is a mount point"), "\(e)")
+            XCTAssertEqual((e as? TreeRemover.Failure)?.code, EXDEV)
+        }
+        XCTAssertEqual(try String(contentsOfFile: other + "/deeper/inside", encoding: .utf8), "keep\n")
+        XCTAssertEqual(try String(contentsOfFile: root + "/a/m/deeper/inside", encoding: .utf8), "keep\n")
+        XCTAssertTrue(runShell("umount \(shq(root + "/a/m"))").ok)
+        try TreeRemover.remove(root)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: root))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: other + "/deeper/inside"))
+    }
+
+    func mode(_ path: String) throws -> mode_t {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { throw TreeRemover.Failure(description: "lstat \(path)", code: errno) }
+        return st.st_mode & 0o7777
+    }
+
     func testAFileOrNothingIsFine() throws {
         try "x".write(toFile: tmp + "/plain", atomically: true, encoding: .utf8)
         try TreeRemover.remove(tmp + "/plain")
@@ -144,6 +232,8 @@ final class TreeRemoverTests: XCTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: foreign))
 
         release()
+        // The holder's child (sleep) may still be exiting, its copy of the lock with it.
+        XCTAssertTrue(pollUntil(30) { runShell("flock -n -x \(shq(live + "/.lock")) true").ok })
         XCTAssertEqual(ScratchDirectory.removeStale(in: tmp, prefix: "casfs-test-") { _ in true },
                        [ScratchDirectory.StaleOutcome(path: live, error: nil)])
     }
