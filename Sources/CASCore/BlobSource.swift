@@ -144,15 +144,7 @@ public final class FileSource: BlobSource {
     deinit { close(fd) }
 
     public func read(offset: Int64, length: Int) throws -> Data {
-        guard offset >= 0, length >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
-        let n = Int(max(0, min(Int64(length), size - offset)))
-        if n == 0 { return Data() }
-        var data = Data(count: n)
-        let got = try data.withUnsafeMutableBytes { buf -> Int in
-            try preadFully(fd, buf.baseAddress!, n, offset)
-        }
-        if got < n { data.removeSubrange(got..<n) }
-        return data
+        try preadData(fd, size: size, offset: offset, length: length)
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
@@ -180,6 +172,20 @@ public struct RangeSource: BlobSource {
         guard offset < size, length > 0 else { return Data() }
         return try reader(offset, Int(min(Int64(length), size - offset)))
     }
+}
+
+/// Up to `length` bytes at `offset` of the file `fd` of `size` bytes
+/// (fewer only at its end).
+public func preadData(_ fd: Int32, size: Int64, offset: Int64, length: Int) throws -> Data {
+    guard offset >= 0, length >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
+    let n = Int(max(0, min(Int64(length), size - offset)))
+    if n == 0 { return Data() }
+    var data = Data(count: n)
+    let got = try data.withUnsafeMutableBytes { buf -> Int in
+        try preadFully(fd, buf.baseAddress!, n, offset)
+    }
+    if got < n { data.removeSubrange(got..<n) }
+    return data
 }
 
 /// pread until `count` bytes or end of file; retries on EINTR.

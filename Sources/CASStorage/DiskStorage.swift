@@ -434,15 +434,7 @@ final class StoreFile: BlobSource, @unchecked Sendable {
     var fileDescriptor: Int32? { fd }
 
     func read(offset: Int64, length: Int) throws -> Data {
-        guard offset >= 0, length >= 0 else { throw StorageError.io(errno: EINVAL, "bad range") }
-        let n = Int(max(0, min(Int64(length), size - offset)))
-        if n == 0 { return Data() }
-        var data = Data(count: n)
-        let got = try data.withUnsafeMutableBytes { buf -> Int in
-            try preadFully(fd, buf.baseAddress!, n, offset)
-        }
-        if got < n { data.removeSubrange(got..<n) }
-        return data
+        try preadData(fd, size: size, offset: offset, length: length)
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {

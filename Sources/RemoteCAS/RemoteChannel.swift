@@ -14,8 +14,14 @@ public enum RemoteChannel {
     public static func client(url: String, credentials: RemoteCredentials = .none,
                               channelOptions: [String: String] = [:],
                               toolName: String = "casfs") throws -> GRPCClient<Transport> {
-        let endpoint = try RemoteStorage.Endpoint(url: url)
-        let options = try ChannelOptions(channelOptions)
+        try client(RemoteStorage.Endpoint(url: url), credentials: credentials,
+                   options: ChannelOptions(channelOptions), toolName: toolName)
+    }
+
+    /// The client for `endpoint`, with its transport, bearer token and the
+    /// request metadata (as `client(url:…)`; options already parsed).
+    static func client(_ endpoint: RemoteStorage.Endpoint, credentials: RemoteCredentials,
+                       options: ChannelOptions, toolName: String = "casfs") throws -> GRPCClient<Transport> {
         let token = try credentials.authToken.map {
             try AuthTokenFile(path: $0, refreshSeconds: credentials.refreshInterval())
         }

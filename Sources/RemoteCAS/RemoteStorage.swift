@@ -228,15 +228,7 @@ public final class RemoteStorage: Storage, @unchecked Sendable {
         self.errorCount = metrics?.counter(MetricCatalog.remoteErrors)
         self.retryCount = metrics?.counter(MetricCatalog.remoteRetries)
 
-        let token = try credentials.authToken.map {
-            try AuthTokenFile(path: $0, refreshSeconds: credentials.refreshInterval())
-        }
-        if token != nil && !endpoint.secure {
-            log.warning("\(endpoint) is a plaintext URL: the auth token is sent unencrypted")
-        }
-        options.logIgnored()
-        let transport = try RemoteTransport.make(endpoint, credentials: credentials, options: options)
-        let client = GRPCClient(transport: transport, interceptors: [CallMetadataInterceptor(token: token)])
+        let client = try RemoteChannel.client(endpoint, credentials: credentials, options: options)
         self.client = client
         let where_ = endpoint.description
         let stopping = Flag()
