@@ -311,8 +311,10 @@ final class StreamCheckedSource: BlobSource, @unchecked Sendable {
                 return try extending {
                     let n = try source.read(into: buffer, offset: offset)
                     guard n == Int(end - offset) else { throw StreamFailure.damaged("short read at \(offset)") }
-                    check.hasher.update(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+                    // Kept first: a failure to keep leaves the hasher where
+                    // the hashed prefix ends (the next reader goes on from there).
                     try check.keep(UnsafeRawBufferPointer(rebasing: buffer[0..<n]), at: offset)
+                    check.hasher.update(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
                     owner.counters.verifiedBytes.add(Int64(n))
                     advance(to: end)
                     return n
@@ -370,8 +372,8 @@ final class StreamCheckedSource: BlobSource, @unchecked Sendable {
             }
             guard n == want else { throw StreamFailure.damaged("short read at \(at)") }
             try buf.withUnsafeBytes {
-                check.hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n]))
                 try check.keep(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: at)
+                check.hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n]))
             }
             at += Int64(n)
             owner.counters.verifiedBytes.add(Int64(n))
